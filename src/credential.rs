@@ -1,0 +1,225 @@
+//! Finding the API key in a request's headers, and checking its shape before it is hashed.
+
+/// How one configured credential header carries a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialHeader {
+    /// Lower-case header name.
+    pub name: String,
+    /// `authorization`: the Bearer scheme. Any other header: the bare key.
+    pub bearer: bool,
+}
+
+impl CredentialHeader {
+    pub fn new(name: &str) -> Self {
+        let name = name.to_ascii_lowercase();
+        let bearer = name == "authorization";
+        CredentialHeader { name, bearer }
+    }
+
+    /// The credential one value of this header carries, if any. `Some(b"")` is never returned.
+    fn credential<'v>(&self, value: &'v [u8]) -> Option<Carried<'v>> {
+        let value = trim(value);
+        if !self.bearer {
+            return (!value.is_empty()).then_some(Carried::Key(value));
+        }
+        let scheme_end = value.iter().position(|&c| c == b' ' || c == b'\t').unwrap_or(value.len());
+        let (scheme, rest) = value.split_at(scheme_end);
+        if !scheme.eq_ignore_ascii_case(b"bearer") {
+            return None; // Basic, Digest…: not a keygate credential, left alone.
+        }
+        if rest.is_empty() {
+            return None; // `Bearer` and nothing: no key was sent.
+        }
+        let key = trim_start_spaces(rest);
+        if rest.first() != Some(&b' ') || key.is_empty() {
+            return Some(Carried::Malformed); // a tab, or spaces and nothing
+        }
+        Some(Carried::Key(key))
+    }
+}
+
+enum Carried<'v> {
+    Key(&'v [u8]),
+    Malformed,
+}
+
+/// What the configured headers of a request carry.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// No configured header carries a key.
+    Missing,
+    /// The deciding header carries something that cannot be a key (two keys, a bad separator).
+    Malformed,
+    /// One key, from the header at this index of the configured list.
+    Key(&'a [u8], usize),
+}
+
+/// Checks of a key's shape, done before hashing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFormat {
+    /// Allowed prefixes; empty means any.
+    pub prefixes: Vec<String>,
+    pub max_length: usize,
+}
+
+impl KeyFormat {
+    /// True if the key could be one keygate issues: short enough, visible ASCII only (no space, no
+    /// comma, which would make it two values), and with an allowed prefix.
+    pub fn accepts(&self, key: &[u8]) -> bool {
+        key.len() <= self.max_length
+            && key.iter().all(|&c| c.is_ascii_graphic() && c != b',')
+            && (self.prefixes.is_empty() || self.prefixes.iter().any(|p| key.starts_with(p.as_bytes())))
+    }
+}
+
+/// Finds the credential: the first configured header, in order, that carries one decides. A header
+/// that carries two (repeated, or two values in one) is `Malformed`.
+pub fn extract<'a>(
+    configured: &[CredentialHeader],
+    headers: &'a [(String, Vec<u8>)],
+) -> Credential<'a> {
+    for (index, header) in configured.iter().enumerate() {
+        let mut found: Option<&'a [u8]> = None;
+        let mut count = 0usize;
+        for (_, value) in headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(&header.name)) {
+            match header.credential(value) {
+                None => {}
+                Some(Carried::Malformed) => return Credential::Malformed,
+                Some(Carried::Key(key)) => {
+                    count += 1;
+                    found = Some(key);
+                }
+            }
+        }
+        match (count, found) {
+            (0, _) => continue,
+            (1, Some(key)) => return Credential::Key(key, index),
+            _ => return Credential::Malformed,
+        }
+    }
+    Credential::Missing
+}
+
+/// True if this header value carries a keygate credential (what stripping removes).
+pub fn carries_credential(header: &CredentialHeader, value: &[u8]) -> bool {
+    header.credential(value).is_some()
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|&c| c != b' ' && c != b'\t').unwrap_or(v.len());
+    let end = v.iter().rposition(|&c| c != b' ' && c != b'\t').map_or(start, |e| e + 1);
+    v.get(start..end).unwrap_or_default()
+}
+
+fn trim_start_spaces(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|&c| c != b' ').unwrap_or(v.len());
+    v.get(start..).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdrs(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        pairs.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
+    }
+
+    fn configured(names: &[&str]) -> Vec<CredentialHeader> {
+        names.iter().map(|n| CredentialHeader::new(n)).collect()
+    }
+
+    fn key_of(names: &[&str], pairs: &[(&str, &str)]) -> Result<(String, usize), String> {
+        let h = hdrs(pairs);
+        match extract(&configured(names), &h) {
+            Credential::Key(k, i) => Ok((String::from_utf8_lossy(k).into_owned(), i)),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let got = key_of(&["authorization"], &[("authorization", &format!("{scheme} sk_live_a_b"))]);
+            assert_eq!(got, Ok(("sk_live_a_b".into(), 0)));
+        }
+    }
+
+    #[test]
+    fn several_spaces_before_the_key_are_fine() {
+        assert_eq!(key_of(&["authorization"], &[("authorization", "Bearer    k1")]), Ok(("k1".into(), 0)));
+    }
+
+    #[test]
+    fn a_tab_after_bearer_is_malformed() {
+        let h = hdrs(&[("authorization", "Bearer\tk1")]);
+        assert_eq!(extract(&configured(&["authorization"]), &h), Credential::Malformed);
+    }
+
+    #[test]
+    fn trailing_junk_stays_in_the_key_and_fails_its_format() {
+        let (key, _) = key_of(&["authorization"], &[("authorization", "Bearer k1 junk")]).unwrap();
+        assert_eq!(key, "k1 junk");
+        let format = KeyFormat { prefixes: vec![], max_length: 256 };
+        assert!(!format.accepts(key.as_bytes()));
+    }
+
+    #[test]
+    fn bearer_with_nothing_is_no_credential() {
+        let h = hdrs(&[("authorization", "Bearer")]);
+        assert_eq!(extract(&configured(&["authorization"]), &h), Credential::Missing);
+    }
+
+    #[test]
+    fn other_schemes_are_left_alone() {
+        let h = hdrs(&[("authorization", "Basic dXNlcjpwYXNz")]);
+        assert_eq!(extract(&configured(&["authorization"]), &h), Credential::Missing);
+        let h = hdrs(&[("authorization", "Bearerish k1")]);
+        assert_eq!(extract(&configured(&["authorization"]), &h), Credential::Missing);
+    }
+
+    #[test]
+    fn repeated_header_is_malformed() {
+        let h = hdrs(&[("authorization", "Bearer k1"), ("authorization", "Bearer k2")]);
+        assert_eq!(extract(&configured(&["authorization"]), &h), Credential::Malformed);
+        let h = hdrs(&[("x-api-key", "k1"), ("x-api-key", "k1")]);
+        assert_eq!(extract(&configured(&["x-api-key"]), &h), Credential::Malformed);
+    }
+
+    #[test]
+    fn two_comma_separated_values_fail_the_format() {
+        let (key, _) = key_of(&["authorization"], &[("authorization", "Bearer k1,Bearer k2")]).unwrap();
+        let format = KeyFormat { prefixes: vec![], max_length: 256 };
+        assert!(!format.accepts(key.as_bytes()));
+    }
+
+    #[test]
+    fn first_configured_header_with_a_credential_decides() {
+        let pairs = [("x-api-key", "k2"), ("authorization", "Bearer k1")];
+        assert_eq!(key_of(&["authorization", "x-api-key"], &pairs), Ok(("k1".into(), 0)));
+        assert_eq!(key_of(&["x-api-key", "authorization"], &pairs), Ok(("k2".into(), 0)));
+        let basic = [("authorization", "Basic abc"), ("x-api-key", " k2 ")];
+        assert_eq!(key_of(&["authorization", "x-api-key"], &basic), Ok(("k2".into(), 1)));
+    }
+
+    #[test]
+    fn header_names_match_whatever_their_case() {
+        assert_eq!(key_of(&["X-API-Key"], &[("x-api-key", "k2")]), Ok(("k2".into(), 0)));
+    }
+
+    #[test]
+    fn empty_bare_header_is_no_credential() {
+        let h = hdrs(&[("x-api-key", "  ")]);
+        assert_eq!(extract(&configured(&["x-api-key"]), &h), Credential::Missing);
+    }
+
+    #[test]
+    fn format_checks_length_characters_and_prefix() {
+        let format = KeyFormat { prefixes: vec!["sk_live_".into()], max_length: 20 };
+        assert!(format.accepts(b"sk_live_ab12_cd"));
+        assert!(!format.accepts(b"sk_test_ab12_cd"));
+        assert!(!format.accepts(b"SK_LIVE_ab12_cd"));
+        assert!(!format.accepts(b"sk_live_ab12_cd_toolong"));
+        assert!(!format.accepts("sk_live_é".as_bytes()));
+        assert!(!format.accepts(b"sk_live_a\x7f"));
+    }
+}

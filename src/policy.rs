@@ -1,0 +1,251 @@
+//! The compiled policy and the one decision: from (policy, key source, request) to allow or deny.
+
+use crate::credential::{carries_credential, extract, Credential, CredentialHeader, KeyFormat};
+use crate::keys::{hash_key, Key, KeySet, KeySource, Lookup};
+use crate::reply::{DenyKind, Replies};
+use crate::routes::{PathPattern, PathViews};
+use crate::scopes::ScopeRules;
+use std::borrow::Cow;
+
+/// Everything the filter enforces, compiled from the plugin configuration.
+#[derive(Debug)]
+pub struct Policy {
+    pub credential_headers: Vec<CredentialHeader>,
+    pub format: KeyFormat,
+    pub keys: KeySet,
+    pub routes: Vec<Route>,
+    pub deny_unmatched: bool,
+    pub scopes: ScopeRules,
+    pub upstream: Upstream,
+    pub replies: Replies,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// Upper-case methods; `None` matches any.
+    pub methods: Option<Vec<String>>,
+    pub pattern: PathPattern,
+    pub scopes: Vec<String>,
+    /// (capture name, key attribute name); the attribute `org` is the key's organisation.
+    pub bind: Vec<(String, String)>,
+    pub public: bool,
+}
+
+/// What the upstream is told, and what it is never shown.
+#[derive(Debug)]
+pub struct Upstream {
+    pub strip_credentials: bool,
+    pub org_header: Option<String>,
+    pub key_id_header: Option<String>,
+    pub scopes_header: Option<String>,
+    /// (key attribute, header name).
+    pub attribute_headers: Vec<(String, String)>,
+    /// Every identity header keygate sets: incoming copies of these are always removed.
+    pub identity_headers: Vec<String>,
+}
+
+/// What one request looks like to the decision: its method, path and headers as received.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    pub method: &'a [u8],
+    pub path: &'a [u8],
+    /// Header names in lower case, as Envoy hands them over; repeated headers repeated.
+    pub headers: &'a [(String, Vec<u8>)],
+}
+
+impl<'a> RequestView<'a> {
+    /// Builds the view from Envoy's header list (`:method` and `:path` among them).
+    pub fn from_headers(headers: &'a [(String, Vec<u8>)]) -> Self {
+        let pseudo = |name: &str| {
+            headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice()).unwrap_or_default()
+        };
+        RequestView { method: pseudo(":method"), path: pseudo(":path"), headers }
+    }
+
+    pub fn has_header(&self, name: &str) -> bool {
+        self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
+    }
+}
+
+/// The header edits an allowed request gets before it goes upstream.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HeaderEdits<'p> {
+    /// Headers to remove, every copy.
+    pub remove: Vec<&'p str>,
+    /// Headers to set to exactly one value.
+    pub set: Vec<(&'p str, String)>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision<'p> {
+    Allow {
+        edits: HeaderEdits<'p>,
+        /// The record id of the key used, if the route needed one.
+        key_id: Option<String>,
+    },
+    Deny(Denial<'p>),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Denial<'p> {
+    pub kind: DenyKind,
+    /// For `insufficient_scope`: the route's scopes that the key lacks.
+    pub missing_scopes: Vec<&'p str>,
+    /// The record id of the key, when one was found (for logs; never the key itself).
+    pub key_id: Option<String>,
+}
+
+impl<'p> Denial<'p> {
+    fn new(kind: DenyKind) -> Self {
+        Denial { kind, missing_scopes: Vec::new(), key_id: None }
+    }
+}
+
+/// Which rule a reading of the path falls under.
+enum Rule<'p, 'r> {
+    Public,
+    Protected(&'p Route, crate::routes::Captures<'p, 'r>),
+    Unmatched,
+}
+
+impl Policy {
+    /// Decides one request. `keys` is where key records are looked up; `now_ms` gives the current
+    /// time in Unix milliseconds and is only asked when a key has an expiry.
+    pub fn decide<'p>(
+        &'p self,
+        keys: &dyn KeySource,
+        request: &RequestView<'_>,
+        now_ms: &dyn Fn() -> Option<i64>,
+    ) -> Decision<'p> {
+        let views = PathViews::of(request.path);
+        let rules: Vec<Rule<'p, '_>> = views.all().map(|segments| self.rule_for(request.method, segments)).collect();
+
+        if rules.iter().all(|r| matches!(r, Rule::Public)) {
+            return Decision::Allow { edits: self.edits(request, None), key_id: None };
+        }
+
+        let key = match self.authenticate(keys, request, now_ms) {
+            Ok(key) => key,
+            Err(denial) => return Decision::Deny(denial),
+        };
+
+        for rule in &rules {
+            if let Err(mut denial) = self.authorize(rule, &key) {
+                denial.key_id = Some(key.id.clone());
+                return Decision::Deny(denial);
+            }
+        }
+        Decision::Allow { edits: self.edits(request, Some(&key)), key_id: Some(key.id.clone()) }
+    }
+
+    fn rule_for<'p, 'r>(&'p self, method: &[u8], segments: &'r [Cow<'r, [u8]>]) -> Rule<'p, 'r> {
+        for route in &self.routes {
+            let method_ok = route
+                .methods
+                .as_ref()
+                .is_none_or(|ms| ms.iter().any(|m| m.as_bytes() == method));
+            if !method_ok {
+                continue;
+            }
+            if let Some(captures) = route.pattern.matches(segments) {
+                return if route.public { Rule::Public } else { Rule::Protected(route, captures) };
+            }
+        }
+        Rule::Unmatched
+    }
+
+    /// Finds and checks the key: present, well-formed, known, not revoked, not expired.
+    fn authenticate<'p, 'k>(
+        &'p self,
+        keys: &'k dyn KeySource,
+        request: &RequestView<'_>,
+        now_ms: &dyn Fn() -> Option<i64>,
+    ) -> Result<Cow<'k, Key>, Denial<'p>> {
+        let presented = match extract(&self.credential_headers, request.headers) {
+            Credential::Missing => return Err(Denial::new(DenyKind::MissingKey)),
+            Credential::Malformed => return Err(Denial::new(DenyKind::InvalidKey)),
+            Credential::Key(key, _) => key,
+        };
+        if !self.format.accepts(presented) {
+            return Err(Denial::new(DenyKind::InvalidKey));
+        }
+        let key = match keys.lookup(&hash_key(presented)) {
+            Lookup::Found(key) => key,
+            Lookup::NotFound => return Err(Denial::new(DenyKind::InvalidKey)),
+            Lookup::Unavailable => return Err(Denial::new(DenyKind::KeySetUnavailable)),
+        };
+        let with_id = |kind| Denial { kind, missing_scopes: Vec::new(), key_id: Some(key.id.clone()) };
+        if key.revoked {
+            return Err(with_id(DenyKind::RevokedKey));
+        }
+        if key.expires_at_ms.is_some() && now_ms().is_none_or(|now| key.expired_at(now)) {
+            return Err(with_id(DenyKind::ExpiredKey));
+        }
+        Ok(key)
+    }
+
+    /// Checks one reading's rule against an authenticated key: scopes, then tenant binding.
+    fn authorize<'p>(&'p self, rule: &Rule<'p, '_>, key: &Key) -> Result<(), Denial<'p>> {
+        let (route, captures) = match rule {
+            Rule::Public => return Ok(()),
+            Rule::Unmatched if self.deny_unmatched => return Err(Denial::new(DenyKind::Forbidden)),
+            Rule::Unmatched => return Ok(()),
+            Rule::Protected(route, captures) => (route, captures),
+        };
+        let missing = self.scopes.missing(&key.scopes, &route.scopes);
+        if !missing.is_empty() {
+            return Err(Denial { kind: DenyKind::InsufficientScope, missing_scopes: missing, key_id: None });
+        }
+        for (capture, attribute) in &route.bind {
+            let expected = if attribute == "org" { Some(key.org.as_str()) } else { key.attribute(attribute) };
+            let Some(expected) = expected else { continue };
+            let actual = captures.iter().find(|(name, _)| name == capture).map(|(_, v)| *v);
+            if actual != Some(expected.as_bytes()) {
+                return Err(Denial::new(DenyKind::Forbidden));
+            }
+        }
+        Ok(())
+    }
+
+    /// The edits for an allowed request: drop credentials (when configured) and every incoming copy
+    /// of an identity header, then set the identity of `key`.
+    fn edits<'p>(&'p self, request: &RequestView<'_>, key: Option<&Key>) -> HeaderEdits<'p> {
+        let up = &self.upstream;
+        let mut set: Vec<(&'p str, String)> = Vec::new();
+        if let Some(key) = key {
+            if let Some(h) = &up.org_header {
+                set.push((h, key.org.clone()));
+            }
+            if let Some(h) = &up.key_id_header {
+                set.push((h, key.id.clone()));
+            }
+            if let Some(h) = &up.scopes_header {
+                set.push((h, key.scopes.join(" ")));
+            }
+            for (attribute, h) in &up.attribute_headers {
+                if let Some(v) = key.attribute(attribute) {
+                    set.push((h, v.to_string()));
+                }
+            }
+        }
+        let mut remove: Vec<&'p str> = Vec::new();
+        if up.strip_credentials {
+            for header in &self.credential_headers {
+                let carried = request
+                    .headers
+                    .iter()
+                    .any(|(n, v)| n.eq_ignore_ascii_case(&header.name) && carries_credential(header, v));
+                if carried {
+                    remove.push(&header.name);
+                }
+            }
+        }
+        for name in &up.identity_headers {
+            // Setting a header replaces every copy; only spoofed headers that are not set need removing.
+            if request.has_header(name) && !set.iter().any(|(s, _)| s == name) {
+                remove.push(name);
+            }
+        }
+        HeaderEdits { remove, set }
+    }
+}
