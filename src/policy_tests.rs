@@ -1,0 +1,365 @@
+//! Unit tests of the one decision, on the host.
+
+use super::*;
+use crate::keys::{hash_key, KeySource, Lookup};
+use serde_json::json;
+
+const READER: &str = "sk_live_aaaa0001_reader";
+const PLATFORM: &str = "sk_live_aaaa0002_platform";
+const REVOKED: &str = "sk_live_aaaa0003_revoked";
+const EXPIRING: &str = "sk_live_aaaa0004_expiring";
+const WILDCARD: &str = "sk_live_aaaa0005_wildcard";
+const WRITER: &str = "sk_live_aaaa0006_writer";
+
+fn hash(key: &str) -> String {
+    hex::encode(hash_key(key.as_bytes()))
+}
+
+fn config() -> serde_json::Value {
+    json!({
+        "credential": {"headers": ["authorization", "x-api-key"], "prefixes": ["sk_live_"], "max_length": 64},
+        "keys": [
+            {"id": "aaaa0001", "hash": hash(READER), "org": "org_42", "scopes": ["venues:read", "treatments:read"],
+             "attributes": {"venue": "v_7"}},
+            {"id": "aaaa0002", "hash": hash(PLATFORM), "org": "org_42", "scopes": ["venues:read"]},
+            {"id": "aaaa0003", "hash": hash(REVOKED).to_uppercase(), "org": "org_42", "scopes": ["venues:read"], "revoked": true},
+            {"id": "aaaa0004", "hash": hash(EXPIRING), "org": "org_42", "scopes": ["venues:read"], "expires_at": 1000},
+            {"id": "aaaa0005", "hash": hash(WILDCARD), "org": "org_43", "scopes": ["read:*"]},
+            {"id": "aaaa0006", "hash": hash(WRITER), "org": "org_44", "scopes": ["read_write"]}
+        ],
+        "routes": [
+            {"path": "/healthz", "public": true},
+            {"methods": ["GET"], "path": "/v1/venues", "scopes": ["venues:read"]},
+            {"methods": ["GET"], "path": "/v1/venues/{venue_id}/treatments", "scopes": ["treatments:read"],
+             "bind": {"venue_id": "venue"}},
+            {"path": "/v1/venues/{venue_id}/**", "scopes": ["venues:read"], "bind": {"venue_id": "venue"}},
+            {"path": "/v1/orgs/{org_id}/**", "bind": {"org_id": "org"}},
+            {"methods": ["POST"], "path": "/v1/bookings", "scopes": ["read", "write:bookings"]},
+            {"path": "/v1/reports/**", "scopes": ["read:reports"]}
+        ],
+        "scope_implies": {"read_write": ["read", "write:*"]},
+        "upstream": {"attribute_headers": {"venue": "x-venue-id"}}
+    })
+}
+
+fn policy_from(config: serde_json::Value) -> Policy {
+    Policy::from_json(config.to_string().as_bytes()).unwrap()
+}
+
+fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+    pairs.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
+}
+
+fn decide_at<'p>(policy: &'p Policy, method: &str, path: &str, extra: &[(&str, &str)], now: Option<i64>) -> Decision<'p> {
+    let mut pairs = vec![(":method", method), (":path", path)];
+    pairs.extend_from_slice(extra);
+    let h = headers(&pairs);
+    let view = RequestView::from_headers(&h);
+    policy.decide(&policy.keys, &view, &|| now)
+}
+
+fn decide<'p>(policy: &'p Policy, method: &str, path: &str, extra: &[(&str, &str)]) -> Decision<'p> {
+    decide_at(policy, method, path, extra, Some(500))
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+fn kind(d: &Decision<'_>) -> Option<DenyKind> {
+    match d {
+        Decision::Deny(denial) => Some(denial.kind),
+        Decision::Allow { .. } => None,
+    }
+}
+
+#[test]
+fn no_key_is_missing_key() {
+    let p = policy_from(config());
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues", &[])), Some(DenyKind::MissingKey));
+    let basic = [("authorization", "Basic dXNlcjpwYXNz")];
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues", &basic)), Some(DenyKind::MissingKey));
+}
+
+#[test]
+fn key_in_query_string_is_not_read() {
+    let p = policy_from(config());
+    let path = format!("/v1/venues?api_key={READER}&access_token={READER}");
+    let cookie = format!("api_key={READER}");
+    let d = decide(&p, "GET", &path, &[("cookie", &cookie)]);
+    assert_eq!(kind(&d), Some(DenyKind::MissingKey));
+}
+
+#[test]
+fn valid_key_is_allowed_with_identity_headers() {
+    let p = policy_from(config());
+    let auth = bearer(READER);
+    let d = decide(&p, "GET", "/v1/venues/v_7/treatments", &[("authorization", &auth)]);
+    let Decision::Allow { edits, key_id } = d else { panic!("expected allow, got {d:?}") };
+    assert_eq!(key_id.as_deref(), Some("aaaa0001"));
+    assert_eq!(edits.remove, vec!["authorization"]);
+    assert_eq!(
+        edits.set,
+        vec![
+            ("x-org-id", "org_42".to_string()),
+            ("x-api-key-id", "aaaa0001".to_string()),
+            ("x-api-key-scopes", "venues:read treatments:read".to_string()),
+            ("x-venue-id", "v_7".to_string()),
+        ]
+    );
+}
+
+#[test]
+fn second_header_is_accepted_and_stripped() {
+    let p = policy_from(config());
+    let d = decide(&p, "GET", "/v1/venues", &[("x-api-key", PLATFORM)]);
+    let Decision::Allow { edits, .. } = d else { panic!("expected allow, got {d:?}") };
+    assert_eq!(edits.remove, vec!["x-api-key"]);
+}
+
+#[test]
+fn authorization_takes_precedence_over_x_api_key() {
+    let p = policy_from(config());
+    let auth = bearer(READER);
+    let d = decide(&p, "GET", "/v1/venues", &[("x-api-key", "sk_live_nope"), ("authorization", &auth)]);
+    let Decision::Allow { edits, key_id } = d else { panic!("expected allow, got {d:?}") };
+    assert_eq!(key_id.as_deref(), Some("aaaa0001"));
+    assert_eq!(edits.remove, vec!["authorization", "x-api-key"], "every credential is kept from the upstream");
+}
+
+#[test]
+fn malformed_and_unknown_keys_are_invalid() {
+    let p = policy_from(config());
+    let long = format!("sk_live_{}", "a".repeat(100));
+    let two = format!("Bearer {READER}, Bearer {PLATFORM}");
+    for auth in [
+        "Bearer sk_test_aaaa0001_reader".to_string(),
+        "Bearer SK_LIVE_aaaa0001_reader".to_string(),
+        format!("Bearer {long}"),
+        "Bearer sk_live_aaaa0001_wrongsecret".to_string(),
+        format!("Bearer {READER} junk"),
+        format!("Bearer\t{READER}"),
+        two,
+    ] {
+        let d = decide(&p, "GET", "/v1/venues", &[("authorization", &auth)]);
+        assert_eq!(kind(&d), Some(DenyKind::InvalidKey), "{auth:?}");
+    }
+    let auth = bearer(READER);
+    let twice = [("authorization", auth.as_str()), ("authorization", auth.as_str())];
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues", &twice)), Some(DenyKind::InvalidKey));
+}
+
+#[test]
+fn revoked_key_is_refused_as_revoked() {
+    let p = policy_from(config());
+    let auth = bearer(REVOKED);
+    let d = decide(&p, "GET", "/v1/venues", &[("authorization", &auth)]);
+    let Decision::Deny(denial) = d else { panic!("expected deny") };
+    assert_eq!(denial.kind, DenyKind::RevokedKey);
+    assert_eq!(denial.key_id.as_deref(), Some("aaaa0003"));
+}
+
+#[test]
+fn key_stops_working_at_its_expiry_instant() {
+    let p = policy_from(config());
+    let auth = bearer(EXPIRING);
+    let h = [("authorization", auth.as_str())];
+    assert_eq!(kind(&decide_at(&p, "GET", "/v1/venues", &h, Some(999_999))), None);
+    assert_eq!(kind(&decide_at(&p, "GET", "/v1/venues", &h, Some(1_000_000))), Some(DenyKind::ExpiredKey));
+    assert_eq!(kind(&decide_at(&p, "GET", "/v1/venues", &h, None)), Some(DenyKind::ExpiredKey), "no clock: fail closed");
+}
+
+#[test]
+fn key_lacking_a_scope_gets_insufficient_scope_with_the_missing_list() {
+    let p = policy_from(config());
+    let auth = bearer(PLATFORM);
+    let d = decide(&p, "GET", "/v1/venues/v_7/treatments", &[("authorization", &auth)]);
+    let Decision::Deny(denial) = d else { panic!("expected deny") };
+    assert_eq!(denial.kind, DenyKind::InsufficientScope);
+    assert_eq!(denial.missing_scopes, vec!["treatments:read"]);
+    assert_eq!(denial.key_id.as_deref(), Some("aaaa0002"));
+}
+
+#[test]
+fn wildcard_and_implied_scopes_grant() {
+    let p = policy_from(config());
+    let auth = bearer(WILDCARD);
+    assert_eq!(kind(&decide(&p, "GET", "/v1/reports/2026", &[("authorization", &auth)])), None);
+    let auth = bearer(WRITER);
+    assert_eq!(kind(&decide(&p, "POST", "/v1/bookings", &[("authorization", &auth)])), None);
+    let auth = bearer(WILDCARD);
+    let d = decide(&p, "POST", "/v1/bookings", &[("authorization", &auth)]);
+    let Decision::Deny(denial) = d else { panic!("expected deny") };
+    assert_eq!(denial.missing_scopes, vec!["read", "write:bookings"]);
+}
+
+#[test]
+fn venue_restricted_key_cannot_read_other_venue() {
+    let p = policy_from(config());
+    let auth = bearer(READER);
+    let h = [("authorization", auth.as_str())];
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues/v_7/treatments", &h)), None);
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues/v_8/treatments", &h)), Some(DenyKind::Forbidden));
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues/v_8/customers", &h)), Some(DenyKind::Forbidden));
+}
+
+#[test]
+fn platform_wide_key_reaches_every_venue() {
+    let p = policy_from(config());
+    let auth = bearer(PLATFORM);
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues/v_8/customers", &[("authorization", &auth)])), None);
+}
+
+#[test]
+fn org_binding_is_always_enforced() {
+    let p = policy_from(config());
+    let auth = bearer(PLATFORM);
+    let h = [("authorization", auth.as_str())];
+    assert_eq!(kind(&decide(&p, "GET", "/v1/orgs/org_42/teams", &h)), None);
+    assert_eq!(kind(&decide(&p, "GET", "/v1/orgs/org_43/teams", &h)), Some(DenyKind::Forbidden));
+}
+
+#[test]
+fn path_tricks_never_weaken_the_tenant_binding() {
+    let p = policy_from(config());
+    let auth = bearer(READER);
+    let h = [("authorization", auth.as_str())];
+    for path in [
+        "/v1/venues/v_7/../v_8/treatments",
+        "/v1/venues/v_7/%2e%2e/v_8/treatments",
+        "/v1/venues/v_7/%2E%2E%2Fv_8/treatments",
+        "/v1/venues/v_7%2F..%2Fv_8/treatments",
+        "/v1/venues/v_7\\..\\v_8/treatments",
+        "/v1//venues/v_8/treatments",
+        "//v1/venues/v_8/treatments",
+        "/v1/venues/v_8/treatments/",
+        "/v1/venues/v_8/./treatments",
+        "/v1/%76enues/v_8/treatments",
+        "/v1/venues/v_8/treatments?venue=v_7",
+        "/v1/venues/v_8/x/../../../healthz",
+    ] {
+        assert_eq!(kind(&decide(&p, "GET", path, &h)), Some(DenyKind::Forbidden), "{path}");
+    }
+}
+
+#[test]
+fn path_tricks_never_reach_a_scoped_route_with_fewer_scopes() {
+    let p = policy_from(config());
+    let auth = bearer(PLATFORM); // venues:read only
+    let h = [("authorization", auth.as_str())];
+    for path in [
+        "/v1/venues/v_7/treatments/",
+        "/v1/venues/v_7//treatments",
+        "/v1/venues/v_7/x/../treatments",
+        "/v1/venues/v_7%2Ftreatments",
+        "/healthz/../v1/venues/v_7/treatments",
+    ] {
+        assert_eq!(kind(&decide(&p, "GET", path, &h)), Some(DenyKind::InsufficientScope), "{path}");
+    }
+}
+
+#[test]
+fn harmless_dot_segment_is_allowed() {
+    let p = policy_from(config());
+    let auth = bearer(READER);
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues/v_7/./treatments", &[("authorization", &auth)])), None);
+}
+
+#[test]
+fn get_route_also_governs_head() {
+    let p = policy_from(config());
+    let auth = bearer(PLATFORM);
+    let d = decide(&p, "HEAD", "/v1/venues/v_7/treatments", &[("authorization", &auth)]);
+    assert_eq!(kind(&d), Some(DenyKind::InsufficientScope));
+}
+
+#[test]
+fn public_route_needs_no_key_and_removes_spoofed_identity() {
+    let p = policy_from(config());
+    let d = decide(
+        &p,
+        "GET",
+        "/healthz",
+        &[("x-org-id", "org_evil"), ("x-api-key-scopes", "*"), ("x-api-key-scopes", "*"), ("x-venue-id", "v_1")],
+    );
+    let Decision::Allow { edits, key_id } = d else { panic!("expected allow") };
+    assert_eq!(key_id, None);
+    assert!(edits.set.is_empty());
+    assert_eq!(edits.remove, vec!["x-org-id", "x-api-key-scopes", "x-venue-id"]);
+}
+
+#[test]
+fn public_route_strips_a_presented_key() {
+    let p = policy_from(config());
+    let d = decide(&p, "GET", "/healthz", &[("x-api-key", "garbage")]);
+    let Decision::Allow { edits, .. } = d else { panic!("expected allow") };
+    assert_eq!(edits.remove, vec!["x-api-key"]);
+}
+
+#[test]
+fn public_route_reached_through_a_trick_is_not_public() {
+    let p = policy_from(config());
+    assert_eq!(kind(&decide(&p, "GET", "/healthz/../v1/venues", &[])), Some(DenyKind::MissingKey));
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues/../../healthz", &[])), Some(DenyKind::MissingKey));
+}
+
+#[test]
+fn unmatched_routes_authenticate_by_default_and_deny_when_configured() {
+    let auth = bearer(PLATFORM);
+    let h = [("authorization", auth.as_str())];
+    let p = policy_from(config());
+    assert_eq!(kind(&decide(&p, "GET", "/v2/anything", &h)), None);
+    assert_eq!(kind(&decide(&p, "GET", "/v2/anything", &[])), Some(DenyKind::MissingKey));
+    let mut c = config();
+    c["unmatched"] = json!("deny");
+    let p = policy_from(c);
+    assert_eq!(kind(&decide(&p, "GET", "/v2/anything", &h)), Some(DenyKind::Forbidden));
+    assert_eq!(kind(&decide(&p, "DELETE", "/v1/venues", &h)), Some(DenyKind::Forbidden));
+}
+
+#[test]
+fn identity_header_set_to_null_is_neither_set_nor_trusted() {
+    let mut c = config();
+    c["upstream"] = json!({"scopes_header": null, "org_header": "x-tenant", "strip_credentials": false});
+    let p = policy_from(c);
+    let auth = bearer(PLATFORM);
+    let d = decide(&p, "GET", "/v1/venues", &[("authorization", &auth), ("x-tenant", "evil"), ("x-api-key-scopes", "x")]);
+    let Decision::Allow { edits, .. } = d else { panic!("expected allow") };
+    assert_eq!(edits.set, vec![("x-tenant", "org_42".to_string()), ("x-api-key-id", "aaaa0002".to_string())]);
+    assert!(edits.remove.is_empty(), "credential kept, x-api-key-scopes no longer keygate's: {:?}", edits.remove);
+}
+
+#[test]
+fn attribute_header_is_removed_when_the_key_has_no_such_attribute() {
+    let p = policy_from(config());
+    let auth = bearer(PLATFORM);
+    let d = decide(&p, "GET", "/v1/venues", &[("authorization", &auth), ("x-venue-id", "v_7")]);
+    let Decision::Allow { edits, .. } = d else { panic!("expected allow") };
+    assert!(edits.remove.contains(&"x-venue-id"));
+    assert!(!edits.set.iter().any(|(n, _)| *n == "x-venue-id"));
+}
+
+#[test]
+fn unavailable_key_source_refuses() {
+    struct Nothing;
+    impl KeySource for Nothing {
+        fn lookup(&self, _: &crate::keys::KeyHash) -> Lookup<'_> {
+            Lookup::Unavailable
+        }
+    }
+    let p = policy_from(config());
+    let h = headers(&[(":method", "GET"), (":path", "/v1/venues"), ("x-api-key", READER)]);
+    let d = p.decide(&Nothing, &RequestView::from_headers(&h), &|| Some(0));
+    assert_eq!(kind(&d), Some(DenyKind::KeySetUnavailable));
+    let h = headers(&[(":method", "GET"), (":path", "/healthz")]);
+    assert_eq!(kind(&p.decide(&Nothing, &RequestView::from_headers(&h), &|| Some(0))), None);
+}
+
+#[test]
+fn empty_key_set_refuses_every_key() {
+    let mut c = config();
+    c["keys"] = json!([]);
+    let p = policy_from(c);
+    let auth = bearer(READER);
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues", &[("authorization", &auth)])), Some(DenyKind::InvalidKey));
+}
