@@ -1,0 +1,554 @@
+//! A real Envoy process on a generated (or a recipe's) configuration. See the module docs of
+//! `common` for the recipe-file convention.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::client::{self, Response};
+
+/// How long `start` waits for Envoy's admin `/ready` to say LIVE.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The recipe tokens (see the `common` module docs).
+pub const RECIPE_LISTENER_PORT: u16 = 10000;
+pub const RECIPE_UPSTREAM_PORT: u16 = 10001;
+pub const RECIPE_ADMIN_PORT: u16 = 9901;
+pub const RECIPE_WASM: &str = "target/wasm32-wasip1/release/keygate.wasm";
+
+/// The repository root (Envoy's working directory).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `$ENVOY`, else `<repo>/.venv/bin/envoy`; panics if missing.
+pub fn envoy_binary() -> PathBuf {
+    let path = match std::env::var_os("ENVOY") {
+        Some(p) => PathBuf::from(p),
+        None => repo_root().join(".venv/bin/envoy"),
+    };
+    assert!(
+        path.is_file(),
+        "no Envoy binary at {} (set ENVOY, or run `make envoy` first)",
+        path.display()
+    );
+    path
+}
+
+/// `$KEYGATE_WASM`, else `<repo>/target/wasm32-wasip1/release/keygate.wasm`; panics if missing.
+pub fn wasm_path() -> PathBuf {
+    let path = match std::env::var_os("KEYGATE_WASM") {
+        Some(p) => repo_root().join(p), // an absolute KEYGATE_WASM replaces the root
+        None => repo_root().join(RECIPE_WASM),
+    };
+    assert!(
+        path.is_file(),
+        "no keygate wasm at {} (set KEYGATE_WASM, or run `make build` first)",
+        path.display()
+    );
+    path
+}
+
+/// What to run Envoy with; build it with [`EnvoyOptions::new`] and adjust the fields.
+#[derive(Clone, Debug)]
+pub struct EnvoyOptions {
+    /// JSON text of the keygate plugin configuration; `None` = no wasm filter at all.
+    pub plugin_config: Option<String>,
+    /// Port of the recording upstream on 127.0.0.1.
+    pub upstream_port: u16,
+    /// `--concurrency` (worker threads). Default 1.
+    pub concurrency: u32,
+    /// The wasm `failure_policy` (e.g. `"FAIL_CLOSED"`); `None` omits the field.
+    pub failure_policy: Option<String>,
+    /// `HttpConnectionManager` `normalize_path` and `merge_slashes`. Default false: the filter
+    /// sees raw paths.
+    pub normalize_path: bool,
+}
+
+impl EnvoyOptions {
+    pub fn new(plugin_config: Option<&str>, upstream_port: u16) -> EnvoyOptions {
+        EnvoyOptions {
+            plugin_config: plugin_config.map(str::to_string),
+            upstream_port,
+            concurrency: 1,
+            failure_policy: None,
+            normalize_path: false,
+        }
+    }
+
+    /// The Envoy bootstrap these options produce (JSON).
+    pub fn bootstrap(&self) -> serde_json::Value {
+        let mut http_filters = Vec::new();
+        if let Some(plugin) = &self.plugin_config {
+            let mut config = json!({
+                "name": "keygate",
+                "root_id": "keygate",
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": plugin,
+                },
+                "vm_config": {
+                    "vm_id": "keygate",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": { "local": { "filename": wasm_path() } },
+                },
+            });
+            if let Some(policy) = &self.failure_policy {
+                config["failure_policy"] = json!(policy);
+            }
+            http_filters.push(json!({
+                "name": "envoy.filters.http.wasm",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                    "config": config,
+                },
+            }));
+        }
+        http_filters.push(json!({
+            "name": "envoy.filters.http.router",
+            "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
+        }));
+        json!({
+            "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
+            "static_resources": {
+                "listeners": [{
+                    "name": "ingress",
+                    "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } },
+                    "filter_chains": [{ "filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "ingress",
+                            "codec_type": "AUTO",
+                            "normalize_path": self.normalize_path,
+                            "merge_slashes": self.normalize_path,
+                            "route_config": {
+                                "name": "local",
+                                "virtual_hosts": [{
+                                    "name": "all",
+                                    "domains": ["*"],
+                                    "routes": [{ "match": { "prefix": "/" }, "route": { "cluster": "upstream" } }],
+                                }],
+                            },
+                            "http_filters": http_filters,
+                        },
+                    }] }],
+                }],
+                "clusters": [{
+                    "name": "upstream",
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "load_assignment": {
+                        "cluster_name": "upstream",
+                        "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "socket_address": {
+                            "address": "127.0.0.1", "port_value": self.upstream_port,
+                        } } } }] }],
+                    },
+                }],
+            },
+        })
+    }
+}
+
+/// A running Envoy. Killed (SIGKILL) and reaped on Drop; its files (config, log) live in a
+/// per-instance directory under the cargo target tmpdir, removed on Drop unless the thread is
+/// panicking (then its path is printed).
+pub struct Envoy {
+    child: Child,
+    port: u16,
+    admin_port: u16,
+    dir: PathBuf,
+}
+
+impl Envoy {
+    /// Starts Envoy on a generated configuration; panics with Envoy's log tail on failure.
+    pub fn start(opts: &EnvoyOptions) -> Envoy {
+        Envoy::try_start(opts)
+            .unwrap_or_else(|log| panic!("Envoy did not start:\n{}", tail(&log, 80)))
+    }
+
+    /// Starts Envoy on a generated configuration. `Err` carries Envoy's whole log when it exits
+    /// (refuses the configuration) or is not ready within [`READY_TIMEOUT`].
+    pub fn try_start(opts: &EnvoyOptions) -> Result<Envoy, String> {
+        Envoy::try_start_bootstrap(&opts.bootstrap(), opts.concurrency)
+    }
+
+    /// Starts Envoy on a bootstrap given as JSON, e.g. [`EnvoyOptions::bootstrap`] edited by a
+    /// test. `Err` as for [`Envoy::try_start`].
+    pub fn try_start_bootstrap(
+        bootstrap: &serde_json::Value,
+        concurrency: u32,
+    ) -> Result<Envoy, String> {
+        let config = serde_json::to_string_pretty(bootstrap).expect("bootstrap to JSON");
+        Envoy::try_start_config_text(&config, "json", concurrency)
+    }
+
+    /// Starts Envoy on a configuration given as text, used as is (no recipe substitution);
+    /// `format` is the file extension Envoy goes by: "json" or "yaml".
+    pub fn try_start_config_text(
+        config: &str,
+        format: &str,
+        concurrency: u32,
+    ) -> Result<Envoy, String> {
+        launch(config, format, concurrency)
+    }
+
+    /// Starts Envoy on a hand-written configuration file (path relative to the repository root,
+    /// or absolute) after the recipe substitutions; panics with Envoy's log tail on failure.
+    pub fn start_config_file(path: impl AsRef<Path>, upstream_port: u16) -> Envoy {
+        let path = path.as_ref();
+        Envoy::try_start_config_file(path, upstream_port).unwrap_or_else(|log| {
+            panic!(
+                "Envoy did not start on {}:\n{}",
+                path.display(),
+                tail(&log, 80)
+            )
+        })
+    }
+
+    /// [`Envoy::start_config_file`] returning `Err` (the substitution problem or Envoy's log).
+    pub fn try_start_config_file(
+        path: impl AsRef<Path>,
+        upstream_port: u16,
+    ) -> Result<Envoy, String> {
+        let path = repo_root().join(path.as_ref());
+        let text =
+            fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let config = substitute_recipe(&text, upstream_port)?;
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("yaml")
+            .to_string();
+        launch(&config, &ext, 1)
+    }
+
+    /// The listener's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The per-instance directory (config.*, envoy.log, stdio.log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Envoy's whole log so far (the `--log-path` file, then anything on stdout/stderr).
+    /// Envoy writes the log file through a buffer flushed every 100 ms (see the
+    /// `--file-flush-interval-msec` flag): use [`Envoy::wait_for_log`] for something just logged.
+    pub fn log(&self) -> String {
+        read_logs(&self.dir)
+    }
+
+    /// The log entries of Envoy's `wasm` component, each with its continuation lines: keygate's
+    /// own messages (`wasm log keygate ...`) and Envoy's about the VM. Use it to assert that the
+    /// filter never logs a secret: Envoy itself, at debug level, dumps every request's headers
+    /// (credentials included) and the whole listener configuration (the plugin configuration
+    /// included) into the full [`Envoy::log`]. Flushed like `log`.
+    pub fn wasm_log(&self) -> String {
+        log_entries(&self.log())
+            .into_iter()
+            .filter(|entry| entry.contains("][wasm]"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits up to `timeout` for `needle` to appear in the log; returns whether it did.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits long enough for everything logged so far to be flushed to the log file, and
+    /// returns the log. Use before asserting that something is *absent* from the log.
+    pub fn flushed_log(&self) -> String {
+        std::thread::sleep(Duration::from_millis(400));
+        self.log()
+    }
+
+    /// GET on the admin interface.
+    pub fn admin_get(&self, path: &str) -> Response {
+        admin_get(self.admin_port, path).unwrap_or_else(|e| panic!("admin GET {path}: {e}"))
+    }
+
+    /// Every counter and gauge (admin `/stats`, plain text), by full name,
+    /// e.g. `wasmcustom.keygate.allowed`, `http.ingress.downstream_rq_2xx`.
+    pub fn stats(&self) -> BTreeMap<String, u64> {
+        let body = self.admin_get("/stats").body;
+        body.lines()
+            .filter_map(|line| {
+                let (name, value) = line.rsplit_once(": ")?;
+                Some((name.to_string(), value.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// One counter or gauge; `None` when Envoy has no stat of that name.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        self.stats().get(name).copied()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "Envoy (pid {}) files kept in {}",
+                self.child.id(),
+                self.dir.display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Splits an Envoy log into entries: a line starting `[20` (a timestamp) starts an entry; other
+/// lines (e.g. a header dump) continue the previous one.
+pub fn log_entries(log: &str) -> Vec<String> {
+    let mut entries: Vec<String> = Vec::new();
+    for line in log.lines() {
+        match entries.last_mut() {
+            Some(last) if !line.starts_with("[20") => {
+                last.push('\n');
+                last.push_str(line);
+            }
+            _ => entries.push(line.to_string()),
+        }
+    }
+    entries
+}
+
+/// The last `n` lines of `log`.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Applies the recipe convention (see the `common` module docs) to a configuration file's text.
+pub fn substitute_recipe(text: &str, upstream_port: u16) -> Result<String, String> {
+    let mut text = text.to_string();
+    // (token, replacement, how many times the token may appear)
+    let ports = [
+        (RECIPE_LISTENER_PORT, 0, "exactly once"),
+        (RECIPE_ADMIN_PORT, 0, "exactly once"),
+        (RECIPE_UPSTREAM_PORT, upstream_port, "at least once"),
+    ];
+    for (from, to, rule) in ports {
+        let yaml = format!("port_value: {from}");
+        let json = format!("\"port_value\": {from}");
+        let count = text.matches(&yaml).count() + text.matches(&json).count();
+        let ok = if rule == "exactly once" {
+            count == 1
+        } else {
+            count >= 1
+        };
+        if !ok {
+            return Err(format!(
+                "recipe convention: `{yaml}` must appear {rule}, found {count} times"
+            ));
+        }
+        text = text
+            .replace(&yaml, &format!("port_value: {to}"))
+            .replace(&json, &format!("\"port_value\": {to}"));
+    }
+    let wasm_tokens = [
+        format!("filename: {RECIPE_WASM}"),
+        format!("filename: \"{RECIPE_WASM}\""),
+        format!("\"filename\": \"{RECIPE_WASM}\""),
+    ];
+    if wasm_tokens.iter().any(|t| text.contains(t.as_str())) {
+        let wasm = serde_json::to_string(&wasm_path()).expect("path to JSON");
+        let [plain, quoted, json] = wasm_tokens;
+        text = text
+            .replace(&json, &format!("\"filename\": {wasm}"))
+            .replace(&quoted, &format!("filename: {wasm}"))
+            .replace(&plain, &format!("filename: {wasm}"));
+    }
+    Ok(text.replace("0.0.0.0", "127.0.0.1"))
+}
+
+static INSTANCE: AtomicUsize = AtomicUsize::new(0);
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns every Envoy from one thread that lives as long as the test process, so that
+/// `PR_SET_PDEATHSIG` (which fires when the *spawning thread* exits) kills Envoy exactly when
+/// the test binary dies, however it dies; an Envoy held in a `static` is not orphaned either.
+fn spawn(cmd: Command) -> std::io::Result<Child> {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("envoy-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawn envoy-spawner thread");
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send((cmd, tx))
+        .expect("envoy-spawner thread gone");
+    rx.recv().expect("envoy-spawner thread gone")
+}
+
+/// Where the per-instance directories live.
+fn instances_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("envoy")
+}
+
+/// Removes the directories left by test processes that are gone (an Envoy kept in a `static`
+/// is never dropped; a killed test process drops nothing).
+fn remove_stale_instances() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let Ok(dirs) = fs::read_dir(instances_root()) else {
+            return;
+        };
+        for dir in dirs.flatten() {
+            let name = dir.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.split('-').next() else {
+                continue;
+            };
+            if pid != std::process::id().to_string() && !Path::new("/proc").join(pid).exists() {
+                let _ = fs::remove_dir_all(dir.path());
+            }
+        }
+    });
+}
+
+fn launch(config: &str, ext: &str, concurrency: u32) -> Result<Envoy, String> {
+    remove_stale_instances();
+    let dir = instances_root().join(format!(
+        "{}-{}",
+        std::process::id(),
+        INSTANCE.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let config_path = dir.join(format!("config.{ext}"));
+    fs::write(&config_path, config)
+        .map_err(|e| format!("writing {}: {e}", config_path.display()))?;
+    let admin_address = dir.join("admin-address");
+    let stdio = fs::File::create(dir.join("stdio.log")).map_err(|e| e.to_string())?;
+    let stdio2 = stdio.try_clone().map_err(|e| e.to_string())?;
+
+    let mut cmd = Command::new(envoy_binary());
+    cmd.current_dir(repo_root())
+        .arg("-c")
+        .arg(&config_path)
+        .arg("--disable-hot-restart")
+        .args(["--concurrency", &concurrency.to_string()])
+        .args(["-l", "debug"])
+        .arg("--log-path")
+        .arg(dir.join("envoy.log"))
+        .args(["--file-flush-interval-msec", "100"])
+        .arg("--admin-address-path")
+        .arg(&admin_address)
+        .stdin(Stdio::null())
+        .stdout(stdio)
+        .stderr(stdio2);
+    let parent = libc::pid_t::try_from(std::process::id()).expect("pid fits pid_t");
+    // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("test process gone before exec"));
+            }
+            Ok(())
+        });
+    }
+    let child = spawn(cmd).map_err(|e| format!("spawning Envoy: {e}"))?;
+    let mut envoy = Envoy {
+        child,
+        port: 0,
+        admin_port: 0,
+        dir,
+    };
+
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = envoy.child.try_wait() {
+            return Err(format!(
+                "Envoy exited ({status}) before becoming ready:\n{}",
+                envoy.log()
+            ));
+        }
+        if envoy.admin_port == 0 {
+            if let Some(port) = fs::read_to_string(&admin_address)
+                .ok()
+                .and_then(|a| a.trim().rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+            {
+                envoy.admin_port = port;
+            }
+        }
+        if envoy.admin_port != 0 {
+            if let Ok(r) = admin_get(envoy.admin_port, "/ready") {
+                if r.status == 200 && r.body.trim() == "LIVE" {
+                    break;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "Envoy not ready within {READY_TIMEOUT:?}:\n{}",
+                envoy.log()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let listeners = admin_get(envoy.admin_port, "/listeners?format=json")?;
+    let parsed: serde_json::Value = serde_json::from_str(&listeners.body)
+        .map_err(|e| format!("admin /listeners: {e}: {}", listeners.body))?;
+    envoy.port = parsed["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(|| format!("no listener port in admin /listeners: {}", listeners.body))?;
+    Ok(envoy)
+}
+
+fn admin_get(admin_port: u16, path: &str) -> Result<Response, String> {
+    let request = format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n");
+    client::try_raw_http1(admin_port, request.as_bytes())
+}
+
+fn read_logs(dir: &Path) -> String {
+    let mut log = fs::read(dir.join("envoy.log")).unwrap_or_default();
+    log.extend(fs::read(dir.join("stdio.log")).unwrap_or_default());
+    String::from_utf8_lossy(&log).into_owned()
+}
