@@ -315,10 +315,9 @@ pub fn compile_key(raw: &RawKey, field: &str) -> Result<(KeyHash, Key), ConfigEr
     }
     let expires_at_ms = match &raw.expires_at {
         None => None,
-        Some(Expiry::UnixSeconds(s)) => Some(
-            s.checked_mul(1_000)
-                .ok_or_else(|| ConfigError::new(at("expires_at"), "Unix seconds out of range"))?,
-        ),
+        Some(Expiry::UnixSeconds(s)) => {
+            Some(s.checked_mul(1_000).ok_or_else(|| ConfigError::new(at("expires_at"), "Unix seconds out of range"))?)
+        }
         Some(Expiry::Text(t)) => Some(parse_rfc3339(t).map_err(|m| ConfigError::new(at("expires_at"), m))?),
     };
     let key = Key {
@@ -354,7 +353,10 @@ fn compile_route(raw: &RawRoute, field: &str) -> Result<Route, ConfigError> {
             let mut methods = Vec::with_capacity(list.len() + 1);
             for (i, m) in list.iter().enumerate() {
                 if m.is_empty() || !m.bytes().all(|c| c.is_ascii_alphabetic()) {
-                    return Err(ConfigError::new(format!("{field}.methods[{i}]"), format!("{m:?} is not an HTTP method")));
+                    return Err(ConfigError::new(
+                        format!("{field}.methods[{i}]"),
+                        format!("{m:?} is not an HTTP method"),
+                    ));
                 }
                 methods.push(m.to_ascii_uppercase());
             }
@@ -462,7 +464,9 @@ fn default_message(kind: DenyKind, credentials: &[CredentialHeader]) -> String {
         DenyKind::MissingKey => {
             let how: Vec<String> = credentials
                 .iter()
-                .map(|h| if h.bearer { "Authorization: Bearer <key>".to_string() } else { format!("{}: <key>", h.name) })
+                .map(
+                    |h| if h.bearer { "Authorization: Bearer <key>".to_string() } else { format!("{}: <key>", h.name) },
+                )
                 .collect();
             format!("No API key was sent. Send it as {}.", how.join(" or "))
         }
@@ -487,10 +491,12 @@ fn compile_errors(raw: &RawErrors, credentials: &[CredentialHeader]) -> Result<R
         if !(400..=599).contains(&status) {
             return Err(ConfigError::new(format!("{field}.status"), "must be between 400 and 599"));
         }
-        let code: String = pick(own, inherited, |d| d.code.as_ref()).cloned().unwrap_or_else(|| default_code(kind).to_string());
+        let code: String =
+            pick(own, inherited, |d| d.code.as_ref()).cloned().unwrap_or_else(|| default_code(kind).to_string());
         let message_text: String =
             pick(own, inherited, |d| d.message.as_ref()).cloned().unwrap_or_else(|| default_message(kind, credentials));
-        let message = Template::parse(&message_text, false).map_err(|m| ConfigError::new(format!("{field}.message"), m))?;
+        let message =
+            Template::parse(&message_text, false).map_err(|m| ConfigError::new(format!("{field}.message"), m))?;
         let (body_value, body_field) = match pick(own, inherited, |d| d.body.as_ref()) {
             Some(v) => (v, format!("{field}.body")),
             None => (body, "errors.body".to_string()),
@@ -512,8 +518,15 @@ fn pick<'a, T>(
 
 fn check_header_name(name: &str, field: &str) -> Result<(), ConfigError> {
     const FORBIDDEN: [&str; 9] = [
-        "host", "connection", "content-length", "transfer-encoding", "te", "upgrade", "keep-alive",
-        "proxy-connection", "x-request-id",
+        "host",
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "keep-alive",
+        "proxy-connection",
+        "x-request-id",
     ];
     let token = !name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c));
     if !token {
@@ -527,10 +540,7 @@ fn check_header_name(name: &str, field: &str) -> Result<(), ConfigError> {
 
 fn check_header_value(value: &str, field: &str) -> Result<(), ConfigError> {
     if value.is_empty() || value.chars().any(char::is_control) || value.trim() != value {
-        return Err(ConfigError::new(
-            field,
-            "must be non-empty, without control characters or surrounding spaces",
-        ));
+        return Err(ConfigError::new(field, "must be non-empty, without control characters or surrounding spaces"));
     }
     Ok(())
 }

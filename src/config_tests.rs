@@ -100,10 +100,19 @@ fn rejections_name_the_field() {
         (json!({"keys": [key("a", "zz")]}), "keys[0].hash: expected 64 hex characters"),
         (json!({"keys": [key("a", &HASH[..63])]}), "keys[0].hash: expected 64 hex characters"),
         (json!({"keys": [key("a", HASH), key("a", HASH2)]}), "keys[1].id: duplicate id \"a\" (also keys[0])"),
-        (json!({"keys": [key("a", HASH), key("b", &HASH.to_uppercase())]}), "keys[1].hash: duplicate hash (also keys[0])"),
+        (
+            json!({"keys": [key("a", HASH), key("b", &HASH.to_uppercase())]}),
+            "keys[1].hash: duplicate hash (also keys[0])",
+        ),
         (json!({"keys": [{"id": "a", "hash": HASH}]}), "keys[0]: missing field `org`"),
-        (json!({"keys": [{"id": "a", "hash": HASH, "org": "o", "secret": "x"}]}), "keys[0].secret: unknown field `secret`"),
-        (json!({"keys": [{"id": "a", "hash": HASH, "org": "o", "expires_at": "tomorrow"}]}), "keys[0].expires_at: expected an RFC 3339"),
+        (
+            json!({"keys": [{"id": "a", "hash": HASH, "org": "o", "secret": "x"}]}),
+            "keys[0].secret: unknown field `secret`",
+        ),
+        (
+            json!({"keys": [{"id": "a", "hash": HASH, "org": "o", "expires_at": "tomorrow"}]}),
+            "keys[0].expires_at: expected an RFC 3339",
+        ),
         (json!({"keys": [{"id": "a", "hash": HASH, "org": "o", "scopes": ["a b"]}]}), "keys[0].scopes[0]:"),
         (json!({"keys": [{"id": "a", "hash": HASH, "org": "o\n"}]}), "keys[0].org:"),
         (json!({"credential": {"header": ["x"]}}), "credential.header: unknown field `header`"),
@@ -116,13 +125,25 @@ fn rejections_name_the_field() {
         (json!({"routes": [{"path": "/a", "methods": ["G T"]}]}), "routes[0].methods[0]:"),
         (json!({"unmatched": "allow"}), "unmatched: unknown variant `allow`"),
         (json!({"scope_implies": {"a": ["b c"]}}), "scope_implies.a[0]:"),
-        (json!({"upstream": {"org_header": "authorization"}}), "upstream.org_header: \"authorization\" is also a credential header"),
-        (json!({"upstream": {"key_id_header": "x-org-id"}}), "upstream.key_id_header: \"x-org-id\" is already used by upstream.org_header"),
+        (
+            json!({"upstream": {"org_header": "authorization"}}),
+            "upstream.org_header: \"authorization\" is also a credential header",
+        ),
+        (
+            json!({"upstream": {"key_id_header": "x-org-id"}}),
+            "upstream.key_id_header: \"x-org-id\" is already used by upstream.org_header",
+        ),
         (json!({"upstream": {"attribute_headers": {"venue": "Bad Name"}}}), "upstream.attribute_headers.venue:"),
         (json!({"errors": {"teapot": {}}}), "errors.teapot: unknown field `teapot`"),
         (json!({"errors": {"forbidden": {"status": 200}}}), "errors.forbidden.status: must be between 400 and 599"),
-        (json!({"errors": {"forbidden": {"message": "{nope}"}}}), "errors.forbidden.message: unknown placeholder {nope}"),
-        (json!({"errors": {"forbidden": {"message": "{message}"}}}), "errors.forbidden.message: unknown placeholder {message}"),
+        (
+            json!({"errors": {"forbidden": {"message": "{nope}"}}}),
+            "errors.forbidden.message: unknown placeholder {nope}",
+        ),
+        (
+            json!({"errors": {"forbidden": {"message": "{message}"}}}),
+            "errors.forbidden.message: unknown placeholder {message}",
+        ),
         (json!({"errors": {"body": {"e": "{oops}"}}}), "errors.body: unknown placeholder {oops}"),
         (json!({"errors": {"expired_key": {"body": ["{code"]}}}), "errors.expired_key.body: unclosed"),
     ];

@@ -74,10 +74,7 @@ impl KeyFormat {
 
 /// Finds the credential: the first configured header, in order, that carries one decides. A header
 /// that carries two (repeated, or two values in one) is `Malformed`.
-pub fn extract<'a>(
-    configured: &[CredentialHeader],
-    headers: &'a [(String, Vec<u8>)],
-) -> Credential<'a> {
+pub fn extract<'a>(configured: &[CredentialHeader], headers: &'a [(String, Vec<u8>)]) -> Credential<'a> {
     for (index, header) in configured.iter().enumerate() {
         let mut found: Option<&'a [u8]> = None;
         let mut count = 0usize;

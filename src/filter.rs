@@ -80,11 +80,7 @@ impl RootContext for Root {
                 if let Some(gauge) = metrics.keys {
                     let _ = hostcalls::record_metric(gauge, policy.keys.len() as u64);
                 }
-                info!(
-                    "keygate: configured with {} keys, {} routes",
-                    policy.keys.len(),
-                    policy.routes.len()
-                );
+                info!("keygate: configured with {} keys, {} routes", policy.keys.len(), policy.routes.len());
                 self.metrics = None;
                 self.shared = Some(Rc::new(Shared { policy, metrics }));
                 true
@@ -160,7 +156,9 @@ impl HttpContext for Request {
                 }
                 Metrics::bump(shared.metrics.denied.get(denial.kind.index()).copied().flatten());
                 let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-                if let Err(status) = hostcalls::send_http_response(u32::from(reply.status), headers, Some(reply.body.as_bytes())) {
+                if let Err(status) =
+                    hostcalls::send_http_response(u32::from(reply.status), headers, Some(reply.body.as_bytes()))
+                {
                     error!("keygate: cannot send the {} reply: {status:?}", reply.status);
                 }
                 Action::Pause

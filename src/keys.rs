@@ -89,10 +89,7 @@ mod tests {
 
     #[test]
     fn hash_is_sha256_of_the_whole_key() {
-        assert_eq!(
-            hex::encode(hash_key(b"abc")),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(hex::encode(hash_key(b"abc")), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]

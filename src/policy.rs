@@ -56,9 +56,8 @@ pub struct RequestView<'a> {
 impl<'a> RequestView<'a> {
     /// Builds the view from Envoy's header list (`:method` and `:path` among them).
     pub fn from_headers(headers: &'a [(String, Vec<u8>)]) -> Self {
-        let pseudo = |name: &str| {
-            headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice()).unwrap_or_default()
-        };
+        let pseudo =
+            |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice()).unwrap_or_default();
         RequestView { method: pseudo(":method"), path: pseudo(":path"), headers }
     }
 
@@ -140,10 +139,7 @@ impl Policy {
 
     fn rule_for<'p, 'r>(&'p self, method: &[u8], segments: &'r [Cow<'r, [u8]>]) -> Rule<'p, 'r> {
         for route in &self.routes {
-            let method_ok = route
-                .methods
-                .as_ref()
-                .is_none_or(|ms| ms.iter().any(|m| m.as_bytes() == method));
+            let method_ok = route.methods.as_ref().is_none_or(|ms| ms.iter().any(|m| m.as_bytes() == method));
             if !method_ok {
                 continue;
             }

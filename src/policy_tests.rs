@@ -50,7 +50,13 @@ fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
     pairs.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
 }
 
-fn decide_at<'p>(policy: &'p Policy, method: &str, path: &str, extra: &[(&str, &str)], now: Option<i64>) -> Decision<'p> {
+fn decide_at<'p>(
+    policy: &'p Policy,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+    now: Option<i64>,
+) -> Decision<'p> {
     let mut pairs = vec![(":method", method), (":path", path)];
     pairs.extend_from_slice(extra);
     let h = headers(&pairs);
@@ -166,7 +172,11 @@ fn key_stops_working_at_its_expiry_instant() {
     let h = [("authorization", auth.as_str())];
     assert_eq!(kind(&decide_at(&p, "GET", "/v1/venues", &h, Some(999_999))), None);
     assert_eq!(kind(&decide_at(&p, "GET", "/v1/venues", &h, Some(1_000_000))), Some(DenyKind::ExpiredKey));
-    assert_eq!(kind(&decide_at(&p, "GET", "/v1/venues", &h, None)), Some(DenyKind::ExpiredKey), "no clock: fail closed");
+    assert_eq!(
+        kind(&decide_at(&p, "GET", "/v1/venues", &h, None)),
+        Some(DenyKind::ExpiredKey),
+        "no clock: fail closed"
+    );
 }
 
 #[test]
@@ -323,7 +333,8 @@ fn identity_header_set_to_null_is_neither_set_nor_trusted() {
     c["upstream"] = json!({"scopes_header": null, "org_header": "x-tenant", "strip_credentials": false});
     let p = policy_from(c);
     let auth = bearer(PLATFORM);
-    let d = decide(&p, "GET", "/v1/venues", &[("authorization", &auth), ("x-tenant", "evil"), ("x-api-key-scopes", "x")]);
+    let d =
+        decide(&p, "GET", "/v1/venues", &[("authorization", &auth), ("x-tenant", "evil"), ("x-api-key-scopes", "x")]);
     let Decision::Allow { edits, .. } = d else { panic!("expected allow") };
     assert_eq!(edits.set, vec![("x-tenant", "org_42".to_string()), ("x-api-key-id", "aaaa0002".to_string())]);
     assert!(edits.remove.is_empty(), "credential kept, x-api-key-scopes no longer keygate's: {:?}", edits.remove);

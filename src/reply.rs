@@ -83,9 +83,7 @@ impl Template {
             if !before.is_empty() {
                 pieces.push(Piece::Text(before.to_string()));
             }
-            let close = after
-                .find('}')
-                .ok_or_else(|| format!("unclosed '{{' in template {text:?}"))?;
+            let close = after.find('}').ok_or_else(|| format!("unclosed '{{' in template {text:?}"))?;
             let name = after.get(1..close).unwrap_or_default();
             let var = match name {
                 "code" => Var::Code,
@@ -304,7 +302,11 @@ impl Replies {
     /// request's `x-request-id` (empty if none).
     pub fn render(&self, kind: DenyKind, missing: &[&str], request_id: &str) -> Reply {
         let Some(spec) = self.spec(kind) else {
-            return Reply { status: 500, headers: vec![("content-type", "application/json".into())], body: "{}".into() };
+            return Reply {
+                status: 500,
+                headers: vec![("content-type", "application/json".into())],
+                body: "{}".into(),
+            };
         };
         let mut ctx = Context { code: &spec.code, status: spec.status, message: "", missing, request_id };
         let mut message = String::new();
@@ -377,10 +379,7 @@ mod tests {
             r.render(kind, missing, "").headers.into_iter().find(|(n, _)| *n == "www-authenticate").map(|(_, v)| v)
         };
         assert_eq!(header(DenyKind::MissingKey, &[]).as_deref(), Some("Bearer realm=\"api\""));
-        assert_eq!(
-            header(DenyKind::ExpiredKey, &[]).as_deref(),
-            Some("Bearer realm=\"api\", error=\"invalid_token\"")
-        );
+        assert_eq!(header(DenyKind::ExpiredKey, &[]).as_deref(), Some("Bearer realm=\"api\", error=\"invalid_token\""));
         assert_eq!(
             header(DenyKind::InsufficientScope, &["a", "b"]).as_deref(),
             Some("Bearer realm=\"api\", error=\"insufficient_scope\", scope=\"a b\"")

@@ -31,9 +31,7 @@ pub type Captures<'p, 'r> = Vec<(&'p str, &'r [u8])>;
 impl PathPattern {
     /// Compiles `/v1/venues/{venue_id}/treatments` or `/files/**`.
     pub fn parse(pattern: &str) -> Result<Self, String> {
-        let body = pattern
-            .strip_prefix('/')
-            .ok_or_else(|| format!("must start with '/', got {pattern:?}"))?;
+        let body = pattern.strip_prefix('/').ok_or_else(|| format!("must start with '/', got {pattern:?}"))?;
         let mut parts = Vec::new();
         let mut rest = false;
         if !body.is_empty() {
@@ -100,9 +98,7 @@ fn parse_segment(seg: &str, pattern: &str) -> Result<Part, String> {
         return Ok(Part::Capture(name.to_string()));
     }
     if seg.contains(['{', '}', '*', '%', '\\', '?', '#']) {
-        return Err(format!(
-            "segment {seg:?} must be plain text or a whole {{name}}, in {pattern:?}"
-        ));
+        return Err(format!("segment {seg:?} must be plain text or a whole {{name}}, in {pattern:?}"));
     }
     Ok(Part::Literal(seg.to_string()))
 }
@@ -226,10 +222,7 @@ mod tests {
     fn dot_segments_are_resolved_and_the_literal_reading_kept() {
         let v = PathViews::of(b"/v1/venues/v_7/../v_8/treatments");
         assert_eq!(segs(&v.normalised), ["v1", "venues", "v_8", "treatments"]);
-        assert_eq!(
-            segs(v.literal.as_deref().unwrap_or_default()),
-            ["v1", "venues", "v_7", "..", "v_8", "treatments"]
-        );
+        assert_eq!(segs(v.literal.as_deref().unwrap_or_default()), ["v1", "venues", "v_7", "..", "v_8", "treatments"]);
         assert_eq!(normalised("/../../etc"), ["etc"]);
         assert_eq!(normalised("/a/./b/."), ["a", "b"]);
     }

@@ -33,19 +33,12 @@ impl ScopeRules {
     /// True if a key holding `held` may use `required`.
     pub fn grants(&self, held: &str, required: &str) -> bool {
         grants_directly(held, required)
-            || self
-                .implied
-                .get(held)
-                .is_some_and(|more| more.iter().any(|h| grants_directly(h, required)))
+            || self.implied.get(held).is_some_and(|more| more.iter().any(|h| grants_directly(h, required)))
     }
 
     /// The required scopes that none of the held scopes grants, in the route's order.
     pub fn missing<'r>(&self, held: &[String], required: &'r [String]) -> Vec<&'r str> {
-        required
-            .iter()
-            .filter(|r| !held.iter().any(|h| self.grants(h, r)))
-            .map(String::as_str)
-            .collect()
+        required.iter().filter(|r| !held.iter().any(|h| self.grants(h, r))).map(String::as_str).collect()
     }
 }
 
@@ -61,10 +54,7 @@ mod tests {
     use super::*;
 
     fn rules(pairs: &[(&str, &[&str])]) -> ScopeRules {
-        let map = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
-            .collect();
+        let map = pairs.iter().map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect())).collect();
         ScopeRules::new(&map)
     }
 

@@ -8,16 +8,17 @@ pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
     if b.len() < 20 {
         return Err(bad());
     }
-    let num = |from: usize, len: usize| -> Result<i64, String> {
-        let digits = b.get(from..from + len).ok_or_else(bad)?;
-        digits.iter().try_fold(0i64, |acc, &d| {
-            if d.is_ascii_digit() {
-                Ok(acc * 10 + i64::from(d - b'0'))
-            } else {
-                Err(bad())
-            }
-        })
-    };
+    let num =
+        |from: usize, len: usize| -> Result<i64, String> {
+            let digits = b.get(from..from + len).ok_or_else(bad)?;
+            digits.iter().try_fold(0i64, |acc, &d| {
+                if d.is_ascii_digit() {
+                    Ok(acc * 10 + i64::from(d - b'0'))
+                } else {
+                    Err(bad())
+                }
+            })
+        };
     let sep = |at: usize, allowed: &[u8]| b.get(at).is_some_and(|c| allowed.contains(c));
     if !(sep(4, b"-") && sep(7, b"-") && sep(10, b"Tt ") && sep(13, b":") && sep(16, b":")) {
         return Err(bad());
@@ -38,9 +39,9 @@ pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
     if b.get(at) == Some(&b'.') {
         at += 1;
         let start = at;
-        while b.get(at).is_some_and(u8::is_ascii_digit) {
+        while let Some(&digit) = b.get(at).filter(|d| d.is_ascii_digit()) {
             if at - start < 3 {
-                millis = millis * 10 + i64::from(b[at] - b'0');
+                millis = millis * 10 + i64::from(digit - b'0');
             }
             at += 1;
         }

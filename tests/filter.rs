@@ -1,6 +1,9 @@
 //! The filter in a real Envoy: exact replies per deny kind, nothing forwarded on a refusal, and the
 //! identity the upstream sees on success, over HTTP/1.1 and HTTP/2.
 
+// Test code: helpers outside #[test] functions fail the same way the tests do, by panicking.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 mod common;
 
 use common::{Envoy, EnvoyOptions, Proto, Recorded, Response, Upstream};
@@ -95,7 +98,14 @@ fn missing_key_is_401_missing_api_key() {
         let body = json!({"error": "missing_api_key",
                           "message": "No API key was sent. Send it as Authorization: Bearer <key> or x-api-key: <key>."});
         assert_refused(proto, "/v1/venues", &[], 401, body.clone(), r#"Bearer realm="api""#);
-        assert_refused(proto, "/v1/venues", &[("authorization", "Basic dXNlcjpwYXNz")], 401, body.clone(), r#"Bearer realm="api""#);
+        assert_refused(
+            proto,
+            "/v1/venues",
+            &[("authorization", "Basic dXNlcjpwYXNz")],
+            401,
+            body.clone(),
+            r#"Bearer realm="api""#,
+        );
         let query = format!("/v1/venues?api_key={PLATFORM_KEY}");
         assert_refused(proto, &query, &[], 401, body, r#"Bearer realm="api""#);
     }
@@ -107,7 +117,13 @@ fn unknown_malformed_and_revoked_keys_are_the_same_401() {
     let challenge = r#"Bearer realm="api", error="invalid_token""#;
     let long = format!("Bearer sk_live_{}", "a".repeat(8 * 1024));
     for proto in Proto::ALL {
-        for auth in [bearer(UNKNOWN_KEY), bearer(REVOKED_KEY), "Bearer sk_test_0000aaaa_x".into(), long.clone(), format!("Bearer {VENUE_KEY} x")] {
+        for auth in [
+            bearer(UNKNOWN_KEY),
+            bearer(REVOKED_KEY),
+            "Bearer sk_test_0000aaaa_x".into(),
+            long.clone(),
+            format!("Bearer {VENUE_KEY} x"),
+        ] {
             assert_refused(proto, "/v1/venues", &[("authorization", &auth)], 401, body.clone(), challenge);
         }
         let two = [("authorization", bearer(VENUE_KEY)), ("authorization", bearer(PLATFORM_KEY))];
@@ -147,7 +163,12 @@ fn key_lacking_scope_is_403_with_the_missing_scopes() {
 #[test]
 fn venue_restricted_key_cannot_read_other_venue() {
     for proto in Proto::ALL {
-        let (reply, seen) = call(proto, "GET", "/v1/venues/v_8/customers", &[("authorization", &bearer(VENUE_KEY)), ("x-request-id", "rid-123")]);
+        let (reply, seen) = call(
+            proto,
+            "GET",
+            "/v1/venues/v_8/customers",
+            &[("authorization", &bearer(VENUE_KEY)), ("x-request-id", "rid-123")],
+        );
         assert_eq!(reply.status, 403);
         let body: Value = serde_json::from_str(&reply.body).unwrap();
         assert_eq!(body["error"], "forbidden");
@@ -180,7 +201,8 @@ fn path_tricks_do_not_reach_another_venue() {
 #[test]
 fn allowed_request_carries_identity_and_no_key() {
     for proto in Proto::ALL {
-        let (reply, seen) = call(proto, "GET", "/v1/venues/v_7/treatments?page=2", &[("authorization", &bearer(VENUE_KEY))]);
+        let (reply, seen) =
+            call(proto, "GET", "/v1/venues/v_7/treatments?page=2", &[("authorization", &bearer(VENUE_KEY))]);
         assert_eq!(reply.status, 200, "{proto:?}: {}", reply.body);
         assert_eq!(reply.body, common::UPSTREAM_BODY);
         let [req] = seen.as_slice() else { panic!("expected one upstream request, got {seen:#?}") };
@@ -243,7 +265,8 @@ fn spoofed_identity_headers_are_replaced_on_protected_routes() {
 #[test]
 fn spoofed_identity_headers_are_removed_on_public_routes() {
     for proto in Proto::ALL {
-        let headers = [("x-org-id", "org_evil"), ("X-Org-Id", "org_evil"), ("x-api-key-scopes", "*"), ("x-api-key", "garbage")];
+        let headers =
+            [("x-org-id", "org_evil"), ("X-Org-Id", "org_evil"), ("x-api-key-scopes", "*"), ("x-api-key", "garbage")];
         let (reply, seen) = call(proto, "GET", "/healthz", &headers);
         assert_eq!(reply.status, 200);
         let [req] = seen.as_slice() else { panic!("expected one upstream request") };
@@ -318,9 +341,18 @@ fn invalid_configuration_makes_envoy_refuse_to_start() {
     let cases = [
         ("{\"keys\": [", "keygate: invalid configuration: keys: EOF while parsing"),
         (r#"{"keyz": []}"#, "keygate: invalid configuration: keyz: unknown field `keyz`"),
-        (&duplicate.to_string(), "keygate: invalid configuration: keys[1].id: duplicate id \"0000aaaa\" (also keys[0])"),
-        (r#"{"keys": [{"id": "a", "hash": "abc", "org": "o"}]}"#, "keygate: invalid configuration: keys[0].hash: expected 64 hex characters"),
-        (&bad_template.to_string(), "keygate: invalid configuration: errors.forbidden.message: unknown placeholder {whoops}"),
+        (
+            &duplicate.to_string(),
+            "keygate: invalid configuration: keys[1].id: duplicate id \"0000aaaa\" (also keys[0])",
+        ),
+        (
+            r#"{"keys": [{"id": "a", "hash": "abc", "org": "o"}]}"#,
+            "keygate: invalid configuration: keys[0].hash: expected 64 hex characters",
+        ),
+        (
+            &bad_template.to_string(),
+            "keygate: invalid configuration: errors.forbidden.message: unknown placeholder {whoops}",
+        ),
         (r#"{"errors": {"teapot": {}}}"#, "keygate: invalid configuration: errors.teapot: unknown field `teapot`"),
     ];
     for (config, expected) in cases {

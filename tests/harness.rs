@@ -8,8 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    get, raw_http1, send, send_body, try_raw_http1, try_send, Envoy, EnvoyOptions, Proto, Upstream,
-    UPSTREAM_BODY,
+    get, raw_http1, send, send_body, try_raw_http1, try_send, Envoy, EnvoyOptions, Proto, Upstream, UPSTREAM_BODY,
 };
 
 /// Paths a hostile client may send; with `normalize_path: false` they must arrive unchanged.
@@ -36,37 +35,20 @@ fn paths_and_duplicate_headers_reach_upstream_unchanged() {
     for proto in Proto::ALL {
         for &path in RAW_PATHS {
             upstream.clear();
-            let reply = get(
-                envoy.port(),
-                proto,
-                path,
-                &[("x-dup", "one"), ("X-Dup", "two"), ("x-single", "v")],
-            );
+            let reply = get(envoy.port(), proto, path, &[("x-dup", "one"), ("X-Dup", "two"), ("x-single", "v")]);
             assert_eq!(reply.status, 200, "{proto:?} {path}: {reply:?}");
             assert_eq!(reply.body, UPSTREAM_BODY);
             assert_eq!(reply.header("Content-Type"), Some("application/json"));
             let got = upstream.single_request();
             assert_eq!(got.method, "GET");
             assert_eq!(got.path, path, "{proto:?}: path changed on the way");
-            assert_eq!(
-                got.header_values("x-dup"),
-                ["one", "two"],
-                "{proto:?} {path}: {:?}",
-                got.headers
-            );
+            assert_eq!(got.header_values("x-dup"), ["one", "two"], "{proto:?} {path}: {:?}", got.headers);
             assert_eq!(got.header_values("X-SINGLE"), ["v"]);
         }
     }
-    let completed = envoy
-        .stat("http.ingress.downstream_rq_completed")
-        .expect("stat");
-    assert!(
-        completed >= 2 * (RAW_PATHS.len() as u64 - 1),
-        "downstream_rq_completed = {completed}"
-    );
-    assert!(envoy
-        .stats()
-        .contains_key("cluster.upstream.upstream_rq_200"));
+    let completed = envoy.stat("http.ingress.downstream_rq_completed").expect("stat");
+    assert!(completed >= 2 * (RAW_PATHS.len() as u64 - 1), "downstream_rq_completed = {completed}");
+    assert!(envoy.stats().contains_key("cluster.upstream.upstream_rq_200"));
     assert_eq!(envoy.stat("no.such.stat"), None);
 }
 
@@ -78,10 +60,7 @@ fn normalize_path_option_normalises() {
     let envoy = Envoy::start(&opts);
     for proto in Proto::ALL {
         upstream.clear();
-        assert_eq!(
-            get(envoy.port(), proto, "/v1/venues/v_7/../v_8//x", &[]).status,
-            200
-        );
+        assert_eq!(get(envoy.port(), proto, "/v1/venues/v_7/../v_8//x", &[]).status, 200);
         assert_eq!(upstream.single_request().path, "/v1/venues/v_8/x");
     }
 }
@@ -105,24 +84,13 @@ fn repeated_authorization_headers() {
         let reply = get(envoy.port(), proto, "/auth", &headers);
         assert_eq!(reply.status, 200);
         let got = upstream.single_request();
-        assert_eq!(
-            got.header_values("authorization"),
-            ["Bearer one,Bearer two"],
-            "{proto:?}"
-        );
+        assert_eq!(got.header_values("authorization"), ["Bearer one,Bearer two"], "{proto:?}");
         assert_eq!(got.header_values("x-api-key"), ["k1", "k2"], "{proto:?}");
         assert_eq!(got.header_values("user-agent"), ["u1,u2"], "{proto:?}");
     }
     // The same for a repeated Host over HTTP/1.1.
     upstream.clear();
-    assert_eq!(
-        raw_http1(
-            envoy.port(),
-            b"GET /h HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"
-        )
-        .status,
-        200
-    );
+    assert_eq!(raw_http1(envoy.port(), b"GET /h HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n").status, 200);
     assert_eq!(upstream.single_request().header_values("host"), ["a,b"]);
 }
 
@@ -154,10 +122,7 @@ fn raw_bytes_bodies_and_methods() {
     assert!(upstream.requests().is_empty());
 
     // A fragment: Envoy refuses it over HTTP/1.1; the h2 client cannot send it and says so.
-    assert_eq!(
-        raw_http1(port, b"GET /a#frag HTTP/1.1\r\nHost: h\r\n\r\n").status,
-        400
-    );
+    assert_eq!(raw_http1(port, b"GET /a#frag HTTP/1.1\r\nHost: h\r\n\r\n").status, 400);
     let err = try_send(port, Proto::Http2, "GET", "/a#frag", &[], b"").expect_err("h2 fragment");
     assert!(err.contains("cannot send"), "{err}");
     assert!(upstream.requests().is_empty());
@@ -165,20 +130,10 @@ fn raw_bytes_bodies_and_methods() {
     // Bodies both ways; HEAD does not hang.
     for proto in Proto::ALL {
         upstream.clear();
-        let reply = send_body(
-            port,
-            proto,
-            "POST",
-            "/post",
-            &[("content-type", "text/plain")],
-            b"hello body",
-        );
+        let reply = send_body(port, proto, "POST", "/post", &[("content-type", "text/plain")], b"hello body");
         assert_eq!(reply.status, 200);
         let got = upstream.single_request();
-        assert_eq!(
-            (got.method.as_str(), got.body.as_slice()),
-            ("POST", &b"hello body"[..])
-        );
+        assert_eq!((got.method.as_str(), got.body.as_slice()), ("POST", &b"hello body"[..]));
         upstream.clear();
         let reply = send(port, proto, "HEAD", "/head", &[]);
         assert_eq!((reply.status, reply.body.as_str()), (200, ""));
@@ -192,8 +147,7 @@ fn refused_configurations_fail_promptly() {
 
     // A wasm filter whose file does not exist.
     let mut bootstrap = EnvoyOptions::new(None, upstream.port()).bootstrap();
-    let hcm = &mut bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
-        ["typed_config"];
+    let hcm = &mut bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
     let filters = hcm["http_filters"].as_array_mut().expect("http_filters");
     filters.insert(
         0,
@@ -210,9 +164,7 @@ fn refused_configurations_fail_promptly() {
         }),
     );
     let started = Instant::now();
-    let err = Envoy::try_start_bootstrap(&bootstrap, 1)
-        .err()
-        .expect("Envoy must refuse a missing wasm file");
+    let err = Envoy::try_start_bootstrap(&bootstrap, 1).err().expect("Envoy must refuse a missing wasm file");
     let took = started.elapsed();
     eprintln!("missing wasm refused in {took:?}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
@@ -220,9 +172,7 @@ fn refused_configurations_fail_promptly() {
 
     // Text that is not JSON at all.
     let started = Instant::now();
-    let err = Envoy::try_start_config_text("{ not json", "json", 1)
-        .err()
-        .expect("Envoy must refuse");
+    let err = Envoy::try_start_config_text("{ not json", "json", 1).err().expect("Envoy must refuse");
     eprintln!("invalid JSON refused in {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(err.contains("exited"), "{err}");
@@ -289,29 +239,16 @@ fn drop_leaves_no_envoy_and_log_is_readable() {
     let pid = envoy.pid();
     let proc_dir = format!("/proc/{pid}");
     assert!(Path::new(&proc_dir).exists());
-    let reply = get(
-        envoy.port(),
-        Proto::Http2,
-        "/marker-path",
-        &[("authorization", "Bearer marker-secret")],
-    );
+    let reply = get(envoy.port(), Proto::Http2, "/marker-path", &[("authorization", "Bearer marker-secret")]);
     assert_eq!(reply.status, 200);
     // Envoy's own debug log dumps request headers, credentials included...
-    assert!(
-        envoy.wait_for_log("marker-secret", Duration::from_secs(5)),
-        "debug log lacks the request"
-    );
-    assert!(envoy
-        .log()
-        .contains("all dependencies initialized. starting workers"));
+    assert!(envoy.wait_for_log("marker-secret", Duration::from_secs(5)), "debug log lacks the request");
+    assert!(envoy.log().contains("all dependencies initialized. starting workers"));
     // ...which wasm_log leaves out (there is no wasm filter here, so it is empty).
     assert_eq!(envoy.wasm_log(), "");
     let dir = envoy.dir().to_path_buf();
     drop(envoy);
-    assert!(
-        !Path::new(&proc_dir).exists(),
-        "Envoy {pid} still exists after drop"
-    );
+    assert!(!Path::new(&proc_dir).exists(), "Envoy {pid} still exists after drop");
     assert!(!dir.exists(), "instance directory not removed");
 }
 
@@ -328,13 +265,7 @@ fn a_panicking_test_leaves_no_envoy() {
     .join();
     assert!(outcome.is_err());
     let (pid, dir) = rx.recv().expect("Envoy started");
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists(),
-        "Envoy {pid} outlived the panic"
-    );
-    assert!(
-        dir.join("envoy.log").exists(),
-        "a failed test keeps the Envoy log"
-    );
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "Envoy {pid} outlived the panic");
+    assert!(dir.join("envoy.log").exists(), "a failed test keeps the Envoy log");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -1,5 +1,8 @@
 //! Every recipe in envoy/recipes/ runs in a real Envoy and answers as its product's documentation says.
 
+// Test code: helpers outside #[test] functions fail the same way the tests do, by panicking.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 mod common;
 
 use common::{Envoy, Proto, Recorded, Response, Upstream};
@@ -111,8 +114,20 @@ mod seaty {
         r.refuses("GET", "/v1/events", &[], 401, unauthorized("No API key. Send it as Authorization: Bearer <key>."));
         // Only the Authorization header counts: no query-string keys, no X-API-Key.
         let path = format!("/v1/events?api_key={READ}");
-        r.refuses("GET", &path, &[("x-api-key", READ)], 401, unauthorized("No API key. Send it as Authorization: Bearer <key>."));
-        r.refuses("GET", "/v1/events", &h(&[bearer("sk_live_5ea70001_wrong")]), 401, unauthorized("The API key is invalid or has been revoked."));
+        r.refuses(
+            "GET",
+            &path,
+            &[("x-api-key", READ)],
+            401,
+            unauthorized("No API key. Send it as Authorization: Bearer <key>."),
+        );
+        r.refuses(
+            "GET",
+            "/v1/events",
+            &h(&[bearer("sk_live_5ea70001_wrong")]),
+            401,
+            unauthorized("The API key is invalid or has been revoked."),
+        );
         r.refuses(
             "POST",
             "/v1/events/e_1/balance-payments",
@@ -202,7 +217,8 @@ mod soku {
         let invalid = json!({"error": "unauthorized", "message": "Invalid or revoked API key."});
         r.refuses("GET", "/v1/bookings", &h(&[bearer(REVOKED)]), 401, invalid.clone());
         r.refuses("GET", "/v1/bookings", &h(&[bearer("sk_test_a2848423703e22530c4ee2b035644b20")]), 401, invalid);
-        let missing = json!({"error": "unauthorized", "message": "Missing API key. Send it as Authorization: Bearer <key>."});
+        let missing =
+            json!({"error": "unauthorized", "message": "Missing API key. Send it as Authorization: Bearer <key>."});
         r.refuses("GET", "/v1/bookings", &[], 401, missing);
     }
 }

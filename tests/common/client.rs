@@ -32,19 +32,12 @@ pub struct Response {
 impl Response {
     /// The first value of header `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// Every value of header `name` (case-insensitive), in order.
     pub fn header_values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
+        self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
     }
 }
 
@@ -55,28 +48,14 @@ pub fn get(port: u16, proto: Proto, path: &str, headers: &[(&str, &str)]) -> Res
 
 /// Sends one request with no body on a fresh connection to 127.0.0.1:`port`; panics on a
 /// transport failure (use [`try_send`] to observe resets / closed connections).
-pub fn send(
-    port: u16,
-    proto: Proto,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Response {
+pub fn send(port: u16, proto: Proto, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
     send_body(port, proto, method, path, headers, b"")
 }
 
 /// `send` with a body (HTTP/1.1 adds `content-length` unless `headers` already has one or the
 /// body is empty).
-pub fn send_body(
-    port: u16,
-    proto: Proto,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Response {
-    try_send(port, proto, method, path, headers, body)
-        .unwrap_or_else(|e| panic!("{proto:?} {method} {path}: {e}"))
+pub fn send_body(port: u16, proto: Proto, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    try_send(port, proto, method, path, headers, body).unwrap_or_else(|e| panic!("{proto:?} {method} {path}: {e}"))
 }
 
 /// Sends one request on a fresh connection. HTTP/1.1: a `host: 127.0.0.1:<port>` header is
@@ -101,10 +80,9 @@ pub fn try_send(
             for (n, v) in headers {
                 req.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
             }
-            let has_len = headers.iter().any(|(n, _)| {
-                n.eq_ignore_ascii_case("content-length")
-                    || n.eq_ignore_ascii_case("transfer-encoding")
-            });
+            let has_len = headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("transfer-encoding"));
             if !body.is_empty() && !has_len {
                 req.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
             }
@@ -119,29 +97,19 @@ pub fn try_send(
 /// Writes `request` verbatim to a fresh connection and parses one HTTP/1.x reply (interim 1xx
 /// replies are skipped). Panics if no reply can be read.
 pub fn raw_http1(port: u16, request: &[u8]) -> Response {
-    try_raw_http1(port, request).unwrap_or_else(|e| {
-        panic!(
-            "raw HTTP/1.1 request {:?}: {e}",
-            String::from_utf8_lossy(request)
-        )
-    })
+    try_raw_http1(port, request)
+        .unwrap_or_else(|e| panic!("raw HTTP/1.1 request {:?}: {e}", String::from_utf8_lossy(request)))
 }
 
 /// [`raw_http1`] that returns `Err` (for example when Envoy closes the connection with no reply).
 pub fn try_raw_http1(port: u16, request: &[u8]) -> Result<Response, String> {
     let stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), CLIENT_TIMEOUT)
         .map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;
-    stream
-        .set_read_timeout(Some(CLIENT_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(CLIENT_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(|e| e.to_string())?;
     let head_request = request.starts_with(b"HEAD ");
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-    writer
-        .write_all(request)
-        .map_err(|e| format!("write: {e}"))?;
+    writer.write_all(request).map_err(|e| format!("write: {e}"))?;
     let mut reader = BufReader::new(stream);
     loop {
         let head = http1::read_head(&mut reader)
@@ -158,37 +126,22 @@ pub fn try_raw_http1(port: u16, request: &[u8]) -> Result<Response, String> {
         }
         let body = http1::read_response_body(&mut reader, &head, status, head_request)
             .map_err(|e| format!("reading reply body: {e}"))?;
-        return Ok(Response {
-            status,
-            headers: head.headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        });
+        return Ok(Response { status, headers: head.headers, body: String::from_utf8_lossy(&body).into_owned() });
     }
 }
 
-fn h2_send(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Result<Response, String> {
+fn h2_send(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Response, String> {
     let mut authority = format!("127.0.0.1:{port}");
     let mut builder = http::Request::builder()
-        .method(
-            http::Method::from_bytes(method.as_bytes())
-                .map_err(|e| format!("method {method:?}: {e}"))?,
-        )
+        .method(http::Method::from_bytes(method.as_bytes()).map_err(|e| format!("method {method:?}: {e}"))?)
         .version(http::Version::HTTP_2);
     for (n, v) in headers {
         if n.eq_ignore_ascii_case("host") || n.eq_ignore_ascii_case(":authority") {
             authority = (*v).to_string();
             continue;
         }
-        let name = http::HeaderName::from_bytes(n.as_bytes())
-            .map_err(|e| format!("header name {n:?}: {e}"))?;
-        let value = http::HeaderValue::from_bytes(v.as_bytes())
-            .map_err(|e| format!("header value {v:?}: {e}"))?;
+        let name = http::HeaderName::from_bytes(n.as_bytes()).map_err(|e| format!("header name {n:?}: {e}"))?;
+        let value = http::HeaderValue::from_bytes(v.as_bytes()).map_err(|e| format!("header value {v:?}: {e}"))?;
         builder = builder.header(name, value);
     }
     let uri = http::Uri::builder()
@@ -198,41 +151,29 @@ fn h2_send(
         .build()
         .map_err(|e| format!("uri with authority {authority:?} and path {path:?}: {e}"))?;
     // The http crate drops a fragment (`#...`); refuse rather than send something else.
-    let sent = uri
-        .path_and_query()
-        .map_or("/", http::uri::PathAndQuery::as_str);
+    let sent = uri.path_and_query().map_or("/", http::uri::PathAndQuery::as_str);
     if sent != path {
-        return Err(format!(
-            "the h2 client cannot send the path {path:?} unchanged (it would send {sent:?})"
-        ));
+        return Err(format!("the h2 client cannot send the path {path:?} unchanged (it would send {sent:?})"));
     }
     let request = builder.uri(uri).body(()).map_err(|e| e.to_string())?;
     let body = bytes::Bytes::copy_from_slice(body);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let exchange = async move {
             let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;
-            let (client, connection) = h2::client::handshake(tcp)
-                .await
-                .map_err(|e| format!("h2 handshake: {e}"))?;
+            let (client, connection) = h2::client::handshake(tcp).await.map_err(|e| format!("h2 handshake: {e}"))?;
             tokio::spawn(async move {
                 let _ = connection.await;
             });
             let mut client = client.ready().await.map_err(|e| format!("h2 ready: {e}"))?;
-            let (reply, mut stream) = client
-                .send_request(request, body.is_empty())
-                .map_err(|e| format!("h2 send_request: {e}"))?;
+            let (reply, mut stream) =
+                client.send_request(request, body.is_empty()).map_err(|e| format!("h2 send_request: {e}"))?;
             if !body.is_empty() {
-                stream
-                    .send_data(body, true)
-                    .map_err(|e| format!("h2 send_data: {e}"))?;
+                stream.send_data(body, true).map_err(|e| format!("h2 send_data: {e}"))?;
             }
             let reply = reply.await.map_err(|e| format!("h2 reply: {e}"))?;
             let (parts, mut recv) = reply.into_parts();
@@ -245,18 +186,9 @@ fn h2_send(
             let headers = parts
                 .headers
                 .iter()
-                .map(|(n, v)| {
-                    (
-                        n.as_str().to_string(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
+                .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
                 .collect();
-            Ok(Response {
-                status: parts.status.as_u16(),
-                headers,
-                body: String::from_utf8_lossy(&data).into_owned(),
-            })
+            Ok(Response { status: parts.status.as_u16(), headers, body: String::from_utf8_lossy(&data).into_owned() })
         };
         tokio::time::timeout(CLIENT_TIMEOUT, exchange)
             .await

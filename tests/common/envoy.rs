@@ -34,11 +34,7 @@ pub fn envoy_binary() -> PathBuf {
         Some(p) => PathBuf::from(p),
         None => repo_root().join(".venv/bin/envoy"),
     };
-    assert!(
-        path.is_file(),
-        "no Envoy binary at {} (set ENVOY, or run `make envoy` first)",
-        path.display()
-    );
+    assert!(path.is_file(), "no Envoy binary at {} (set ENVOY, or run `make envoy` first)", path.display());
     path
 }
 
@@ -48,11 +44,7 @@ pub fn wasm_path() -> PathBuf {
         Some(p) => repo_root().join(p), // an absolute KEYGATE_WASM replaces the root
         None => repo_root().join(RECIPE_WASM),
     };
-    assert!(
-        path.is_file(),
-        "no keygate wasm at {} (set KEYGATE_WASM, or run `make build` first)",
-        path.display()
-    );
+    assert!(path.is_file(), "no keygate wasm at {} (set KEYGATE_WASM, or run `make build` first)", path.display());
     path
 }
 
@@ -170,8 +162,7 @@ pub struct Envoy {
 impl Envoy {
     /// Starts Envoy on a generated configuration; panics with Envoy's log tail on failure.
     pub fn start(opts: &EnvoyOptions) -> Envoy {
-        Envoy::try_start(opts)
-            .unwrap_or_else(|log| panic!("Envoy did not start:\n{}", tail(&log, 80)))
+        Envoy::try_start(opts).unwrap_or_else(|log| panic!("Envoy did not start:\n{}", tail(&log, 80)))
     }
 
     /// Starts Envoy on a generated configuration. `Err` carries Envoy's whole log when it exits
@@ -182,21 +173,14 @@ impl Envoy {
 
     /// Starts Envoy on a bootstrap given as JSON, e.g. [`EnvoyOptions::bootstrap`] edited by a
     /// test. `Err` as for [`Envoy::try_start`].
-    pub fn try_start_bootstrap(
-        bootstrap: &serde_json::Value,
-        concurrency: u32,
-    ) -> Result<Envoy, String> {
+    pub fn try_start_bootstrap(bootstrap: &serde_json::Value, concurrency: u32) -> Result<Envoy, String> {
         let config = serde_json::to_string_pretty(bootstrap).expect("bootstrap to JSON");
         Envoy::try_start_config_text(&config, "json", concurrency)
     }
 
     /// Starts Envoy on a configuration given as text, used as is (no recipe substitution);
     /// `format` is the file extension Envoy goes by: "json" or "yaml".
-    pub fn try_start_config_text(
-        config: &str,
-        format: &str,
-        concurrency: u32,
-    ) -> Result<Envoy, String> {
+    pub fn try_start_config_text(config: &str, format: &str, concurrency: u32) -> Result<Envoy, String> {
         launch(config, format, concurrency)
     }
 
@@ -204,29 +188,16 @@ impl Envoy {
     /// or absolute) after the recipe substitutions; panics with Envoy's log tail on failure.
     pub fn start_config_file(path: impl AsRef<Path>, upstream_port: u16) -> Envoy {
         let path = path.as_ref();
-        Envoy::try_start_config_file(path, upstream_port).unwrap_or_else(|log| {
-            panic!(
-                "Envoy did not start on {}:\n{}",
-                path.display(),
-                tail(&log, 80)
-            )
-        })
+        Envoy::try_start_config_file(path, upstream_port)
+            .unwrap_or_else(|log| panic!("Envoy did not start on {}:\n{}", path.display(), tail(&log, 80)))
     }
 
     /// [`Envoy::start_config_file`] returning `Err` (the substitution problem or Envoy's log).
-    pub fn try_start_config_file(
-        path: impl AsRef<Path>,
-        upstream_port: u16,
-    ) -> Result<Envoy, String> {
+    pub fn try_start_config_file(path: impl AsRef<Path>, upstream_port: u16) -> Result<Envoy, String> {
         let path = repo_root().join(path.as_ref());
-        let text =
-            fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let text = fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         let config = substitute_recipe(&text, upstream_port)?;
-        let ext = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("yaml")
-            .to_string();
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("yaml").to_string();
         launch(&config, &ext, 1)
     }
 
@@ -261,11 +232,7 @@ impl Envoy {
     /// (credentials included) and the whole listener configuration (the plugin configuration
     /// included) into the full [`Envoy::log`]. Flushed like `log`.
     pub fn wasm_log(&self) -> String {
-        log_entries(&self.log())
-            .into_iter()
-            .filter(|entry| entry.contains("][wasm]"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        log_entries(&self.log()).into_iter().filter(|entry| entry.contains("][wasm]")).collect::<Vec<_>>().join("\n")
     }
 
     /// Waits up to `timeout` for `needle` to appear in the log; returns whether it did.
@@ -317,11 +284,7 @@ impl Drop for Envoy {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!(
-                "Envoy (pid {}) files kept in {}",
-                self.child.id(),
-                self.dir.display()
-            );
+            eprintln!("Envoy (pid {}) files kept in {}", self.child.id(), self.dir.display());
         } else {
             let _ = fs::remove_dir_all(&self.dir);
         }
@@ -363,19 +326,11 @@ pub fn substitute_recipe(text: &str, upstream_port: u16) -> Result<String, Strin
         let yaml = format!("port_value: {from}");
         let json = format!("\"port_value\": {from}");
         let count = text.matches(&yaml).count() + text.matches(&json).count();
-        let ok = if rule == "exactly once" {
-            count == 1
-        } else {
-            count >= 1
-        };
+        let ok = if rule == "exactly once" { count == 1 } else { count >= 1 };
         if !ok {
-            return Err(format!(
-                "recipe convention: `{yaml}` must appear {rule}, found {count} times"
-            ));
+            return Err(format!("recipe convention: `{yaml}` must appear {rule}, found {count} times"));
         }
-        text = text
-            .replace(&yaml, &format!("port_value: {to}"))
-            .replace(&json, &format!("\"port_value\": {to}"));
+        text = text.replace(&yaml, &format!("port_value: {to}")).replace(&json, &format!("\"port_value\": {to}"));
     }
     let wasm_tokens = [
         format!("filename: {RECIPE_WASM}"),
@@ -450,16 +405,11 @@ fn remove_stale_instances() {
 
 fn launch(config: &str, ext: &str, concurrency: u32) -> Result<Envoy, String> {
     remove_stale_instances();
-    let dir = instances_root().join(format!(
-        "{}-{}",
-        std::process::id(),
-        INSTANCE.fetch_add(1, Ordering::SeqCst)
-    ));
+    let dir = instances_root().join(format!("{}-{}", std::process::id(), INSTANCE.fetch_add(1, Ordering::SeqCst)));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let config_path = dir.join(format!("config.{ext}"));
-    fs::write(&config_path, config)
-        .map_err(|e| format!("writing {}: {e}", config_path.display()))?;
+    fs::write(&config_path, config).map_err(|e| format!("writing {}: {e}", config_path.display()))?;
     let admin_address = dir.join("admin-address");
     let stdio = fs::File::create(dir.join("stdio.log")).map_err(|e| e.to_string())?;
     let stdio2 = stdio.try_clone().map_err(|e| e.to_string())?;
@@ -494,20 +444,12 @@ fn launch(config: &str, ext: &str, concurrency: u32) -> Result<Envoy, String> {
         });
     }
     let child = spawn(cmd).map_err(|e| format!("spawning Envoy: {e}"))?;
-    let mut envoy = Envoy {
-        child,
-        port: 0,
-        admin_port: 0,
-        dir,
-    };
+    let mut envoy = Envoy { child, port: 0, admin_port: 0, dir };
 
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(Some(status)) = envoy.child.try_wait() {
-            return Err(format!(
-                "Envoy exited ({status}) before becoming ready:\n{}",
-                envoy.log()
-            ));
+            return Err(format!("Envoy exited ({status}) before becoming ready:\n{}", envoy.log()));
         }
         if envoy.admin_port == 0 {
             if let Some(port) = fs::read_to_string(&admin_address)
@@ -525,16 +467,13 @@ fn launch(config: &str, ext: &str, concurrency: u32) -> Result<Envoy, String> {
             }
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "Envoy not ready within {READY_TIMEOUT:?}:\n{}",
-                envoy.log()
-            ));
+            return Err(format!("Envoy not ready within {READY_TIMEOUT:?}:\n{}", envoy.log()));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let listeners = admin_get(envoy.admin_port, "/listeners?format=json")?;
-    let parsed: serde_json::Value = serde_json::from_str(&listeners.body)
-        .map_err(|e| format!("admin /listeners: {e}: {}", listeners.body))?;
+    let parsed: serde_json::Value =
+        serde_json::from_str(&listeners.body).map_err(|e| format!("admin /listeners: {e}: {}", listeners.body))?;
     envoy.port = parsed["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
         .as_u64()
         .and_then(|p| u16::try_from(p).ok())

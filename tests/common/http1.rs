@@ -14,11 +14,7 @@ pub struct Head {
 impl Head {
     /// Every value of the header `name` (case-insensitive), in arrival order.
     pub fn values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
+        self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
     }
 
     /// Whether the message's body is chunked (the last transfer-coding is `chunked`).
@@ -33,11 +29,7 @@ impl Head {
     pub fn content_length(&self) -> io::Result<Option<usize>> {
         match self.values("content-length").first() {
             None => Ok(None),
-            Some(v) => v
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| invalid(format!("bad content-length {v:?}"))),
+            Some(v) => v.trim().parse().map(Some).map_err(|_| invalid(format!("bad content-length {v:?}"))),
         }
     }
 }
@@ -54,10 +46,7 @@ fn read_line(r: &mut impl BufRead) -> io::Result<Option<Vec<u8>>> {
         return Ok(None);
     }
     if line.last() != Some(&b'\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed mid-line",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-line"));
     }
     line.pop();
     if line.last() == Some(&b'\r') {
@@ -73,30 +62,21 @@ pub fn read_head(r: &mut impl BufRead) -> io::Result<Option<Head>> {
     };
     let mut headers = Vec::new();
     loop {
-        let line = read_line(r)?.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in headers")
-        })?;
+        let line = read_line(r)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in headers"))?;
         if line.is_empty() {
             break;
         }
-        let colon = line.iter().position(|&b| b == b':').ok_or_else(|| {
-            invalid(format!(
-                "header line without colon: {:?}",
-                String::from_utf8_lossy(&line)
-            ))
-        })?;
+        let colon = line
+            .iter()
+            .position(|&b| b == b':')
+            .ok_or_else(|| invalid(format!("header line without colon: {:?}", String::from_utf8_lossy(&line))))?;
         let (name, value) = line.split_at(colon);
         let value = value.get(1..).unwrap_or_default();
         let value = trim_blanks(value);
-        headers.push((
-            String::from_utf8_lossy(name).to_ascii_lowercase(),
-            String::from_utf8_lossy(value).into_owned(),
-        ));
+        headers.push((String::from_utf8_lossy(name).to_ascii_lowercase(), String::from_utf8_lossy(value).into_owned()));
     }
-    Ok(Some(Head {
-        start_line: String::from_utf8_lossy(&start).into_owned(),
-        headers,
-    }))
+    Ok(Some(Head { start_line: String::from_utf8_lossy(&start).into_owned(), headers }))
 }
 
 fn trim_blanks(mut v: &[u8]) -> &[u8] {
@@ -113,12 +93,10 @@ fn trim_blanks(mut v: &[u8]) -> &[u8] {
 fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
     let mut body = Vec::new();
     loop {
-        let line = read_line(r)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "eof in chunked body"))?;
+        let line = read_line(r)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "eof in chunked body"))?;
         let line = String::from_utf8_lossy(&line);
         let size = line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size, 16)
-            .map_err(|_| invalid(format!("bad chunk size {size:?}")))?;
+        let size = usize::from_str_radix(size, 16).map_err(|_| invalid(format!("bad chunk size {size:?}")))?;
         if size == 0 {
             // Trailer section, ended by an empty line.
             while let Some(l) = read_line(r)? {
@@ -148,12 +126,7 @@ pub fn read_request_body(r: &mut impl BufRead, head: &Head) -> io::Result<Vec<u8
 
 /// Reads a response body: none for HEAD / 1xx / 204 / 304, else chunked, Content-Length, or
 /// everything up to EOF.
-pub fn read_response_body(
-    r: &mut impl BufRead,
-    head: &Head,
-    status: u16,
-    head_request: bool,
-) -> io::Result<Vec<u8>> {
+pub fn read_response_body(r: &mut impl BufRead, head: &Head, status: u16, head_request: bool) -> io::Result<Vec<u8>> {
     if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok(Vec::new());
     }

@@ -78,12 +78,7 @@
 // Every test file compiles this module and uses a part of it.
 #![allow(dead_code, unused_imports)]
 // The harness is test code: a failure to set up is a panic, as in a #[test] function.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 pub mod client;
 pub mod envoy;

@@ -28,11 +28,7 @@ pub struct Recorded {
 impl Recorded {
     /// Every value of header `name` (case-insensitive), in arrival order.
     pub fn header_values(&self, name: &str) -> Vec<String> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-            .collect()
+        self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone()).collect()
     }
 
     /// The first value of header `name`, if any.
@@ -42,9 +38,7 @@ impl Recorded {
 
     /// Whether header `name` is present at all.
     pub fn has_header(&self, name: &str) -> bool {
-        self.headers
-            .iter()
-            .any(|(n, _)| n.eq_ignore_ascii_case(name))
+        self.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case(name))
     }
 }
 
@@ -72,11 +66,7 @@ impl Upstream {
             .name(format!("upstream-{port}"))
             .spawn(move || accept_loop(listener, st))
             .expect("upstream: spawn accept thread");
-        Upstream {
-            port,
-            state,
-            accept: Some(accept),
-        }
+        Upstream { port, state, accept: Some(accept) }
     }
 
     pub fn port(&self) -> u16 {
@@ -93,10 +83,7 @@ impl Upstream {
         let reqs = self.requests();
         match reqs.as_slice() {
             [one] => one.clone(),
-            _ => panic!(
-                "upstream: expected exactly one request, got {}: {reqs:#?}",
-                reqs.len()
-            ),
+            _ => panic!("upstream: expected exactly one request, got {}: {reqs:#?}", reqs.len()),
         }
     }
 
@@ -113,13 +100,7 @@ impl Drop for Upstream {
         if let Some(h) = self.accept.take() {
             let _ = h.join();
         }
-        let conns = std::mem::take(
-            &mut *self
-                .state
-                .conns
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let conns = std::mem::take(&mut *self.state.conns.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         for (stream, _) in &conns {
             let _ = stream.shutdown(Shutdown::Both);
         }
@@ -164,22 +145,14 @@ fn serve(stream: TcpStream, state: Arc<State>) {
             return;
         };
         let head_request = method == "HEAD";
-        let close = version != "HTTP/1.1"
-            || head
-                .values("connection")
-                .iter()
-                .any(|v| v.eq_ignore_ascii_case("close"));
-        state
-            .requests
-            .lock()
-            .expect("upstream lock")
-            .push(Recorded {
-                method,
-                path,
-                version,
-                headers: head.headers,
-                body,
-            });
+        let close = version != "HTTP/1.1" || head.values("connection").iter().any(|v| v.eq_ignore_ascii_case("close"));
+        state.requests.lock().expect("upstream lock").push(Recorded {
+            method,
+            path,
+            version,
+            headers: head.headers,
+            body,
+        });
         let reply = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{}",
             UPSTREAM_BODY.len(),
