@@ -4,6 +4,7 @@
 
 use crate::credential::{CredentialHeader, KeyFormat};
 use crate::keys::{Key, KeyHash, KeySet};
+use crate::live::{KeySetConfig, RawKeySet};
 use crate::policy::{Policy, Route, Upstream};
 use crate::reply::{BodyTemplate, DenyKind, Replies, ReplySpec, Template};
 use crate::routes::PathPattern;
@@ -56,6 +57,7 @@ pub struct RawConfig {
     pub upstream: RawUpstream,
     #[serde(default)]
     pub errors: RawErrors,
+    pub key_set: Option<RawKeySet>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -219,6 +221,7 @@ pub fn compile(raw: RawConfig) -> Result<Policy, ConfigError> {
     }
     let upstream = compile_upstream(&raw.upstream, &credential_headers)?;
     let replies = compile_errors(&raw.errors, &credential_headers)?;
+    let key_set = raw.key_set.as_ref().map(KeySetConfig::compile).transpose()?;
     Ok(Policy {
         credential_headers,
         format,
@@ -228,6 +231,7 @@ pub fn compile(raw: RawConfig) -> Result<Policy, ConfigError> {
         scopes: ScopeRules::new(&raw.scope_implies),
         upstream,
         replies,
+        key_set,
     })
 }
 
@@ -308,8 +312,8 @@ pub fn compile_key(raw: &RawKey, field: &str) -> Result<(KeyHash, Key), ConfigEr
         check_scope(s, &at(&format!("scopes[{i}]")))?;
     }
     for (name, value) in &raw.attributes {
-        if name.is_empty() {
-            return Err(ConfigError::new(at("attributes"), "attribute names must be non-empty"));
+        if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic()) {
+            return Err(ConfigError::new(at("attributes"), "attribute names must be non-empty visible ASCII"));
         }
         check_header_value(value, &at(&format!("attributes.{name}")))?;
     }

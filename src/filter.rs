@@ -4,15 +4,22 @@
 //! Host calls are made through `proxy_wasm::hostcalls`, whose results are handled here, rather than
 //! through the SDK's trait defaults, which unwrap them.
 
-use crate::keys::KeySource;
+use crate::keys::{KeyHash, KeySource, Lookup};
+use crate::live::{
+    decode_key, parse_manifest, parse_shard, plan_writes, FetchedShard, KeySetConfig, Lease, Manifest, ShardIndex,
+    ShardRef, SyncState, MAX_IN_FLIGHT,
+};
 use crate::policy::{Decision, Policy, RequestView};
 use crate::reply::DenyKind;
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 /// Counters and gauges, defined once per VM. Envoy shows them as `wasmcustom.keygate.*`.
 #[derive(Debug, Default)]
@@ -20,24 +27,45 @@ struct Metrics {
     allowed: Option<u32>,
     denied: Vec<Option<u32>>,
     keys: Option<u32>,
+    live: Option<LiveMetrics>,
+}
+
+/// The live key set's stats, defined only when one is configured.
+#[derive(Debug, Default)]
+struct LiveMetrics {
+    version: Option<u32>,
+    keys: Option<u32>,
+    seconds_since_sync: Option<u32>,
+    syncs: Option<u32>,
+    sync_failures: Option<u32>,
+}
+
+fn define_metric(kind: MetricType, name: &str) -> Option<u32> {
+    match hostcalls::define_metric(kind, name) {
+        Ok(id) => Some(id),
+        Err(status) => {
+            warn!("keygate: cannot define metric {name}: {status:?}");
+            None
+        }
+    }
 }
 
 impl Metrics {
-    fn define() -> Self {
-        let define = |kind, name: &str| match hostcalls::define_metric(kind, name) {
-            Ok(id) => Some(id),
-            Err(status) => {
-                warn!("keygate: cannot define metric {name}: {status:?}");
-                None
-            }
-        };
+    fn define(live: bool) -> Self {
         Metrics {
-            allowed: define(MetricType::Counter, "keygate.allowed"),
+            allowed: define_metric(MetricType::Counter, "keygate.allowed"),
             denied: DenyKind::ALL
                 .iter()
-                .map(|k| define(MetricType::Counter, &format!("keygate.denied.{}", k.name())))
+                .map(|k| define_metric(MetricType::Counter, &format!("keygate.denied.{}", k.name())))
                 .collect(),
-            keys: define(MetricType::Gauge, "keygate.keys"),
+            keys: define_metric(MetricType::Gauge, "keygate.keys"),
+            live: live.then(|| LiveMetrics {
+                version: define_metric(MetricType::Gauge, "keygate.key_set.version"),
+                keys: define_metric(MetricType::Gauge, "keygate.key_set.keys"),
+                seconds_since_sync: define_metric(MetricType::Gauge, "keygate.key_set.seconds_since_sync"),
+                syncs: define_metric(MetricType::Counter, "keygate.key_set.syncs"),
+                sync_failures: define_metric(MetricType::Counter, "keygate.key_set.sync_failures"),
+            }),
         }
     }
 
@@ -47,22 +75,104 @@ impl Metrics {
             let _ = hostcalls::increment_metric(id, 1);
         }
     }
+
+    fn record(id: Option<u32>, value: u64) {
+        if let Some(id) = id {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
 }
 
 /// What every request context shares: the compiled policy and the metric ids.
 struct Shared {
     policy: Policy,
     metrics: Metrics,
+    /// Set once the live key set has been seen loaded; a loaded set never unloads.
+    live_loaded: Cell<bool>,
 }
 
-/// The plugin's root context: compiles the configuration, hands it to each request.
+impl Shared {
+    fn live_loaded(&self, live: &KeySetConfig) -> bool {
+        if !self.live_loaded.get() && matches!(hostcalls::get_shared_data(&live.state_entry()), Ok((Some(_), _))) {
+            self.live_loaded.set(true);
+        }
+        self.live_loaded.get()
+    }
+}
+
+/// Keys for one request: the inline set first, then this key's own record in shared data.
+struct Keys<'a>(&'a Shared);
+
+impl KeySource for Keys<'_> {
+    fn lookup(&self, hash: &KeyHash) -> Lookup<'_> {
+        let shared = self.0;
+        if let found @ Lookup::Found(_) = shared.policy.keys.lookup(hash) {
+            return found;
+        }
+        let Some(live) = &shared.policy.key_set else { return Lookup::NotFound };
+        match hostcalls::get_shared_data(&live.key_entry(hash)) {
+            Ok((Some(bytes), _)) => decode_key(&bytes).map_or(Lookup::NotFound, |key| Lookup::Found(Cow::Owned(key))),
+            Ok((None, Some(_))) => Lookup::NotFound,
+            Ok((None, None)) if shared.live_loaded(live) => Lookup::NotFound,
+            Ok((None, None)) => Lookup::Unavailable,
+            Err(status) => {
+                error!("keygate: cannot read the key set: {status:?}");
+                Lookup::Unavailable
+            }
+        }
+    }
+}
+
+/// The plugin's root context: compiles the configuration, hands it to each request, and keeps the
+/// live key set fresh when one is configured.
 #[derive(Default)]
 pub struct Root {
     shared: Option<Rc<Shared>>,
-    metrics: Option<Rc<Metrics>>,
+    live: Option<Live>,
 }
 
-impl Context for Root {}
+/// This VM's part in keeping the live key set.
+struct Live {
+    /// This VM's number, for the lease.
+    me: u32,
+    configured_ms: i64,
+    sync: Option<SyncRun>,
+}
+
+/// One sync in progress (this VM holds the lease).
+struct SyncRun {
+    started_ms: i64,
+    previous: SyncState,
+    manifest_token: Option<u32>,
+    manifest: Option<Manifest>,
+    manifest_etag: Option<String>,
+    queue: Vec<(ShardRef, Option<ShardIndex>)>,
+    in_flight: HashMap<u32, (ShardRef, Option<ShardIndex>)>,
+    fetched: Vec<FetchedShard>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let Some(shared) = self.shared.clone() else { return };
+        let Some(config) = &shared.policy.key_set else { return };
+        let headers = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        let status = header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+        let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let outcome = self.on_fetched(&shared, config, token, status, header("etag"), &body);
+        if let Err(reason) = outcome {
+            self.sync_failed(&shared, config, &reason);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -74,21 +184,50 @@ impl RootContext for Root {
                 return false;
             }
         };
-        match Policy::from_json(&text) {
-            Ok(policy) => {
-                let metrics = Metrics::define();
-                if let Some(gauge) = metrics.keys {
-                    let _ = hostcalls::record_metric(gauge, policy.keys.len() as u64);
-                }
-                info!("keygate: configured with {} keys, {} routes", policy.keys.len(), policy.routes.len());
-                self.metrics = None;
-                self.shared = Some(Rc::new(Shared { policy, metrics }));
-                true
-            }
+        let policy = match Policy::from_json(&text) {
+            Ok(policy) => policy,
             Err(e) => {
                 error!("keygate: invalid configuration: {e}");
-                false
+                return false;
             }
+        };
+        let metrics = Metrics::define(policy.key_set.is_some());
+        Metrics::record(metrics.keys, policy.keys.len() as u64);
+        info!("keygate: configured with {} inline keys, {} routes", policy.keys.len(), policy.routes.len());
+        self.live = None;
+        if let Some(config) = &policy.key_set {
+            let Some(me) = next_vm_number(config) else {
+                error!("keygate: cannot number this VM in shared data");
+                return false;
+            };
+            if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(config.tick_ms())) {
+                error!("keygate: cannot set the tick period: {status:?}");
+                return false;
+            }
+            self.live = Some(Live { me, configured_ms: now_ms().unwrap_or_default(), sync: None });
+        }
+        self.shared = Some(Rc::new(Shared { policy, metrics, live_loaded: Cell::new(false) }));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(shared) = self.shared.clone() else { return };
+        let Some(config) = &shared.policy.key_set else { return };
+        let Some(now) = now_ms() else { return };
+        self.refresh_gauges(&shared, config, now);
+        let Some(live) = self.live.as_mut() else { return };
+        if let Some(run) = &live.sync {
+            // Envoy answers every call by its timeout; this only guards against a lost answer.
+            let limit = i64::try_from(config.timeout_ms).unwrap_or(i64::MAX).saturating_mul(4).saturating_add(5_000);
+            if now - run.started_ms > limit {
+                self.sync_failed(&shared, config, "no answer from the key-set endpoint");
+            }
+            return;
+        }
+        let me = live.me;
+        match hold_lease(config, me, now) {
+            Some(lease) if now >= lease.next_due_ms => self.start_sync(&shared, config, now),
+            _ => {}
         }
     }
 
@@ -98,6 +237,237 @@ impl RootContext for Root {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+impl Root {
+    fn refresh_gauges(&self, shared: &Shared, config: &KeySetConfig, now: i64) {
+        let Some(m) = &shared.metrics.live else { return };
+        let state = read_state(config);
+        let since = state.as_ref().map(|s| s.synced_ms).or(self.live.as_ref().map(|l| l.configured_ms));
+        Metrics::record(m.seconds_since_sync, since.map_or(0, |at| u64::try_from((now - at) / 1_000).unwrap_or(0)));
+        if let Some(state) = state {
+            Metrics::record(m.version, state.version_number().unwrap_or(0));
+            Metrics::record(m.keys, state.keys);
+            Metrics::record(shared.metrics.keys, state.keys + shared.policy.keys.len() as u64);
+        }
+    }
+
+    fn start_sync(&mut self, shared: &Shared, config: &KeySetConfig, now: i64) {
+        let previous = read_state(config).unwrap_or_default();
+        let mut headers =
+            vec![(":method", "GET"), (":path", config.path.as_str()), (":authority", config.authority.as_str())];
+        if let Some(etag) = &previous.manifest_etag {
+            headers.push(("if-none-match", etag.as_str()));
+        }
+        match dispatch(config, headers) {
+            Ok(token) => {
+                if let Some(live) = self.live.as_mut() {
+                    live.sync = Some(SyncRun {
+                        started_ms: now,
+                        previous,
+                        manifest_token: Some(token),
+                        manifest: None,
+                        manifest_etag: None,
+                        queue: Vec::new(),
+                        in_flight: HashMap::new(),
+                        fetched: Vec::new(),
+                    });
+                }
+            }
+            Err(reason) => self.sync_failed(shared, config, &reason),
+        }
+    }
+
+    /// Handles one answer of the sync in progress; `Err` abandons the sync.
+    fn on_fetched(
+        &mut self,
+        shared: &Shared,
+        config: &KeySetConfig,
+        token: u32,
+        status: u16,
+        etag: Option<String>,
+        body: &[u8],
+    ) -> Result<(), String> {
+        let Some(run) = self.live.as_mut().and_then(|l| l.sync.as_mut()) else { return Ok(()) };
+        if run.manifest_token == Some(token) {
+            run.manifest_token = None;
+            match status {
+                304 if run.previous.manifest_etag.is_some() => {
+                    run.manifest = None;
+                    return self.finish(shared, config);
+                }
+                200 => {}
+                0 => return Err("manifest: no answer (down, refused or timed out)".into()),
+                other => return Err(format!("manifest: HTTP status {other}")),
+            }
+            let manifest = parse_manifest(body).map_err(|e| e.to_string())?;
+            for shard in &manifest.shards {
+                let index = read_shard_index(config, &shard.prefix);
+                if index.as_ref().is_none_or(|i| i.etag != shard.etag) {
+                    run.queue.push((shard.clone(), index));
+                }
+            }
+            run.manifest = Some(manifest);
+            run.manifest_etag = etag;
+        } else if let Some((shard, previous)) = run.in_flight.remove(&token) {
+            if status != 200 {
+                let what = if status == 0 { "no answer".to_string() } else { format!("HTTP status {status}") };
+                return Err(format!("shard {:?} ({}): {what}", shard.prefix, shard.path));
+            }
+            let keys = parse_shard(&shard, body).map_err(|e| e.to_string())?;
+            run.fetched.push(FetchedShard { shard, keys, previous });
+        } else {
+            return Ok(());
+        }
+        while run.in_flight.len() < MAX_IN_FLIGHT {
+            let Some((shard, previous)) = run.queue.pop() else { break };
+            let path = config.shard_request_path(&shard.path);
+            let headers = vec![(":method", "GET"), (":path", path.as_str()), (":authority", config.authority.as_str())];
+            let token = dispatch(config, headers)?;
+            run.in_flight.insert(token, (shard, previous));
+        }
+        if run.in_flight.is_empty() && run.queue.is_empty() {
+            return self.finish(shared, config);
+        }
+        Ok(())
+    }
+
+    /// Applies the sync in progress to shared data, then schedules the next poll.
+    fn finish(&mut self, shared: &Shared, config: &KeySetConfig) -> Result<(), String> {
+        let Some(run) = self.live.as_mut().and_then(|l| l.sync.take()) else { return Ok(()) };
+        let now = now_ms().unwrap_or(run.started_ms);
+        let changed =
+            run.manifest.as_ref().is_some_and(|m| !run.fetched.is_empty() || m.version != run.previous.version);
+        let summary = match &run.manifest {
+            None => {
+                let state = SyncState { synced_ms: now, ..run.previous.clone() };
+                write_shared(&config.state_entry(), &state.encode())?;
+                format!("version {} unchanged", state.version)
+            }
+            Some(manifest) => {
+                let writes = plan_writes(
+                    config,
+                    manifest,
+                    &run.fetched,
+                    &shared.policy.keys,
+                    &run.previous,
+                    run.manifest_etag.clone(),
+                    now,
+                )
+                .map_err(|e| e.to_string())?;
+                for w in &writes {
+                    write_shared(&w.entry, &w.value)?;
+                }
+                format!("version {} loaded, {} shards fetched", manifest.version, run.fetched.len())
+            }
+        };
+        shared.live_loaded.set(true);
+        update_lease(config, self.live.as_ref().map_or(0, |l| l.me), |l| Lease {
+            next_due_ms: now + i64::try_from(config.poll_interval_ms).unwrap_or(i64::MAX),
+            failures: 0,
+            ..l
+        });
+        if let Some(m) = &shared.metrics.live {
+            Metrics::bump(m.syncs);
+        }
+        self.refresh_gauges(shared, config, now);
+        if changed {
+            info!("keygate: key set {summary}");
+        } else {
+            debug!("keygate: key set {summary}");
+        }
+        Ok(())
+    }
+
+    /// Abandons the sync in progress: nothing it fetched is applied, and the next try backs off.
+    fn sync_failed(&mut self, shared: &Shared, config: &KeySetConfig, reason: &str) {
+        let Some(live) = self.live.as_mut() else { return };
+        live.sync = None;
+        let now = now_ms().unwrap_or_default();
+        let mut wait = config.poll_interval_ms;
+        update_lease(config, live.me, |l| {
+            let failures = l.failures.saturating_add(1);
+            wait = config.retry_after_ms(failures);
+            Lease { next_due_ms: now + i64::try_from(wait).unwrap_or(i64::MAX), failures, ..l }
+        });
+        if let Some(m) = &shared.metrics.live {
+            Metrics::bump(m.sync_failures);
+        }
+        let version =
+            read_state(config).map_or_else(|| "none loaded yet".to_string(), |s| format!("version {}", s.version));
+        warn!("keygate: key-set sync failed: {reason}; keeping {version}; next try in {wait} ms");
+    }
+}
+
+fn dispatch(config: &KeySetConfig, headers: Vec<(&str, &str)>) -> Result<u32, String> {
+    hostcalls::dispatch_http_call(&config.cluster, headers, None, vec![], Duration::from_millis(config.timeout_ms))
+        .map_err(|status| format!("cannot call cluster {:?}: {status:?}", config.cluster))
+}
+
+fn write_shared(entry: &str, value: &[u8]) -> Result<(), String> {
+    hostcalls::set_shared_data(entry, Some(value), None).map_err(|status| format!("cannot write {entry}: {status:?}"))
+}
+
+fn read_state(config: &KeySetConfig) -> Option<SyncState> {
+    match hostcalls::get_shared_data(&config.state_entry()) {
+        Ok((Some(bytes), _)) => SyncState::decode(&bytes),
+        _ => None,
+    }
+}
+
+fn read_shard_index(config: &KeySetConfig, prefix: &str) -> Option<ShardIndex> {
+    match hostcalls::get_shared_data(&config.shard_entry(prefix)) {
+        Ok((Some(bytes), _)) => ShardIndex::decode(&bytes),
+        _ => None,
+    }
+}
+
+/// Reads an entry with its compare-and-swap token, creating it with `initial` first if it is absent
+/// (so that every later write can be a compare-and-swap).
+fn read_cas(entry: &str, initial: &[u8]) -> Option<(Vec<u8>, u32)> {
+    for _ in 0..2 {
+        match hostcalls::get_shared_data(entry) {
+            Ok((Some(value), Some(cas))) => return Some((value, cas)),
+            Ok(_) => {
+                let _ = hostcalls::set_shared_data(entry, Some(initial), None);
+            }
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// Gives this VM a number no other VM of this Envoy process has.
+fn next_vm_number(config: &KeySetConfig) -> Option<u32> {
+    let entry = config.vmseq_entry();
+    for _ in 0..100 {
+        let (value, cas) = read_cas(&entry, b"0")?;
+        let n: u32 = std::str::from_utf8(&value).ok()?.parse().ok()?;
+        let next = n.checked_add(1)?;
+        if hostcalls::set_shared_data(&entry, Some(next.to_string().as_bytes()), Some(cas)).is_ok() {
+            return Some(next);
+        }
+    }
+    None
+}
+
+/// Takes or renews the polling lease for VM `me`; returns it when this VM holds it.
+fn hold_lease(config: &KeySetConfig, me: u32, now: i64) -> Option<Lease> {
+    let entry = config.lease_entry();
+    let (value, cas) = read_cas(&entry, &Lease { owner: 0, expires_ms: 0, next_due_ms: 0, failures: 0 }.encode())?;
+    let claimed = Lease::claim(Lease::decode(&value), me, now, config.lease_ttl_ms())?;
+    hostcalls::set_shared_data(&entry, Some(&claimed.encode()), Some(cas)).ok()?;
+    Some(claimed)
+}
+
+/// Changes the lease this VM holds (after a sync); does nothing if another VM took it meanwhile.
+fn update_lease(config: &KeySetConfig, me: u32, change: impl FnOnce(Lease) -> Lease) {
+    let entry = config.lease_entry();
+    if let Ok((Some(value), Some(cas))) = hostcalls::get_shared_data(&entry) {
+        if let Some(lease) = Lease::decode(&value).filter(|l| l.owner == me) {
+            let _ = hostcalls::set_shared_data(&entry, Some(&change(lease).encode()), Some(cas));
+        }
     }
 }
 
@@ -122,8 +492,7 @@ impl HttpContext for Request {
             }
         };
         let request = RequestView::from_headers(&headers);
-        let keys: &dyn KeySource = &shared.policy.keys;
-        match shared.policy.decide(keys, &request, &now_ms) {
+        match shared.policy.decide(&Keys(&shared), &request, &now_ms) {
             Decision::Allow { edits, key_id } => {
                 for name in &edits.remove {
                     if let Err(status) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {

@@ -72,6 +72,14 @@ impl KeySet {
     pub fn is_empty(&self) -> bool {
         self.by_hash.is_empty()
     }
+
+    pub fn contains(&self, hash: &KeyHash) -> bool {
+        self.by_hash.contains_key(hash)
+    }
+
+    pub fn into_entries(self) -> Vec<(KeyHash, Key)> {
+        self.by_hash.into_iter().collect()
+    }
 }
 
 impl KeySource for KeySet {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod credential;
 pub mod filter;
 pub mod keys;
+pub mod live;
 pub mod policy;
 pub mod reply;
 pub mod routes;

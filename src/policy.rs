@@ -18,6 +18,8 @@ pub struct Policy {
     pub scopes: ScopeRules,
     pub upstream: Upstream,
     pub replies: Replies,
+    /// Where a live key set comes from, if one is configured.
+    pub key_set: Option<crate::live::KeySetConfig>,
 }
 
 #[derive(Debug)]

@@ -1,0 +1,119 @@
+//! The help text of every command.
+
+pub const MAIN: &str = "\
+keygate: makes API keys for the keygate Envoy filter, and checks its configuration
+
+Usage: keygate <command> [options]
+
+Commands:
+  new      Make a key: print it once, and its record (which holds only the key's SHA-256)
+  revoke   Mark keys revoked in a key-set file
+  list     Show the keys of a key-set file: id, org, name, scopes, expiry, status
+  hash     Print the SHA-256 of a key read from standard input
+  check    Check a plugin configuration, key-set file or Envoy file by the filter's own rules
+  config   Print a plugin configuration holding the keys of a key-set file
+
+A key-set file is {\"keys\": [records]}: the filter's own key records, so it is also a valid
+plugin configuration. keygate never stores a key, only its SHA-256.
+
+Run `keygate <command> --help` for the options of a command.
+Exit status: 0 success, 1 failure (or problems found by check), 2 wrong usage.
+";
+
+pub const NEW: &str = "\
+Usage: keygate new --org ORG [options]
+
+Makes a key {prefix}{id}_{secret}: an 8-hex-digit id and a 64-hex-digit secret from the
+operating system's secure random source. Prints the key on standard output, once, and nothing
+else there: store it now, it is kept nowhere. The key's record (its SHA-256, never the key) goes
+to standard error, or with --keys into a key-set file.
+
+Options:
+  --org ORG            Organisation the key belongs to (required)
+  --scope SCOPE        A scope the key holds; repeat for more
+  --attr NAME=VALUE    An attribute, such as venue=v_7, for routes' `bind`; repeat for more
+  --name NAME          A label for people
+  --expires WHEN       A lifetime from now (90d, 36h, 2w) or a time (2027-01-01T00:00:00Z);
+                       written as an RFC 3339 time
+  --prefix PREFIX      The key's prefix [default: sk_live_]
+  --id ID              This id (8 hex digits) instead of a random one
+  --keys FILE          Add the record to this key-set file, creating it if missing; an id the
+                       file already has is refused
+  -h, --help           Print this help
+
+Example:
+  keygate new --org org_42 --scope venues:read --attr venue=v_7 --expires 90d --keys keys.json
+";
+
+pub const REVOKE: &str = "\
+Usage: keygate revoke ID... --keys FILE
+
+Marks the records with these ids \"revoked\": true in the key-set FILE, changing nothing else in
+it. Once Envoy runs a configuration made from the file (keygate config), the filter refuses the
+key exactly as an unknown one (401).
+
+Options:
+  --keys FILE    The key-set file (required)
+  -h, --help     Print this help
+";
+
+pub const LIST: &str = "\
+Usage: keygate list --keys FILE [--prefix PREFIX]
+
+Prints a table of the keys in the key-set FILE: id, the key's public part, org, name, scopes,
+expiry (UTC) and status (active, revoked or expired).
+
+Options:
+  --keys FILE        The key-set file (required)
+  --prefix PREFIX    Prefix shown in each key's public part [default: sk_live_]
+  -h, --help         Print this help
+";
+
+pub const HASH: &str = "\
+Usage: keygate hash < FILE
+       printf %s \"$KEY\" | keygate hash
+
+Reads one key from standard input and prints its SHA-256 in hex: the `hash` of its record. One
+final line ending is ignored, so `echo \"$KEY\" | keygate hash` gives the same hash. The key is
+never taken from the command line, where other users can see it (ps).
+
+Options:
+  -h, --help    Print this help
+";
+
+pub const CHECK: &str = "\
+Usage: keygate check FILE...
+       keygate check --envoy ENVOY_FILE...
+
+Checks plugin configurations (or key-set files) by the filter's own rules and prints every
+problem, one line each, FILE: field: message; a clean file prints FILE: ok (N keys, M routes).
+With --envoy, each file is an Envoy configuration (YAML or JSON) or an Istio WasmPlugin: the
+configuration.value of every keygate wasm filter in it (name, root_id, vm_id or code file naming
+keygate), and the pluginConfig of every keygate WasmPlugin, is checked, and each problem is
+printed as FILE:LINE: field: message. A FILE of - is standard input.
+Exit status 1 if any problem is found.
+
+Options:
+  --envoy       The files are Envoy configurations or Istio WasmPlugins
+  -h, --help    Print this help
+";
+
+pub const CONFIG: &str = "\
+Usage: keygate config --keys FILE [--routes ROUTES.json] [--envoy ENVOY.yaml]
+
+Prints a plugin configuration: the keys of the key-set FILE, and the other fields (credential,
+routes, unmatched, scope_implies, upstream, errors) from ROUTES.json, a plugin configuration
+without keys. The result is checked by the filter's rules before it is printed. Paste it into
+Envoy's configuration.value, or an Istio WasmPlugin's pluginConfig.
+
+With --envoy, prints ENVOY.yaml instead, with the configuration of its keygate filter (a
+`value: |` block) replaced, every other line kept; without --routes, the fields other than keys
+stay as that file has them.
+
+Options:
+  --keys FILE             The key-set file (required)
+  --routes ROUTES.json    The rest of the configuration [default: none: any valid key passes]
+  --envoy ENVOY.yaml      Print this Envoy file with keygate's configuration replaced
+  --shards DIR            Write the live key-set format instead: not available yet
+  -h, --help              Print this help
+";

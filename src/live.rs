@@ -1,0 +1,469 @@
+//! Live key sets, kept in proxy-wasm shared data and fed from a key-set endpoint.
+//!
+//! Everything here is host-free: the `key_set` settings, the manifest and shard formats and their
+//! checks, how a key record is stored in shared data, what one sync writes, and the lease that lets
+//! one VM per Envoy process do the polling. The glue in [`crate::filter`] performs the host calls.
+//!
+//! Shared-data layout, under `keygate/<ns>/` where `<ns>` names the endpoint (so two key sets in one
+//! Envoy never mix):
+//!
+//! | entry | value |
+//! |---|---|
+//! | `k/<64 hex hash>` | one key record ([`encode_key`]), or a one-byte tombstone for a removed key |
+//! | `shard/<prefix>` | the shard's etag and the hashes it holds ([`ShardIndex`]) |
+//! | `state` | what has loaded: version, key count, time of the last good sync ([`SyncState`]) |
+//! | `lease` | which VM polls, until when, when the next poll is due ([`Lease`]) |
+//! | `vmseq` | a counter that numbers the VMs |
+
+use crate::config::{compile_keys, parse_hash, parse_json, ConfigError, RawKey};
+use crate::keys::{hash_key, Key, KeyHash, KeySet};
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+
+/// The compiled `key_set` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySetConfig {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    pub poll_interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Names this endpoint in shared-data entries.
+    pub namespace: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeySet {
+    pub cluster: String,
+    pub authority: Option<String>,
+    pub path: String,
+    pub poll_interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+}
+
+/// Most shard fetches in flight at once during one sync.
+pub const MAX_IN_FLIGHT: usize = 4;
+
+const MAX_BACKOFF_MS: u64 = 30_000;
+
+impl KeySetConfig {
+    pub fn compile(raw: &RawKeySet) -> Result<Self, ConfigError> {
+        let text_ok = |s: &str| !s.is_empty() && s.bytes().all(|c| c.is_ascii_graphic());
+        if !text_ok(&raw.cluster) {
+            return Err(ConfigError::new("key_set.cluster", "must name an Envoy cluster"));
+        }
+        if !raw.path.starts_with('/') || !text_ok(&raw.path) {
+            return Err(ConfigError::new("key_set.path", "must be a path starting with '/'"));
+        }
+        let authority = raw.authority.clone().unwrap_or_else(|| raw.cluster.clone());
+        if !text_ok(&authority) {
+            return Err(ConfigError::new("key_set.authority", "must be a host name"));
+        }
+        let poll_interval_ms = raw.poll_interval_ms.unwrap_or(2_000);
+        if !(100..=3_600_000).contains(&poll_interval_ms) {
+            return Err(ConfigError::new("key_set.poll_interval_ms", "must be between 100 and 3600000"));
+        }
+        let timeout_ms = raw.timeout_ms.unwrap_or(1_000);
+        if !(10..=60_000).contains(&timeout_ms) {
+            return Err(ConfigError::new("key_set.timeout_ms", "must be between 10 and 60000"));
+        }
+        let id = format!("{}\n{}\n{}", raw.cluster, authority, raw.path);
+        let namespace = hex::encode(hash_key(id.as_bytes()).get(..4).unwrap_or_default());
+        Ok(KeySetConfig {
+            cluster: raw.cluster.clone(),
+            authority,
+            path: raw.path.clone(),
+            poll_interval_ms,
+            timeout_ms,
+            namespace,
+        })
+    }
+
+    pub fn key_entry(&self, hash: &KeyHash) -> String {
+        format!("keygate/{}/k/{}", self.namespace, hex::encode(hash))
+    }
+
+    pub fn shard_entry(&self, prefix: &str) -> String {
+        format!("keygate/{}/shard/{prefix}", self.namespace)
+    }
+
+    pub fn state_entry(&self) -> String {
+        format!("keygate/{}/state", self.namespace)
+    }
+
+    pub fn lease_entry(&self) -> String {
+        format!("keygate/{}/lease", self.namespace)
+    }
+
+    pub fn vmseq_entry(&self) -> String {
+        format!("keygate/{}/vmseq", self.namespace)
+    }
+
+    /// How often every VM wakes: to renew or take the lease, start a poll that is due, and refresh
+    /// the gauges. A fifth of the poll interval (100 ms to 1 s), so a poll starts at most that late.
+    pub fn tick_ms(&self) -> u64 {
+        (self.poll_interval_ms / 5).clamp(100, 1_000)
+    }
+
+    /// How long a lease lasts without renewal: three poll intervals, at least 3 s.
+    pub fn lease_ttl_ms(&self) -> i64 {
+        i64::try_from(self.poll_interval_ms.saturating_mul(3).max(3_000)).unwrap_or(i64::MAX)
+    }
+
+    /// The wait before the next attempt after `failures` failed syncs in a row: doubling from the
+    /// poll interval, at most ten times it and at most 30 s.
+    pub fn retry_after_ms(&self, failures: u32) -> u64 {
+        if failures == 0 {
+            return self.poll_interval_ms;
+        }
+        let cap = self.poll_interval_ms.saturating_mul(10).min(MAX_BACKOFF_MS).max(self.poll_interval_ms);
+        self.poll_interval_ms.saturating_mul(1u64 << failures.min(20)).min(cap)
+    }
+
+    /// The request path of a shard: absolute, or relative to the manifest's directory.
+    pub fn shard_request_path(&self, shard_path: &str) -> String {
+        if shard_path.starts_with('/') {
+            return shard_path.to_string();
+        }
+        let dir = self.path.rsplit_once('/').map_or("", |(dir, _)| dir);
+        format!("{dir}/{shard_path}")
+    }
+}
+
+/// One shard as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRef {
+    pub prefix: String,
+    pub path: String,
+    /// SHA-256 of the shard document's bytes.
+    pub etag: KeyHash,
+}
+
+/// A checked manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub version: String,
+    pub shards: Vec<ShardRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    version: RawVersion,
+    shards: Vec<RawShardRef>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawVersion {
+    Number(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShardRef {
+    prefix: String,
+    path: String,
+    etag: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShard {
+    keys: Vec<RawKey>,
+}
+
+/// Parses and checks a manifest: shard prefixes of one length covering every prefix once.
+pub fn parse_manifest(body: &[u8]) -> Result<Manifest, ConfigError> {
+    let raw: RawManifest = parse_json(body).map_err(|e| within("manifest", e))?;
+    let version = match raw.version {
+        RawVersion::Number(n) => n.to_string(),
+        RawVersion::Text(t) if !t.is_empty() && t.len() <= 128 && !t.chars().any(char::is_control) => t,
+        RawVersion::Text(_) => return Err(ConfigError::new("manifest.version", "must be 1 to 128 characters")),
+    };
+    let width = raw.shards.first().map_or(0, |s| s.prefix.len());
+    if width > 4 {
+        return Err(ConfigError::new("manifest.shards[0].prefix", "prefixes are at most 4 hex digits"));
+    }
+    let expected = 1usize << (4 * width);
+    if raw.shards.len() != expected {
+        return Err(ConfigError::new(
+            "manifest.shards",
+            format!("{} shards with {width}-digit prefixes must be exactly {expected}", raw.shards.len()),
+        ));
+    }
+    let mut seen = HashSet::with_capacity(expected);
+    let mut shards = Vec::with_capacity(expected);
+    for (i, s) in raw.shards.into_iter().enumerate() {
+        let at = |f: &str| format!("manifest.shards[{i}].{f}");
+        let prefix = s.prefix.to_ascii_lowercase();
+        if prefix.len() != width || !prefix.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(ConfigError::new(at("prefix"), format!("expected {width} hex digits")));
+        }
+        if !seen.insert(prefix.clone()) {
+            return Err(ConfigError::new(at("prefix"), format!("prefix {prefix:?} listed twice")));
+        }
+        if s.path.is_empty() || !s.path.bytes().all(|c| c.is_ascii_graphic()) {
+            return Err(ConfigError::new(at("path"), "must be a non-empty path"));
+        }
+        let etag = parse_hash(s.etag.trim_matches('"'))
+            .map_err(|_| ConfigError::new(at("etag"), "expected the 64-hex-digit SHA-256 of the shard"))?;
+        shards.push(ShardRef { prefix, path: s.path, etag });
+    }
+    Ok(Manifest { version, shards })
+}
+
+/// Checks a fetched shard against its manifest entry and compiles its keys.
+pub fn parse_shard(shard: &ShardRef, body: &[u8]) -> Result<Vec<(KeyHash, Key)>, ConfigError> {
+    let at = format!("shard {:?} ({})", shard.prefix, shard.path);
+    if hash_key(body) != shard.etag {
+        return Err(ConfigError::new(at, "content does not match its etag (SHA-256)"));
+    }
+    let raw: RawShard = parse_json(body).map_err(|e| within(&at, e))?;
+    let keys = compile_keys(&raw.keys, "keys").map_err(|e| within(&at, e))?.into_entries();
+    for (i, record) in raw.keys.iter().enumerate() {
+        if !record.hash.to_ascii_lowercase().starts_with(&shard.prefix) {
+            return Err(ConfigError::new(
+                format!("{at}: keys[{i}].hash"),
+                format!("does not start with the shard's prefix {:?}", shard.prefix),
+            ));
+        }
+    }
+    Ok(keys)
+}
+
+fn within(place: &str, e: ConfigError) -> ConfigError {
+    let field = if e.field.is_empty() { place.to_string() } else { format!("{place}: {}", e.field) };
+    ConfigError::new(field, e.message)
+}
+
+/// What a shard entry in shared data remembers: the etag loaded and the hashes written for it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShardIndex {
+    pub etag: KeyHash,
+    pub hashes: Vec<KeyHash>,
+}
+
+impl ShardIndex {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 * (1 + self.hashes.len()));
+        out.extend_from_slice(&self.etag);
+        for h in &self.hashes {
+            out.extend_from_slice(h);
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() % 32 != 0 || bytes.is_empty() {
+            return None;
+        }
+        let mut chunks = bytes.chunks_exact(32).filter_map(|c| <KeyHash>::try_from(c).ok());
+        let etag = chunks.next()?;
+        Some(ShardIndex { etag, hashes: chunks.collect() })
+    }
+}
+
+/// What has loaded, shared by every VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SyncState {
+    pub version: String,
+    pub keys: u64,
+    /// Unix milliseconds of the last good sync.
+    pub synced_ms: i64,
+    /// The manifest's `ETag` header, for `If-None-Match`.
+    pub manifest_etag: Option<String>,
+}
+
+impl SyncState {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+
+    /// The version as a number, for the version gauge, when it is all digits.
+    pub fn version_number(&self) -> Option<u64> {
+        self.version.parse().ok()
+    }
+}
+
+/// One shared-data write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Write {
+    pub entry: String,
+    pub value: Vec<u8>,
+}
+
+/// A shard fetched and checked in this sync, with what shared data held for it before.
+#[derive(Debug)]
+pub struct FetchedShard {
+    pub shard: ShardRef,
+    pub keys: Vec<(KeyHash, Key)>,
+    pub previous: Option<ShardIndex>,
+}
+
+/// The writes that apply one sync: records of the changed shards, tombstones for keys gone from them,
+/// their new indexes, and last the state. Refused if a key is also an inline key.
+pub fn plan_writes(
+    config: &KeySetConfig,
+    manifest: &Manifest,
+    fetched: &[FetchedShard],
+    inline: &KeySet,
+    previous: &SyncState,
+    manifest_etag: Option<String>,
+    now_ms: i64,
+) -> Result<Vec<Write>, ConfigError> {
+    let mut writes = Vec::new();
+    let mut indexes = Vec::with_capacity(fetched.len());
+    let mut keys = previous.keys;
+    for f in fetched {
+        let mut hashes = Vec::with_capacity(f.keys.len());
+        for (hash, key) in &f.keys {
+            if inline.contains(hash) {
+                return Err(ConfigError::new(
+                    format!("shard {:?}: key {:?}", f.shard.prefix, key.id),
+                    "its hash is also an inline key in `keys`",
+                ));
+            }
+            writes.push(Write { entry: config.key_entry(hash), value: encode_key(key) });
+            hashes.push(*hash);
+        }
+        let old = f.previous.as_ref().map(|p| p.hashes.as_slice()).unwrap_or_default();
+        let now: HashSet<&KeyHash> = hashes.iter().collect();
+        for gone in old.iter().filter(|h| !now.contains(h)) {
+            writes.push(Write { entry: config.key_entry(gone), value: TOMBSTONE.to_vec() });
+        }
+        keys = keys.saturating_sub(old.len() as u64).saturating_add(hashes.len() as u64);
+        indexes.push(Write {
+            entry: config.shard_entry(&f.shard.prefix),
+            value: ShardIndex { etag: f.shard.etag, hashes }.encode(),
+        });
+    }
+    writes.extend(indexes);
+    let state = SyncState { version: manifest.version.clone(), keys, synced_ms: now_ms, manifest_etag };
+    writes.push(Write { entry: config.state_entry(), value: state.encode() });
+    Ok(writes)
+}
+
+/// Stands where a removed key's record was.
+pub const TOMBSTONE: &[u8] = b"-";
+const RECORD_MAGIC: u8 = 0x4b; // 'K', format 1
+
+/// Encodes a key record compactly (length-prefixed fields), so a request decodes its record with no
+/// JSON work.
+pub fn encode_key(key: &Key) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.push(RECORD_MAGIC);
+    put(&mut out, &key.id);
+    put(&mut out, &key.org);
+    put(&mut out, key.name.as_deref().unwrap_or_default());
+    put_len(&mut out, key.scopes.len());
+    for s in &key.scopes {
+        put(&mut out, s);
+    }
+    put_len(&mut out, key.attributes.len());
+    for (k, v) in &key.attributes {
+        put(&mut out, k);
+        put(&mut out, v);
+    }
+    out.push(u8::from(key.revoked) | (u8::from(key.expires_at_ms.is_some()) << 1));
+    if let Some(at) = key.expires_at_ms {
+        out.extend_from_slice(&at.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a stored record; `None` for a tombstone or anything malformed.
+pub fn decode_key(bytes: &[u8]) -> Option<Key> {
+    let (&magic, mut rest) = bytes.split_first()?;
+    if magic != RECORD_MAGIC {
+        return None;
+    }
+    let id = take(&mut rest)?;
+    let org = take(&mut rest)?;
+    let name = take(&mut rest)?;
+    let scopes = (0..take_len(&mut rest)?).map(|_| take(&mut rest)).collect::<Option<Vec<_>>>()?;
+    let attributes =
+        (0..take_len(&mut rest)?).map(|_| Some((take(&mut rest)?, take(&mut rest)?))).collect::<Option<Vec<_>>>()?;
+    let (&flags, tail) = rest.split_first()?;
+    let expires_at_ms = if flags & 2 != 0 { Some(i64::from_le_bytes(tail.get(..8)?.try_into().ok()?)) } else { None };
+    Some(Key {
+        id,
+        org,
+        name: (!name.is_empty()).then_some(name),
+        scopes,
+        attributes,
+        expires_at_ms,
+        revoked: flags & 1 != 0,
+    })
+}
+
+fn put_len(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+}
+
+fn put(out: &mut Vec<u8>, s: &str) {
+    put_len(out, s.len());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn take_len(rest: &mut &[u8]) -> Option<usize> {
+    let (len, tail) = rest.split_first_chunk::<4>()?;
+    *rest = tail;
+    usize::try_from(u32::from_le_bytes(*len)).ok()
+}
+
+fn take(rest: &mut &[u8]) -> Option<String> {
+    let len = take_len(rest)?;
+    let (s, tail) = (rest.get(..len)?, rest.get(len..)?);
+    *rest = tail;
+    String::from_utf8(s.to_vec()).ok()
+}
+
+/// The polling lease, stored as `owner,expires_ms,next_due_ms,failures`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: u32,
+    pub expires_ms: i64,
+    /// When the next sync is due (kept across a change of holder, so polls keep their pace).
+    pub next_due_ms: i64,
+    /// Failed syncs in a row, for the backoff.
+    pub failures: u32,
+}
+
+impl Lease {
+    pub fn encode(&self) -> Vec<u8> {
+        format!("{},{},{},{}", self.owner, self.expires_ms, self.next_due_ms, self.failures).into_bytes()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut parts = text.split(',');
+        let lease = Lease {
+            owner: parts.next()?.parse().ok()?,
+            expires_ms: parts.next()?.parse().ok()?,
+            next_due_ms: parts.next()?.parse().ok()?,
+            failures: parts.next()?.parse().ok()?,
+        };
+        parts.next().is_none().then_some(lease)
+    }
+
+    /// What VM `me` writes (with compare-and-swap) to hold the lease from `now_ms`, or `None` while
+    /// another VM holds an unexpired one.
+    pub fn claim(current: Option<Lease>, me: u32, now_ms: i64, ttl_ms: i64) -> Option<Lease> {
+        match current {
+            Some(l) if l.owner != me && l.expires_ms > now_ms => None,
+            Some(l) => Some(Lease { owner: me, expires_ms: now_ms + ttl_ms, ..l }),
+            None => Some(Lease { owner: me, expires_ms: now_ms + ttl_ms, next_due_ms: now_ms, failures: 0 }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "live_tests.rs"]
+mod tests;

@@ -1,0 +1,195 @@
+//! Unit tests of the live key set's formats, checks and plans.
+
+use super::*;
+use serde_json::json;
+
+fn config() -> KeySetConfig {
+    let raw: RawKeySet = serde_json::from_value(json!({"cluster": "keyset", "path": "/keyset/manifest.json",
+                                                        "poll_interval_ms": 500}))
+    .unwrap();
+    KeySetConfig::compile(&raw).unwrap()
+}
+
+fn record(id: &str, key: &str) -> serde_json::Value {
+    json!({"id": id, "hash": hex::encode(hash_key(key.as_bytes())), "org": "org_1", "scopes": ["a", "b:*"],
+           "attributes": {"venue": "v_7"}, "expires_at": 1_900_000_000})
+}
+
+/// A key whose hash starts with `prefix`, found by counting.
+fn key_with_prefix(prefix: &str) -> String {
+    (0..).map(|n| format!("sk_live_{n}")).find(|k| hex::encode(hash_key(k.as_bytes())).starts_with(prefix)).unwrap()
+}
+
+fn shard_ref(prefix: &str, body: &[u8]) -> ShardRef {
+    ShardRef { prefix: prefix.into(), path: format!("shards/{prefix}.json"), etag: hash_key(body) }
+}
+
+#[test]
+fn settings_have_defaults_and_limits() {
+    let raw: RawKeySet = serde_json::from_value(json!({"cluster": "keyset", "path": "/m.json"})).unwrap();
+    let c = KeySetConfig::compile(&raw).unwrap();
+    assert_eq!((c.authority.as_str(), c.poll_interval_ms, c.timeout_ms), ("keyset", 2_000, 1_000));
+    for (bad, field) in [
+        (json!({"cluster": "", "path": "/m"}), "key_set.cluster"),
+        (json!({"cluster": "k", "path": "m"}), "key_set.path"),
+        (json!({"cluster": "k", "path": "/m", "poll_interval_ms": 5}), "key_set.poll_interval_ms"),
+        (json!({"cluster": "k", "path": "/m", "timeout_ms": 0}), "key_set.timeout_ms"),
+    ] {
+        let raw: RawKeySet = serde_json::from_value(bad).unwrap();
+        assert_eq!(KeySetConfig::compile(&raw).unwrap_err().field, field);
+    }
+}
+
+#[test]
+fn namespaces_differ_per_endpoint() {
+    let a = config();
+    let raw: RawKeySet = serde_json::from_value(json!({"cluster": "other", "path": "/keyset/manifest.json"})).unwrap();
+    let b = KeySetConfig::compile(&raw).unwrap();
+    assert_ne!(a.namespace, b.namespace);
+    assert!(a.key_entry(&[0; 32]).starts_with(&format!("keygate/{}/k/0000", a.namespace)));
+}
+
+#[test]
+fn shard_paths_resolve_against_the_manifest_directory() {
+    let c = config();
+    assert_eq!(c.shard_request_path("shards/0.json"), "/keyset/shards/0.json");
+    assert_eq!(c.shard_request_path("/elsewhere/0.json"), "/elsewhere/0.json");
+}
+
+#[test]
+fn retries_back_off_up_to_a_cap() {
+    let c = config();
+    let waits: Vec<u64> = (0..6).map(|n| c.retry_after_ms(n)).collect();
+    assert_eq!(waits, [500, 1_000, 2_000, 4_000, 5_000, 5_000]);
+    let raw: RawKeySet =
+        serde_json::from_value(json!({"cluster": "k", "path": "/m", "poll_interval_ms": 20_000})).unwrap();
+    assert_eq!(KeySetConfig::compile(&raw).unwrap().retry_after_ms(5), 30_000);
+}
+
+#[test]
+fn manifest_must_cover_every_prefix_once() {
+    let etag = "a".repeat(64);
+    let m = |shards: serde_json::Value| parse_manifest(json!({"version": 7, "shards": shards}).to_string().as_bytes());
+    let one = m(json!([{"prefix": "", "path": "all.json", "etag": etag}])).unwrap();
+    assert_eq!((one.version.as_str(), one.shards.len()), ("7", 1));
+    let sixteen: Vec<_> =
+        (0..16).map(|n| json!({"prefix": format!("{n:X}"), "path": "p", "etag": format!("\"{etag}\"")})).collect();
+    assert_eq!(m(json!(sixteen)).unwrap().shards[10].prefix, "a");
+    let mut dup = sixteen.clone();
+    dup[3] = json!({"prefix": "2", "path": "p", "etag": etag});
+    assert_eq!(m(json!(dup)).unwrap_err().field, "manifest.shards[3].prefix");
+    assert_eq!(m(json!(sixteen[..15])).unwrap_err().field, "manifest.shards");
+    assert_eq!(m(json!([{"prefix": "", "path": "p", "etag": "abc"}])).unwrap_err().field, "manifest.shards[0].etag");
+    assert!(parse_manifest(b"<html>oops</html>").is_err());
+    assert!(parse_manifest(br#"{"version": 1, "shards": [], "extra": 1}"#).is_err());
+}
+
+#[test]
+fn shard_is_checked_against_its_etag_and_prefix() {
+    let k0 = key_with_prefix("0");
+    let body = json!({"keys": [record("a", &k0)]}).to_string().into_bytes();
+    let keys = parse_shard(&shard_ref("0", &body), &body).unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].0, hash_key(k0.as_bytes()));
+
+    let truncated = &body[..body.len() / 2];
+    let err = parse_shard(&shard_ref("0", &body), truncated).unwrap_err();
+    assert!(err.message.contains("does not match its etag"), "{err}");
+
+    let k1 = key_with_prefix("1");
+    let wrong = json!({"keys": [record("b", &k1)]}).to_string().into_bytes();
+    let err = parse_shard(&shard_ref("0", &wrong), &wrong).unwrap_err();
+    assert_eq!(err.field, "shard \"0\" (shards/0.json): keys[0].hash");
+
+    let bad = br#"{"keys": [{"id": "x"}]}"#;
+    let err = parse_shard(&shard_ref("", bad), bad).unwrap_err();
+    assert!(err.field.starts_with("shard \"\" (shards/.json): keys[0]"), "{err}");
+}
+
+#[test]
+fn records_round_trip_through_shared_data_encoding() {
+    let body = json!({"keys": [record("a", "k1"), {"id": "b", "hash": "0".repeat(64), "org": "o", "revoked": true}]});
+    let entries = compile_keys(&serde_json::from_value::<RawShard>(body).unwrap().keys, "keys").unwrap().into_entries();
+    for (_, key) in entries {
+        assert_eq!(decode_key(&encode_key(&key)), Some(key));
+    }
+    assert_eq!(decode_key(TOMBSTONE), None);
+    assert_eq!(decode_key(b""), None);
+    let full = encode_key(
+        &compile_keys(&[serde_json::from_value(record("a", "k")).unwrap()], "k").unwrap().into_entries()[0].1,
+    );
+    for cut in 0..full.len() {
+        assert_eq!(decode_key(&full[..cut]), None, "a record cut at {cut} bytes must not decode");
+    }
+}
+
+#[test]
+fn plan_writes_records_tombstones_indexes_then_state() {
+    let c = config();
+    let (ka, kb, kc) = (key_with_prefix("0"), key_with_prefix("00"), key_with_prefix("01"));
+    let body = json!({"keys": [record("a", &ka), record("c", &kc)]}).to_string().into_bytes();
+    let shard = shard_ref("0", &body);
+    let keys = parse_shard(&shard, &body).unwrap();
+    let previous = ShardIndex { etag: [9; 32], hashes: vec![hash_key(ka.as_bytes()), hash_key(kb.as_bytes())] };
+    let manifest = Manifest { version: "42".into(), shards: vec![shard.clone()] };
+    let prior = SyncState { version: "41".into(), keys: 10, synced_ms: 1, manifest_etag: None };
+    let fetched = [FetchedShard { shard, keys, previous: Some(previous) }];
+    let writes =
+        plan_writes(&c, &manifest, &fetched, &KeySet::default(), &prior, Some("\"e1\"".into()), 5_000).unwrap();
+
+    let value = |entry: &str| writes.iter().find(|w| w.entry == entry).map(|w| w.value.clone());
+    assert_eq!(value(&c.key_entry(&hash_key(kb.as_bytes()))).as_deref(), Some(TOMBSTONE));
+    assert_eq!(decode_key(&value(&c.key_entry(&hash_key(kc.as_bytes()))).unwrap()).unwrap().id, "c");
+    let index = ShardIndex::decode(&value(&c.shard_entry("0")).unwrap()).unwrap();
+    assert_eq!(index.hashes.len(), 2);
+    let last = writes.last().unwrap();
+    assert_eq!(last.entry, c.state_entry(), "the state is written last");
+    let state = SyncState::decode(&last.value).unwrap();
+    assert_eq!(
+        state,
+        SyncState { version: "42".into(), keys: 10, synced_ms: 5_000, manifest_etag: Some("\"e1\"".into()) }
+    );
+    assert_eq!(state.version_number(), Some(42));
+}
+
+#[test]
+fn a_shard_key_that_is_also_inline_refuses_the_sync() {
+    let c = config();
+    let body = json!({"keys": [record("a", "k1")]}).to_string().into_bytes();
+    let shard = shard_ref("", &body);
+    let keys = parse_shard(&shard, &body).unwrap();
+    let inline = compile_keys(&[serde_json::from_value(record("inline", "k1")).unwrap()], "keys").unwrap();
+    let manifest = Manifest { version: "1".into(), shards: vec![shard.clone()] };
+    let err = plan_writes(
+        &c,
+        &manifest,
+        &[FetchedShard { shard, keys, previous: None }],
+        &inline,
+        &SyncState::default(),
+        None,
+        0,
+    )
+    .unwrap_err();
+    assert!(err.message.contains("also an inline key"), "{err}");
+}
+
+#[test]
+fn lease_is_held_until_it_expires() {
+    let held = Lease { owner: 1, expires_ms: 1_000, next_due_ms: 700, failures: 2 };
+    assert_eq!(Lease::decode(&held.encode()), Some(held));
+    assert_eq!(Lease::decode(b"1,2,3"), None);
+    assert_eq!(Lease::claim(Some(held), 2, 999, 3_000), None, "another VM holds it");
+    assert_eq!(Lease::claim(Some(held), 2, 1_000, 3_000), Some(Lease { owner: 2, expires_ms: 4_000, ..held }));
+    assert_eq!(Lease::claim(Some(held), 1, 500, 3_000), Some(Lease { expires_ms: 3_500, ..held }), "renewal");
+    assert_eq!(
+        Lease::claim(None, 3, 10, 3_000),
+        Some(Lease { owner: 3, expires_ms: 3_010, next_due_ms: 10, failures: 0 })
+    );
+}
+
+#[test]
+fn shard_index_round_trips() {
+    let index = ShardIndex { etag: [1; 32], hashes: vec![[2; 32], [3; 32]] };
+    assert_eq!(ShardIndex::decode(&index.encode()), Some(index));
+    assert_eq!(ShardIndex::decode(&[0; 31]), None);
+}
