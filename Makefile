@@ -35,7 +35,7 @@ run: build envoy
 ## test: host unit tests, then integration tests against a real Envoy
 test: build envoy
 	$(CARGO) test --lib --bins
-	$(CARGO) test --tests -- --test-threads 2
+	$(CARGO) test --test "*" -- --test-threads 2
 
 unit:
 	$(CARGO) test --lib --bins

@@ -251,3 +251,7 @@ impl Policy {
 #[cfg(test)]
 #[path = "policy_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "policy_props.rs"]
+mod props;
