@@ -9,7 +9,7 @@ CONFIG        ?= envoy/envoy.yaml
 export ENVOY
 export KEYGATE_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all build run test unit integration lint envoy wasm-target clean
+.PHONY: all build run test unit integration lint envoy wasm-target clean fuzz
 
 all: build
 
@@ -44,6 +44,22 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --release --lib --target wasm32-wasip1 -- -D warnings
+
+## fuzz: each fuzz target for FUZZ_SECONDS (default 60); a crash is saved under fuzz/regressions/
+FUZZ_SECONDS  ?= 60
+FUZZ_TARGETS  := credential path config keyset
+fuzz:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	@cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$t && cp -n fuzz/regressions/$$t/* fuzz/corpus/$$t/ 2>/dev/null; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  if ! cargo +nightly fuzz run $$t fuzz/corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -max_len=4096; then \
+	    cp fuzz/artifacts/$$t/* fuzz/regressions/$$t/ 2>/dev/null; \
+	    echo "fuzz $$t found a crash: saved in fuzz/regressions/$$t/ (replayed by cargo test --test fuzz_regressions)"; \
+	    exit 1; \
+	  fi; \
+	done
 
 clean:
 	$(CARGO) clean

@@ -10,6 +10,9 @@
 pub mod config;
 pub mod credential;
 pub mod filter;
+/// Fuzz entry points; native only, never in the filter.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod fuzzing;
 pub mod keys;
 pub mod live;
 pub mod policy;

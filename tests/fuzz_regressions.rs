@@ -1,0 +1,40 @@
+//! Replays every input saved under fuzz/regressions/<target>/ (crashes the fuzzers found, and seeds)
+//! through the same entry points the fuzz targets run. A saved input that panics again fails here.
+
+use std::fs;
+use std::path::Path;
+
+fn replay(target: &str, run: fn(&[u8])) -> usize {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions").join(target);
+    let mut count = 0;
+    for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let data = fs::read(&path).unwrap();
+            let outcome = std::panic::catch_unwind(|| run(&data));
+            assert!(outcome.is_ok(), "fuzz input {} panics", path.display());
+            count += 1;
+        }
+    }
+    count
+}
+
+#[test]
+fn saved_credential_inputs_do_not_panic() {
+    assert!(replay("credential", keygate::fuzzing::credential) > 0);
+}
+
+#[test]
+fn saved_path_inputs_do_not_panic() {
+    assert!(replay("path", keygate::fuzzing::path) > 0);
+}
+
+#[test]
+fn saved_config_inputs_do_not_panic() {
+    assert!(replay("config", keygate::fuzzing::config) > 0);
+}
+
+#[test]
+fn saved_keyset_inputs_do_not_panic() {
+    assert!(replay("keyset", keygate::fuzzing::keyset) > 0);
+}
