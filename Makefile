@@ -9,13 +9,17 @@ CONFIG        ?= envoy/envoy.yaml
 export ENVOY
 export KEYGATE_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all build run test unit integration lint envoy wasm-target clean fuzz
+.PHONY: all build build-probe run test unit integration lint envoy wasm-target clean fuzz
 
 all: build
 
 ## build: the filter, target/wasm32-wasip1/release/keygate.wasm
 build: wasm-target
 	$(CARGO) build --release --lib --target wasm32-wasip1
+
+## build-probe: a test-only build that crashes on demand (target/probe/…/keygate.wasm), for failure-policy tests
+build-probe: wasm-target
+	$(CARGO) build --release --lib --target wasm32-wasip1 --features panic-probe --target-dir target/probe
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -33,7 +37,7 @@ run: build envoy
 	@sh envoy/demo.sh "$(ENVOY)" "$(CONFIG)"
 
 ## test: host unit tests, then integration tests against a real Envoy
-test: build envoy
+test: build build-probe envoy
 	$(CARGO) test --lib --bins
 	$(CARGO) test --test "*" -- --test-threads 2
 
@@ -63,3 +67,36 @@ fuzz:
 
 clean:
 	$(CARGO) clean
+
+# ---- Istio: OCI image and registry test (tools/oci/, envoy/istio/, tests/istio.rs) -------------
+IMAGE_DIR       ?= target/oci/keygate
+IMAGE_TAG       ?= $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' Cargo.toml | head -n 1)
+REGISTRY_DIR    := target/tools/docker-registry
+SUDO            := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: image image-push image-deps image-test
+
+## image: keygate.wasm as an OCI image for Istio's WasmPlugin, in target/oci/keygate; prints its digest
+image: build
+	@python3 tools/oci/build_image.py --wasm $(WASM) --out $(IMAGE_DIR) --tag $(IMAGE_TAG)
+
+## image-push: the image to a registry: make image-push IMAGE=registry.example.com/keygate:0.1.0
+image-push: image
+	@test -n "$(IMAGE)" || { echo "usage: make image-push IMAGE=REGISTRY/REPOSITORY[:TAG]" >&2; exit 2; }
+	python3 tools/oci/push.py $(IMAGE_DIR) $(IMAGE)
+
+## image-deps: Debian's docker-registry (the reference OCI registry) for tests/istio.rs, unpacked
+## into target/tools (apt-get download: nothing installed system-wide, no service started)
+image-deps:
+	@if [ -n "$$DOCKER_REGISTRY" ] || command -v docker-registry >/dev/null 2>&1 \
+	  || [ -x $(REGISTRY_DIR)/usr/bin/docker-registry ]; then exit 0; fi; \
+	set -e; rm -rf $(REGISTRY_DIR).tmp; mkdir -p $(REGISTRY_DIR).tmp; cd $(REGISTRY_DIR).tmp; \
+	apt-get download docker-registry >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -qq && apt-get download docker-registry; }; \
+	dpkg-deb -x docker-registry_*.deb root; cd - >/dev/null; \
+	rm -rf $(REGISTRY_DIR); mv $(REGISTRY_DIR).tmp/root $(REGISTRY_DIR); rm -rf $(REGISTRY_DIR).tmp; \
+	$(REGISTRY_DIR)/usr/bin/docker-registry --version
+
+## image-test: the image through a real registry on loopback, and the Istio manifests (tests/istio.rs)
+image-test: build envoy image-deps
+	$(CARGO) test --test istio

@@ -491,6 +491,12 @@ impl HttpContext for Request {
                 return send_internal_error("request headers unreadable");
             }
         };
+        #[cfg(feature = "panic-probe")]
+        if headers.iter().any(|(n, _)| n == "x-keygate-panic-probe") {
+            // Test builds only: crash the VM the way a panic does (panic = "abort"), to prove that
+            // Envoy's failure_policy never lets the request through.
+            std::process::abort();
+        }
         let request = RequestView::from_headers(&headers);
         match shared.policy.decide(&Keys(&shared), &request, &now_ms) {
             Decision::Allow { edits, key_id } => {
