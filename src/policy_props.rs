@@ -36,7 +36,8 @@ fn decide_on(p: &Policy, headers: &[(String, Vec<u8>)]) -> Option<DenyKind> {
 }
 
 fn request(method: &str, path: &str, extra: &[(String, Vec<u8>)]) -> Vec<(String, Vec<u8>)> {
-    let mut h = vec![(":method".to_string(), method.as_bytes().to_vec()), (":path".to_string(), path.as_bytes().to_vec())];
+    let mut h =
+        vec![(":method".to_string(), method.as_bytes().to_vec()), (":path".to_string(), path.as_bytes().to_vec())];
     h.extend_from_slice(extra);
     h
 }
@@ -46,7 +47,8 @@ fn apply(edits: &HeaderEdits<'_>, headers: &[(String, Vec<u8>)]) -> Vec<(String,
     let mut out: Vec<(String, Vec<u8>)> = headers
         .iter()
         .filter(|(n, _)| {
-            !edits.remove.iter().any(|r| n.eq_ignore_ascii_case(r)) && !edits.set.iter().any(|(s, _)| n.eq_ignore_ascii_case(s))
+            !edits.remove.iter().any(|r| n.eq_ignore_ascii_case(r))
+                && !edits.set.iter().any(|(s, _)| n.eq_ignore_ascii_case(s))
         })
         .cloned()
         .collect();
@@ -56,8 +58,16 @@ fn apply(edits: &HeaderEdits<'_>, headers: &[(String, Vec<u8>)]) -> Vec<(String,
 
 fn noise_header() -> impl Strategy<Value = (String, Vec<u8>)> {
     let names = prop::sample::select(vec![
-        "accept", "user-agent", "x-org-id", "X-Org-Id", "x-api-key-id", "x-api-key-scopes", "x-venue-id", "cookie",
-        "x-forwarded-for", "x-request-id",
+        "accept",
+        "user-agent",
+        "x-org-id",
+        "X-Org-Id",
+        "x-api-key-id",
+        "x-api-key-scopes",
+        "x-venue-id",
+        "cookie",
+        "x-forwarded-for",
+        "x-request-id",
     ]);
     (names, prop::collection::vec(any::<u8>(), 0..24)).prop_map(|(n, v)| (n.to_ascii_lowercase(), v))
 }
