@@ -1,6 +1,9 @@
 //! Replays every input saved under fuzz/regressions/<target>/ (crashes the fuzzers found, and seeds)
 //! through the same entry points the fuzz targets run. A saved input that panics again fails here.
 
+// Test code: helpers outside #[test] functions fail the same way the tests do, by panicking.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::fs;
 use std::path::Path;
 

@@ -7,10 +7,12 @@
 
 use crate::envoy;
 use crate::json;
-use keygate::config::ConfigError;
-use keygate::keys::hash_key;
+use keygate::config::{compile_key, compile_keys, ConfigError, RawKey};
+use keygate::keys::{hash_key, KeyHash};
 use keygate::policy::Policy;
+use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 
 /// What a valid configuration holds.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,6 +41,10 @@ pub fn check(text: &[u8]) -> Result<Summary, Vec<ConfigError>> {
     // key set with many bad records costs one pass over it, not one per problem.
     if let Some(Value::Array(records)) = value.get_mut("keys") {
         for (i, record) in records.iter_mut().enumerate() {
+            let fine = RawKey::deserialize(&*record).is_ok_and(|raw| compile_key(&raw, "").is_ok());
+            if fine {
+                continue;
+            }
             let mut alone = Map::new();
             alone.insert("keys".into(), Value::Array(vec![record.take()]));
             let mut alone = Value::Object(alone);
@@ -53,12 +59,16 @@ pub fn check(text: &[u8]) -> Result<Summary, Vec<ConfigError>> {
                 *record = settled.take();
             }
         }
+        for e in duplicates(records, &mut placeholders) {
+            push_new(&mut problems, e);
+        }
     }
     for e in settle(&mut value, &mut placeholders, MAX_PROBLEMS.saturating_sub(problems.len())) {
         push_new(&mut problems, e);
     }
     // In the order of the text: the offset of each field (or of what exists of its path).
-    problems.sort_by_cached_key(|p| json::locate(text, &p.field).unwrap_or(0));
+    let mut locator = json::Locator::new(text);
+    problems.sort_by_cached_key(|p| locator.locate(&p.field).unwrap_or(0));
     if problems.len() >= MAX_PROBLEMS {
         problems.push(ConfigError::new("", format!("stopped after {MAX_PROBLEMS} problems; fix these first")));
     }
@@ -69,6 +79,8 @@ pub fn check(text: &[u8]) -> Result<Summary, Vec<ConfigError>> {
 /// cannot be neutralised, or `limit` problems are found; returns the problems.
 fn settle(value: &mut Value, placeholders: &mut u64, limit: usize) -> Vec<ConfigError> {
     let mut found: Vec<ConfigError> = Vec::new();
+    let mut neutralised: Vec<String> = Vec::new();
+    let mut last: Option<ConfigError> = None;
     while found.len() < limit {
         let Ok(bytes) = serde_json::to_vec(value) else { break };
         let error = match Policy::from_json(&bytes) {
@@ -76,15 +88,67 @@ fn settle(value: &mut Value, placeholders: &mut u64, limit: usize) -> Vec<Config
             Err(e) => tidy(e),
         };
         // The same problem again: neutralising it did not work, so stop rather than loop.
-        if found.last() == Some(&error) {
+        if last.as_ref() == Some(&error) {
             break;
         }
-        found.push(error.clone());
+        // A required field taken out because it was wrong is now missing: not a problem of its own.
+        if !neutralised.iter().any(|field| lacks(&error, field)) {
+            found.push(error.clone());
+        }
+        neutralised.push(error.field.clone());
         if !neutralise(value, &error, placeholders) {
             break;
         }
+        last = Some(error);
     }
     found
+}
+
+/// Duplicate ids and hashes among valid records, in one pass, each reported as the filter reports
+/// it (its message, from compiling the two records together) and neutralised with a placeholder.
+fn duplicates(records: &mut [Value], placeholders: &mut u64) -> Vec<ConfigError> {
+    let mut found = Vec::new();
+    let mut ids: HashMap<String, (usize, RawKey)> = HashMap::new();
+    let mut hashes: HashMap<KeyHash, (usize, RawKey)> = HashMap::new();
+    for (i, record) in records.iter_mut().enumerate() {
+        let Ok(mut raw) = RawKey::deserialize(&*record) else { continue };
+        let Ok((mut hash, _)) = compile_key(&raw, "") else { continue };
+        let mut report = |(j, earlier): &(usize, RawKey), raw: &RawKey| {
+            if let Err(e) = compile_keys(&[earlier.clone(), raw.clone()], "keys") {
+                let field = e.field.replacen("keys[1]", &format!("keys[{i}]"), 1);
+                found.push(ConfigError::new(field, e.message.replace("(also keys[0])", &format!("(also keys[{j}])"))));
+            }
+        };
+        if let Some(first) = ids.get(&raw.id) {
+            report(first, &raw);
+            raw.id = placeholder(placeholders);
+            if let Some(object) = record.as_object_mut() {
+                object.insert("id".into(), Value::String(raw.id.clone()));
+            }
+        }
+        if let Some(first) = hashes.get(&hash) {
+            report(first, &raw);
+            let id = placeholder(placeholders);
+            hash = hash_key(id.as_bytes());
+            raw.hash = hex::encode(hash);
+            if let Some(object) = record.as_object_mut() {
+                object.insert("hash".into(), Value::String(raw.hash.clone()));
+            }
+        }
+        ids.insert(raw.id.clone(), (i, raw.clone()));
+        hashes.insert(hash, (i, raw));
+    }
+    found
+}
+
+/// True if `error` is `missing field `X`` at the object whose field X is `field`.
+fn lacks(error: &ConfigError, field: &str) -> bool {
+    let Some(name) = error.message.strip_prefix("missing field `").and_then(|m| m.split_once('`')).map(|(f, _)| f)
+    else {
+        return false;
+    };
+    let expected = if error.field.is_empty() { name.to_string() } else { format!("{}.{name}", error.field) };
+    field == expected
 }
 
 fn push_new(problems: &mut Vec<ConfigError>, e: ConfigError) {
@@ -221,7 +285,13 @@ fn neutralise(value: &mut Value, error: &ConfigError, n: &mut u64) -> bool {
                 object.insert("path".into(), Value::String("/".into()));
                 object.remove("bind");
             }
-            _ => return false,
+            // Any other object that lacks a field (`key_set`) is an optional member: it goes.
+            _ => {
+                return match segs.split_last() {
+                    Some((Seg::Key(name), parent)) => remove(value, parent, name),
+                    _ => false,
+                }
+            }
         }
         return true;
     }
@@ -449,8 +519,38 @@ mod tests {
     }
 
     #[test]
+    fn duplicates_name_the_first_record_of_their_id_or_hash() {
+        let text = format!(
+            r#"{{"keys": [{{"id": "a", "hash": "{H}", "org": "o"}}, {{"id": "b", "hash": "{H2}", "org": "o"}},
+                {{"id": "b", "hash": "{H}", "org": "o"}}, {{"id": "a", "hash": "{H2}", "org": "o"}}]}}"#
+        );
+        assert_eq!(
+            fields(&text),
+            [
+                "keys[2].id: duplicate id \"b\" (also keys[1])",
+                "keys[2].hash: duplicate hash (also keys[0])",
+                "keys[3].id: duplicate id \"a\" (also keys[0])",
+                "keys[3].hash: duplicate hash (also keys[1])",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_required_field_that_is_wrong_is_not_also_reported_missing() {
+        let got = fields(r#"{"key_set": {"cluster": 7, "path": "/m.json", "colour": 1}, "unmatched": "x"}"#);
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert!(got.iter().any(|g| g.starts_with("key_set.cluster: invalid type: integer `7`")), "{got:#?}");
+        assert!(got.iter().any(|g| g.starts_with("key_set.colour: unknown field")), "{got:#?}");
+        assert!(got.iter().any(|g| g.starts_with("unmatched: ")), "{got:#?}");
+        let got = fields(r#"{"key_set": {"path": "/m.json"}, "unmatched": "x"}"#);
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert!(got[0].starts_with("key_set: missing field `cluster`"), "{got:#?}");
+    }
+
+    #[test]
     fn a_flood_of_problems_is_cut_short_with_a_note() {
-        let records: Vec<String> = (0..600).map(|i| format!(r#"{{"id": "k{i}", "hash": "bad", "org": "o"}}"#)).collect();
+        let records: Vec<String> =
+            (0..600).map(|i| format!(r#"{{"id": "k{i}", "hash": "bad", "org": "o"}}"#)).collect();
         let got = fields(&format!(r#"{{"keys": [{}]}}"#, records.join(",")));
         assert_eq!(got.len(), MAX_PROBLEMS + 1);
         assert_eq!(got.last().map(String::as_str), Some("stopped after 500 problems; fix these first"));

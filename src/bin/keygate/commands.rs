@@ -1,7 +1,7 @@
 //! The commands: new, revoke, list, hash, check, config.
 
 use crate::args::{flag, repeated, value, Opt, Parsed};
-use crate::{check, clock, envoy, help, json, keyset};
+use crate::{check, clock, envoy, help, json, keyset, shards};
 use keygate::config::{compile_key, ConfigError, Expiry, RawKey};
 use keygate::keys::hash_key;
 use keygate::policy::Policy;
@@ -81,7 +81,14 @@ const COMMANDS: &[Command] = &[
     Command {
         name: "config",
         help: help::CONFIG,
-        opts: &[value("--keys"), value("--routes"), value("--envoy"), value("--shards")],
+        opts: &[
+            value("--keys"),
+            value("--routes"),
+            value("--envoy"),
+            value("--shards"),
+            value("--digits"),
+            value("--manifest-version"),
+        ],
         run: config,
     },
 ];
@@ -455,19 +462,44 @@ fn check(p: &Parsed) -> Result<(), Fail> {
 }
 
 /// The members of a plugin configuration, in the order the filter documents them.
-const CONFIG_FIELDS: [&str; 7] = ["credential", "keys", "routes", "unmatched", "scope_implies", "upstream", "errors"];
+const CONFIG_FIELDS: [&str; 8] =
+    ["credential", "keys", "key_set", "routes", "unmatched", "scope_implies", "upstream", "errors"];
 
 fn config(p: &Parsed) -> Result<(), Fail> {
     let usage = usage("config");
     no_positionals(p, "; config takes only options").map_err(&usage)?;
-    if p.os("--shards").is_some() {
-        return Err(usage(
-            "--shards is not available yet: the live key-set format (manifest and shard files) is still being designed; \
-             without --shards, config prints the keys inline"
-                .into(),
-        ));
-    }
     let keys_path = PathBuf::from(p.required_os("--keys").map_err(&usage)?);
+    if let Some(dir) = p.os("--shards").map(PathBuf::from) {
+        if p.os("--routes").is_some() || p.os("--envoy").is_some() {
+            return Err(usage("--shards writes only the key set: leave out --routes and --envoy".into()));
+        }
+        let digits = match p.text("--digits").map_err(&usage)? {
+            None => 1,
+            Some(d) => {
+                d.parse::<usize>().ok().filter(|d| *d <= 4).ok_or_else(|| usage("--digits: from 0 to 4".into()))?
+            }
+        };
+        let version = match p.text("--manifest-version").map_err(&usage)? {
+            Some(v) => v,
+            None => (clock::now_ms().map_err(Fail::Error)? / 1_000).to_string(),
+        };
+        let set = keyset::read_existing(&keys_path).map_err(Fail::Error)?;
+        let done = shards::publish(&set.text, &dir, digits, &version).map_err(Fail::Error)?;
+        note(&format!(
+            "keygate: wrote {} (version {version}) and {} shard{} holding {} key{}",
+            dir.join("manifest.json").display(),
+            done.shards,
+            if done.shards == 1 { "" } else { "s" },
+            done.keys,
+            if done.keys == 1 { "" } else { "s" },
+        ));
+        return Ok(());
+    }
+    for only_with_shards in ["--digits", "--manifest-version"] {
+        if p.os(only_with_shards).is_some() {
+            return Err(usage(format!("{only_with_shards} goes with --shards")));
+        }
+    }
     let set = keyset::read_existing(&keys_path).map_err(Fail::Error)?;
     let keys_raw = member_texts(&set.text)
         .map_err(Fail::Error)?
@@ -511,7 +543,11 @@ fn config(p: &Parsed) -> Result<(), Fail> {
     } else if let Some((shown, _, found)) = &envoy {
         // Everything but the keys stays as the Envoy file has it.
         Policy::from_json(found.json.as_bytes()).map_err(|e| {
-            Fail::Error(format!("{shown}:{}: {} (`keygate check --envoy {shown}` lists every problem)", found.line_of(&e.field), e))
+            Fail::Error(format!(
+                "{shown}:{}: {} (`keygate check --envoy {shown}` lists every problem)",
+                found.line_of(&e.field),
+                e
+            ))
         })?;
         members = member_texts(found.json.as_bytes()).map_err(Fail::Error)?;
         members.retain(|(name, _)| name != "keys");
@@ -532,7 +568,8 @@ fn config(p: &Parsed) -> Result<(), Fail> {
     match envoy {
         None => emit(&out),
         Some((shown, text, found)) => {
-            let replaced = envoy::replace_block(&text, &found, &out).map_err(|e| Fail::Error(format!("{shown}: {e}")))?;
+            let replaced =
+                envoy::replace_block(&text, &found, &out).map_err(|e| Fail::Error(format!("{shown}: {e}")))?;
             emit(&replaced)
         }
     }

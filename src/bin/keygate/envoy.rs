@@ -231,7 +231,8 @@ pub fn replace_block(text: &str, found: &Found, json: &str) -> Result<String, St
     let first = found.line.checked_sub(1).ok_or("no configuration block")?;
     let block = lines.get(first..first + old.len()).ok_or("the configuration block is cut short")?;
     let (head, old_first) = (block.first().copied().unwrap_or_default(), old.first().copied().unwrap_or_default());
-    let indent_len = head.trim_end_matches(['\n', '\r']).len().checked_sub(old_first.len()).ok_or("unexpected block")?;
+    let indent_len =
+        head.trim_end_matches(['\n', '\r']).len().checked_sub(old_first.len()).ok_or("unexpected block")?;
     let indent = head.get(..indent_len).ok_or("unexpected block")?;
     let same = block.iter().zip(&old).all(|(file_line, value_line)| {
         let file_line = file_line.trim_end_matches(['\n', '\r']);

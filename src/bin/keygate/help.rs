@@ -100,9 +100,10 @@ Options:
 
 pub const CONFIG: &str = "\
 Usage: keygate config --keys FILE [--routes ROUTES.json] [--envoy ENVOY.yaml]
+       keygate config --keys FILE --shards DIR [--digits N] [--manifest-version V]
 
 Prints a plugin configuration: the keys of the key-set FILE, and the other fields (credential,
-routes, unmatched, scope_implies, upstream, errors) from ROUTES.json, a plugin configuration
+key_set, routes, unmatched, scope_implies, upstream, errors) from ROUTES.json, a configuration
 without keys. The result is checked by the filter's rules before it is printed. Paste it into
 Envoy's configuration.value, or an Istio WasmPlugin's pluginConfig.
 
@@ -110,10 +111,17 @@ With --envoy, prints ENVOY.yaml instead, with the configuration of its keygate f
 `value: |` block) replaced, every other line kept; without --routes, the fields other than keys
 stay as that file has them.
 
+With --shards, writes the key set in the live key-set format for a key-set endpoint (`key_set`
+in the configuration) instead: DIR/shards/<prefix>.json, one per hash prefix of N hex digits
+(DIR/shards/all.json for N = 0), then DIR/manifest.json listing them with their SHA-256. Each file
+is replaced atomically, the manifest last, so DIR can be served while it is written.
+
 Options:
-  --keys FILE             The key-set file (required)
-  --routes ROUTES.json    The rest of the configuration [default: none: any valid key passes]
-  --envoy ENVOY.yaml      Print this Envoy file with keygate's configuration replaced
-  --shards DIR            Write the live key-set format instead: not available yet
-  -h, --help              Print this help
+  --keys FILE                 The key-set file (required)
+  --routes ROUTES.json        The rest of the configuration [default: none: any valid key passes]
+  --envoy ENVOY.yaml          Print this Envoy file with keygate's configuration replaced
+  --shards DIR                Write the manifest and shards of the live key-set format into DIR
+  --digits N                  Hex digits of hash prefix per shard, 0 to 4 [default: 1: 16 shards]
+  --manifest-version V        The manifest's version [default: Unix seconds now]
+  -h, --help                  Print this help
 ";

@@ -5,6 +5,7 @@
 //! error rather than panicking if that ever fails to hold. Nesting is bounded by serde_json's own
 //! recursion limit (128), so recursion here is bounded too.
 
+use std::collections::hash_map::{Entry, HashMap};
 use std::fmt::Write as _;
 
 /// One member of a JSON object: its decoded name and the byte spans of its name and value.
@@ -148,46 +149,79 @@ pub fn newline_of(text: &[u8]) -> &'static str {
 /// the path that exists. Object member names that contain dots are matched against the members
 /// actually present.
 pub fn locate(text: &[u8], field: &str) -> Option<usize> {
-    let mut span = value_at(text, 0).ok()?;
-    let mut rest = field;
-    while !rest.is_empty() {
-        rest = rest.strip_prefix('.').unwrap_or(rest);
-        let next = match text.get(span.start) {
-            Some(b'{') => {
-                let (members, _) = members(text, span.start).ok()?;
-                let found = members
-                    .iter()
-                    .filter(|m| {
-                        rest.strip_prefix(m.name.as_str())
-                            .is_some_and(|after| after.is_empty() || after.starts_with(['.', '[']))
-                    })
-                    .max_by_key(|m| m.name.len());
-                match found {
-                    Some(m) => {
-                        rest = rest.get(m.name.len()..).unwrap_or_default();
-                        m.value
-                    }
-                    None => break,
-                }
-            }
-            Some(b'[') => {
-                let Some(inner) = rest.strip_prefix('[') else { break };
-                let Some((index, after)) = inner.split_once(']') else { break };
-                let Ok(index) = index.parse::<usize>() else { break };
-                let (elements, _) = elements(text, span.start).ok()?;
-                match elements.get(index) {
-                    Some(e) => {
-                        rest = after;
-                        *e
-                    }
-                    None => break,
-                }
-            }
-            _ => break,
-        };
-        span = next;
+    Locator::new(text).locate(field)
+}
+
+/// [`locate`] for many fields of one text: each object or array is scanned once, however many
+/// fields lie inside it.
+pub struct Locator<'t> {
+    text: &'t [u8],
+    root: Option<Span>,
+    children: HashMap<usize, Children>,
+}
+
+enum Children {
+    Members(Vec<Member>),
+    Elements(Vec<Span>),
+}
+
+impl<'t> Locator<'t> {
+    pub fn new(text: &'t [u8]) -> Self {
+        Locator { text, root: value_at(text, 0).ok(), children: HashMap::new() }
     }
-    Some(span.start)
+
+    fn children(&mut self, span: Span) -> Option<&Children> {
+        let text = self.text;
+        if let Entry::Vacant(slot) = self.children.entry(span.start) {
+            slot.insert(match text.get(span.start) {
+                Some(b'{') => Children::Members(members(text, span.start).ok()?.0),
+                Some(b'[') => Children::Elements(elements(text, span.start).ok()?.0),
+                _ => return None,
+            });
+        }
+        self.children.get(&span.start)
+    }
+
+    pub fn locate(&mut self, field: &str) -> Option<usize> {
+        let mut span = self.root?;
+        let mut rest = field;
+        while !rest.is_empty() {
+            rest = rest.strip_prefix('.').unwrap_or(rest);
+            let next = match self.children(span) {
+                Some(Children::Members(members)) => {
+                    let found = members
+                        .iter()
+                        .filter(|m| {
+                            rest.strip_prefix(m.name.as_str())
+                                .is_some_and(|after| after.is_empty() || after.starts_with(['.', '[']))
+                        })
+                        .max_by_key(|m| m.name.len());
+                    match found {
+                        Some(m) => {
+                            rest = rest.get(m.name.len()..).unwrap_or_default();
+                            m.value
+                        }
+                        None => break,
+                    }
+                }
+                Some(Children::Elements(elements)) => {
+                    let Some(inner) = rest.strip_prefix('[') else { break };
+                    let Some((index, after)) = inner.split_once(']') else { break };
+                    let Ok(index) = index.parse::<usize>() else { break };
+                    match elements.get(index) {
+                        Some(e) => {
+                            rest = after;
+                            *e
+                        }
+                        None => break,
+                    }
+                }
+                None => break,
+            };
+            span = next;
+        }
+        Some(span.start)
+    }
 }
 
 /// The 1-based line of byte `at`.

@@ -23,6 +23,8 @@ mod help;
 mod json;
 #[cfg(not(target_arch = "wasm32"))]
 mod keyset;
+#[cfg(not(target_arch = "wasm32"))]
+mod shards;
 
 // The filter is the library built for wasm32, at target/wasm32-wasip1/release/keygate.wasm; a
 // wasm32 build of this binary would have the same file name and overwrite it. So building every
