@@ -6,8 +6,8 @@
 
 use crate::keys::{KeyHash, KeySource, Lookup};
 use crate::live::{
-    decode_key, parse_manifest, parse_shard, plan_writes, FetchedShard, KeySetConfig, Lease, Manifest, ShardIndex,
-    ShardRef, SyncState, MAX_IN_FLIGHT,
+    decode_key, parse_manifest, parse_shard, plan_writes, prefixes, FetchedShard, KeySetConfig, Lease, Manifest,
+    Retired, ShardIndex, ShardRef, SyncState, MAX_IN_FLIGHT,
 };
 use crate::policy::{Decision, Policy, RequestView};
 use crate::reply::DenyKind;
@@ -146,6 +146,8 @@ struct SyncRun {
     manifest_token: Option<u32>,
     manifest: Option<Manifest>,
     manifest_etag: Option<String>,
+    /// Set when the manifest changes the shard layout: what the old layout held.
+    retired: Option<Retired>,
     queue: Vec<(ShardRef, Option<ShardIndex>)>,
     in_flight: HashMap<u32, (ShardRef, Option<ShardIndex>)>,
     fetched: Vec<FetchedShard>,
@@ -269,6 +271,7 @@ impl Root {
                         manifest_token: Some(token),
                         manifest: None,
                         manifest_etag: None,
+                        retired: None,
                         queue: Vec::new(),
                         in_flight: HashMap::new(),
                         fetched: Vec::new(),
@@ -302,10 +305,21 @@ impl Root {
                 other => return Err(format!("manifest: HTTP status {other}")),
             }
             let manifest = parse_manifest(body).map_err(|e| e.to_string())?;
-            for shard in &manifest.shards {
-                let index = read_shard_index(config, &shard.prefix);
-                if index.as_ref().is_none_or(|i| i.etag != shard.etag) {
-                    run.queue.push((shard.clone(), index));
+            if let Some(width) = run.previous.width.filter(|w| *w != manifest.width()) {
+                // A new layout: every shard is fetched, and every key of the old one is reconsidered.
+                let mut retired = Retired::default();
+                for prefix in prefixes(width) {
+                    retired.hashes.extend(read_shard_index(config, &prefix).map(|i| i.hashes).unwrap_or_default());
+                    retired.prefixes.push(prefix);
+                }
+                run.queue.extend(manifest.shards.iter().map(|s| (s.clone(), None)));
+                run.retired = Some(retired);
+            } else {
+                for shard in &manifest.shards {
+                    let index = read_shard_index(config, &shard.prefix);
+                    if index.as_ref().is_none_or(|i| i.etag != shard.etag) {
+                        run.queue.push((shard.clone(), index));
+                    }
                 }
             }
             run.manifest = Some(manifest);
@@ -350,6 +364,7 @@ impl Root {
                     config,
                     manifest,
                     &run.fetched,
+                    run.retired.as_ref(),
                     &shared.policy.keys,
                     &run.previous,
                     run.manifest_etag.clone(),

@@ -147,6 +147,26 @@ pub struct Manifest {
     pub shards: Vec<ShardRef>,
 }
 
+impl Manifest {
+    /// The shards' prefix length.
+    pub fn width(&self) -> usize {
+        self.shards.first().map_or(0, |s| s.prefix.len())
+    }
+}
+
+/// Every prefix of a shard layout `width` hex digits long.
+pub fn prefixes(width: usize) -> impl Iterator<Item = String> {
+    (0..1usize << (4 * width)).map(move |n| if width == 0 { String::new() } else { format!("{n:0width$x}") })
+}
+
+/// What a sync that changes the shard layout leaves behind: the old layout's index entries and every
+/// hash they held.
+#[derive(Debug, Default)]
+pub struct Retired {
+    pub prefixes: Vec<String>,
+    pub hashes: Vec<KeyHash>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawManifest {
@@ -275,6 +295,9 @@ pub struct SyncState {
     pub synced_ms: i64,
     /// The manifest's `ETag` header, for `If-None-Match`.
     pub manifest_etag: Option<String>,
+    /// The shards' prefix length: a manifest with another one replaces the whole set.
+    #[serde(default)]
+    pub width: Option<usize>,
 }
 
 impl SyncState {
@@ -308,11 +331,15 @@ pub struct FetchedShard {
 }
 
 /// The writes that apply one sync: records of the changed shards, tombstones for keys gone from them,
-/// their new indexes, and last the state. Refused if a key is also an inline key.
+/// their new indexes, and last the state. With `retired` (the shard layout changed, and every shard
+/// was fetched), every hash of the old layout that is not in the new one is tombstoned and the old
+/// layout's indexes are voided. Refused if a key is also an inline key.
+#[allow(clippy::too_many_arguments)] // one sync's inputs, all needed; a struct would only rename them
 pub fn plan_writes(
     config: &KeySetConfig,
     manifest: &Manifest,
     fetched: &[FetchedShard],
+    retired: Option<&Retired>,
     inline: &KeySet,
     previous: &SyncState,
     manifest_etag: Option<String>,
@@ -320,7 +347,7 @@ pub fn plan_writes(
 ) -> Result<Vec<Write>, ConfigError> {
     let mut writes = Vec::new();
     let mut indexes = Vec::with_capacity(fetched.len());
-    let mut keys = previous.keys;
+    let mut keys = if retired.is_some() { 0 } else { previous.keys };
     for f in fetched {
         let mut hashes = Vec::with_capacity(f.keys.len());
         for (hash, key) in &f.keys {
@@ -338,14 +365,32 @@ pub fn plan_writes(
         for gone in old.iter().filter(|h| !now.contains(h)) {
             writes.push(Write { entry: config.key_entry(gone), value: TOMBSTONE.to_vec() });
         }
-        keys = keys.saturating_sub(old.len() as u64).saturating_add(hashes.len() as u64);
+        keys = keys
+            .saturating_sub(if retired.is_some() { 0 } else { old.len() as u64 })
+            .saturating_add(hashes.len() as u64);
         indexes.push(Write {
             entry: config.shard_entry(&f.shard.prefix),
             value: ShardIndex { etag: f.shard.etag, hashes }.encode(),
         });
     }
+    if let Some(retired) = retired {
+        let kept: HashSet<&KeyHash> = fetched.iter().flat_map(|f| f.keys.iter().map(|(h, _)| h)).collect();
+        for gone in retired.hashes.iter().filter(|h| !kept.contains(h)) {
+            writes.push(Write { entry: config.key_entry(gone), value: TOMBSTONE.to_vec() });
+        }
+        for prefix in &retired.prefixes {
+            // An index that decodes as nothing: a later return to this layout fetches every shard.
+            writes.push(Write { entry: config.shard_entry(prefix), value: TOMBSTONE.to_vec() });
+        }
+    }
     writes.extend(indexes);
-    let state = SyncState { version: manifest.version.clone(), keys, synced_ms: now_ms, manifest_etag };
+    let state = SyncState {
+        version: manifest.version.clone(),
+        keys,
+        synced_ms: now_ms,
+        manifest_etag,
+        width: Some(manifest.width()),
+    };
     writes.push(Write { entry: config.state_entry(), value: state.encode() });
     Ok(writes)
 }

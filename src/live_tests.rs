@@ -132,10 +132,10 @@ fn plan_writes_records_tombstones_indexes_then_state() {
     let keys = parse_shard(&shard, &body).unwrap();
     let previous = ShardIndex { etag: [9; 32], hashes: vec![hash_key(ka.as_bytes()), hash_key(kb.as_bytes())] };
     let manifest = Manifest { version: "42".into(), shards: vec![shard.clone()] };
-    let prior = SyncState { version: "41".into(), keys: 10, synced_ms: 1, manifest_etag: None };
+    let prior = SyncState { version: "41".into(), keys: 10, synced_ms: 1, manifest_etag: None, width: Some(1) };
     let fetched = [FetchedShard { shard, keys, previous: Some(previous) }];
     let writes =
-        plan_writes(&c, &manifest, &fetched, &KeySet::default(), &prior, Some("\"e1\"".into()), 5_000).unwrap();
+        plan_writes(&c, &manifest, &fetched, None, &KeySet::default(), &prior, Some("\"e1\"".into()), 5_000).unwrap();
 
     let value = |entry: &str| writes.iter().find(|w| w.entry == entry).map(|w| w.value.clone());
     assert_eq!(value(&c.key_entry(&hash_key(kb.as_bytes()))).as_deref(), Some(TOMBSTONE));
@@ -147,7 +147,13 @@ fn plan_writes_records_tombstones_indexes_then_state() {
     let state = SyncState::decode(&last.value).unwrap();
     assert_eq!(
         state,
-        SyncState { version: "42".into(), keys: 10, synced_ms: 5_000, manifest_etag: Some("\"e1\"".into()) }
+        SyncState {
+            version: "42".into(),
+            keys: 10,
+            synced_ms: 5_000,
+            manifest_etag: Some("\"e1\"".into()),
+            width: Some(1)
+        }
     );
     assert_eq!(state.version_number(), Some(42));
 }
@@ -164,6 +170,7 @@ fn a_shard_key_that_is_also_inline_refuses_the_sync() {
         &c,
         &manifest,
         &[FetchedShard { shard, keys, previous: None }],
+        None,
         &inline,
         &SyncState::default(),
         None,
@@ -192,4 +199,37 @@ fn shard_index_round_trips() {
     let index = ShardIndex { etag: [1; 32], hashes: vec![[2; 32], [3; 32]] };
     assert_eq!(ShardIndex::decode(&index.encode()), Some(index));
     assert_eq!(ShardIndex::decode(&[0; 31]), None);
+}
+
+#[test]
+fn a_new_shard_layout_replaces_the_whole_set() {
+    let c = config();
+    let (kept, dropped) = (key_with_prefix("3"), key_with_prefix("a"));
+    let body = json!({"keys": [record("k", &kept)]}).to_string().into_bytes();
+    let shard = shard_ref("", &body);
+    let keys = parse_shard(&shard, &body).unwrap();
+    let manifest = Manifest { version: "2".into(), shards: vec![shard.clone()] };
+    let retired = Retired {
+        prefixes: prefixes(1).collect(),
+        hashes: vec![hash_key(kept.as_bytes()), hash_key(dropped.as_bytes())],
+    };
+    let prior = SyncState { version: "1".into(), keys: 8, synced_ms: 1, manifest_etag: None, width: Some(1) };
+    let fetched = [FetchedShard { shard, keys, previous: None }];
+    let writes = plan_writes(&c, &manifest, &fetched, Some(&retired), &KeySet::default(), &prior, None, 9).unwrap();
+    let value = |entry: &str| writes.iter().rev().find(|w| w.entry == entry).map(|w| w.value.clone());
+    assert_eq!(value(&c.key_entry(&hash_key(dropped.as_bytes()))).as_deref(), Some(TOMBSTONE));
+    assert_eq!(decode_key(&value(&c.key_entry(&hash_key(kept.as_bytes()))).unwrap()).unwrap().id, "k");
+    for p in prefixes(1) {
+        assert_eq!(ShardIndex::decode(&value(&c.shard_entry(&p)).unwrap()), None, "old index {p:?} voided");
+    }
+    assert!(ShardIndex::decode(&value(&c.shard_entry("")).unwrap()).is_some());
+    let state = SyncState::decode(&writes.last().unwrap().value).unwrap();
+    assert_eq!((state.keys, state.width), (1, Some(0)));
+}
+
+#[test]
+fn prefixes_enumerate_a_layout() {
+    assert_eq!(prefixes(0).collect::<Vec<_>>(), [""]);
+    assert_eq!(prefixes(1).count(), 16);
+    assert_eq!(prefixes(2).nth(255).as_deref(), Some("ff"));
 }
