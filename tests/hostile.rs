@@ -56,6 +56,9 @@ enum Outcome {
 
 use Outcome::{Allowed, Refused};
 
+/// One hostile request: what it is, its headers, and what it must get.
+type Case = (&'static str, Vec<(&'static str, String)>, Outcome);
+
 struct Gateway {
     upstream: Upstream,
     envoy: Envoy,
@@ -114,7 +117,7 @@ fn bearer(key: &str) -> String {
 fn hostile_credentials_get_their_documented_outcome() {
     let g = Gateway::start(keys());
     let long = format!("Bearer sk_live_{}", "a".repeat(8 * 1024));
-    let cases: Vec<(&str, Vec<(&str, String)>, Outcome)> = vec![
+    let cases: Vec<Case> = vec![
         ("no header", vec![], Refused(401, "missing_api_key")),
         ("Bearer with nothing after it", vec![("authorization", "Bearer".into())], Refused(401, "missing_api_key")),
         ("Bearer and spaces only", vec![("authorization", "Bearer    ".into())], Refused(401, "missing_api_key")),

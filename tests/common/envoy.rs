@@ -62,7 +62,17 @@ pub struct EnvoyOptions {
     /// `HttpConnectionManager` `normalize_path` and `merge_slashes`. Default false: the filter
     /// sees raw paths.
     pub normalize_path: bool,
+    /// Port of a key-set server on 127.0.0.1 (see [`super::keyset`]); `Some` adds a STATIC
+    /// HTTP/1.1 cluster named [`KEYSET_CLUSTER`] pointing at it, for the plugin's `key_set`.
+    pub keyset_port: Option<u16>,
 }
+
+/// The name of the cluster [`EnvoyOptions::keyset_port`] adds.
+pub const KEYSET_CLUSTER: &str = "keyset";
+
+/// In a configuration or file given to [`Envoy::try_start_with_files`]: replaced by the path of
+/// the instance directory, where the files are written.
+pub const INSTANCE_DIR_TOKEN: &str = "{{instance_dir}}";
 
 impl EnvoyOptions {
     pub fn new(plugin_config: Option<&str>, upstream_port: u16) -> EnvoyOptions {
@@ -72,6 +82,7 @@ impl EnvoyOptions {
             concurrency: 1,
             failure_policy: None,
             normalize_path: false,
+            keyset_port: None,
         }
     }
 
@@ -107,6 +118,31 @@ impl EnvoyOptions {
             "name": "envoy.filters.http.router",
             "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
         }));
+        let mut clusters = vec![json!({
+            "name": "upstream",
+            "type": "STATIC",
+            "connect_timeout": "2s",
+            "load_assignment": {
+                "cluster_name": "upstream",
+                "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "socket_address": {
+                    "address": "127.0.0.1", "port_value": self.upstream_port,
+                } } } }] }],
+            },
+        })];
+        if let Some(port) = self.keyset_port {
+            // No protocol options: Envoy speaks HTTP/1.1 to a cluster by default.
+            clusters.push(json!({
+                "name": KEYSET_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": KEYSET_CLUSTER,
+                    "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "socket_address": {
+                        "address": "127.0.0.1", "port_value": port,
+                    } } } }] }],
+                },
+            }));
+        }
         json!({
             "admin": { "address": { "socket_address": { "address": "127.0.0.1", "port_value": 0 } } },
             "static_resources": {
@@ -133,17 +169,7 @@ impl EnvoyOptions {
                         },
                     }] }],
                 }],
-                "clusters": [{
-                    "name": "upstream",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "upstream",
-                        "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "socket_address": {
-                            "address": "127.0.0.1", "port_value": self.upstream_port,
-                        } } } }] }],
-                    },
-                }],
+                "clusters": clusters,
             },
         })
     }
@@ -181,7 +207,20 @@ impl Envoy {
     /// Starts Envoy on a configuration given as text, used as is (no recipe substitution);
     /// `format` is the file extension Envoy goes by: "json" or "yaml".
     pub fn try_start_config_text(config: &str, format: &str, concurrency: u32) -> Result<Envoy, String> {
-        launch(config, format, concurrency)
+        launch(config, format, concurrency, &[])
+    }
+
+    /// Like [`Envoy::try_start_config_text`], with files that Envoy reads at run time (an ECDS
+    /// source, say): each `(name, text)` of `files` is written into the instance directory
+    /// before Envoy starts, and [`INSTANCE_DIR_TOKEN`] in `config` and in every file's text is
+    /// replaced by that directory's path. A test changes such a file through [`Envoy::dir`].
+    pub fn try_start_with_files(
+        config: &str,
+        format: &str,
+        concurrency: u32,
+        files: &[(&str, &str)],
+    ) -> Result<Envoy, String> {
+        launch(config, format, concurrency, files)
     }
 
     /// Starts Envoy on a hand-written configuration file (path relative to the repository root,
@@ -198,7 +237,7 @@ impl Envoy {
         let text = fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         let config = substitute_recipe(&text, upstream_port)?;
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("yaml").to_string();
-        launch(&config, &ext, 1)
+        launch(&config, &ext, 1, &[])
     }
 
     /// The listener's port on 127.0.0.1.
@@ -332,6 +371,14 @@ pub fn substitute_recipe(text: &str, upstream_port: u16) -> Result<String, Strin
         }
         text = text.replace(&yaml, &format!("port_value: {to}")).replace(&json, &format!("\"port_value\": {to}"));
     }
+    Ok(substitute_wasm(&text).replace("0.0.0.0", "127.0.0.1"))
+}
+
+/// The wasm part of the recipe convention alone: `filename: target/wasm32-wasip1/release/keygate.wasm`
+/// (optionally quoted, or as JSON) becomes the wasm in use ([`wasm_path`]). For a file that holds
+/// a filter configuration but no ports, such as an ECDS resource.
+pub fn substitute_wasm(text: &str) -> String {
+    let mut text = text.to_string();
     let wasm_tokens = [
         format!("filename: {RECIPE_WASM}"),
         format!("filename: \"{RECIPE_WASM}\""),
@@ -345,7 +392,7 @@ pub fn substitute_recipe(text: &str, upstream_port: u16) -> Result<String, Strin
             .replace(&quoted, &format!("filename: {wasm}"))
             .replace(&plain, &format!("filename: {wasm}"));
     }
-    Ok(text.replace("0.0.0.0", "127.0.0.1"))
+    text
 }
 
 static INSTANCE: AtomicUsize = AtomicUsize::new(0);
@@ -403,11 +450,18 @@ fn remove_stale_instances() {
     });
 }
 
-fn launch(config: &str, ext: &str, concurrency: u32) -> Result<Envoy, String> {
+fn launch(config: &str, ext: &str, concurrency: u32, files: &[(&str, &str)]) -> Result<Envoy, String> {
     remove_stale_instances();
     let dir = instances_root().join(format!("{}-{}", std::process::id(), INSTANCE.fetch_add(1, Ordering::SeqCst)));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let dir_text = dir.to_str().ok_or_else(|| format!("instance directory {} is not UTF-8", dir.display()))?;
+    for (name, text) in files {
+        let path = dir.join(name);
+        fs::write(&path, text.replace(INSTANCE_DIR_TOKEN, dir_text))
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    let config = config.replace(INSTANCE_DIR_TOKEN, dir_text);
     let config_path = dir.join(format!("config.{ext}"));
     fs::write(&config_path, config).map_err(|e| format!("writing {}: {e}", config_path.display()))?;
     let admin_address = dir.join("admin-address");

@@ -74,6 +74,18 @@
 //! root. No other port number may be spelled `port_value: 10000` / `9901`. A missing or repeated
 //! token makes `try_start_config_file` return `Err` naming it. The listener port the tests use is
 //! read from the admin `/listeners`, so a recipe should have exactly one listener.
+//!
+//! # Key-set endpoint and run-time files
+//!
+//! [`KeySetServer`] (module [`keyset`]) is a key-set endpoint on 127.0.0.1 that publishes
+//! manifest and shards as the README lays them out, answers conditional requests, records every
+//! request and fails on demand ([`Fault`]). [`EnvoyOptions::keyset_port`] adds the cluster
+//! [`KEYSET_CLUSTER`] (`keyset`) that points at it.
+//!
+//! [`Envoy::try_start_with_files`] writes files Envoy reads at run time (an ECDS source, say)
+//! into the instance directory and replaces [`envoy::INSTANCE_DIR_TOKEN`] with that directory's
+//! path, in the configuration and in the files; a test then replaces a file there through
+//! [`Envoy::dir`]. [`envoy::substitute_wasm`] applies the recipe convention's wasm token alone.
 
 // Every test file compiles this module and uses a part of it.
 #![allow(dead_code, unused_imports)]
@@ -83,8 +95,10 @@
 pub mod client;
 pub mod envoy;
 pub mod http1;
+pub mod keyset;
 pub mod upstream;
 
 pub use client::{get, raw_http1, send, send_body, try_raw_http1, try_send, Proto, Response};
-pub use envoy::{envoy_binary, repo_root, wasm_path, Envoy, EnvoyOptions};
+pub use envoy::{envoy_binary, repo_root, wasm_path, Envoy, EnvoyOptions, KEYSET_CLUSTER};
+pub use keyset::{Fault, KeySetRequest, KeySetServer, Publication, MANIFEST_PATH};
 pub use upstream::{Recorded, Upstream, UPSTREAM_BODY};
