@@ -198,7 +198,7 @@ impl RootContext for Root {
         info!("keygate: configured with {} inline keys, {} routes", policy.keys.len(), policy.routes.len());
         self.live = None;
         if let Some(config) = &policy.key_set {
-            let Some(me) = next_vm_number(config) else {
+            let Some(me) = vm_number(config) else {
                 error!("keygate: cannot number this VM in shared data");
                 return false;
             };
@@ -453,7 +453,22 @@ fn read_cas(entry: &str, initial: &[u8]) -> Option<(Vec<u8>, u32)> {
     None
 }
 
-/// Gives this VM a number no other VM of this Envoy process has.
+thread_local! {
+    /// This VM's number: kept across reconfigurations (ECDS, a new `WasmPlugin`), so the new root
+    /// context of a VM that held the polling lease goes on holding it.
+    static VM_NUMBER: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
+/// Gives this VM a number no other VM of this Envoy process has, the same one on every call.
+fn vm_number(config: &KeySetConfig) -> Option<u32> {
+    if let Some(n) = VM_NUMBER.with(Cell::get) {
+        return Some(n);
+    }
+    let n = next_vm_number(config)?;
+    VM_NUMBER.with(|cell| cell.set(Some(n)));
+    Some(n)
+}
+
 fn next_vm_number(config: &KeySetConfig) -> Option<u32> {
     let entry = config.vmseq_entry();
     for _ in 0..100 {
