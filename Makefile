@@ -37,7 +37,7 @@ run: build envoy
 	@sh envoy/demo.sh "$(ENVOY)" "$(CONFIG)"
 
 ## test: host unit tests, then integration tests against a real Envoy
-test: build build-probe envoy
+test: build build-probe envoy image-deps
 	$(CARGO) test --lib --bins
 	$(CARGO) test --test "*" -- --test-threads 2
 
@@ -91,8 +91,8 @@ image-deps:
 	@if [ -n "$$DOCKER_REGISTRY" ] || command -v docker-registry >/dev/null 2>&1 \
 	  || [ -x $(REGISTRY_DIR)/usr/bin/docker-registry ]; then exit 0; fi; \
 	set -e; rm -rf $(REGISTRY_DIR).tmp; mkdir -p $(REGISTRY_DIR).tmp; cd $(REGISTRY_DIR).tmp; \
-	apt-get download docker-registry >/dev/null 2>&1 \
-	  || { $(SUDO) apt-get update -qq && apt-get download docker-registry; }; \
+	apt-get download -o APT::Sandbox::User=root docker-registry >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -qq && apt-get download -o APT::Sandbox::User=root docker-registry; }; \
 	dpkg-deb -x docker-registry_*.deb root; cd - >/dev/null; \
 	rm -rf $(REGISTRY_DIR); mv $(REGISTRY_DIR).tmp/root $(REGISTRY_DIR); rm -rf $(REGISTRY_DIR).tmp; \
 	$(REGISTRY_DIR)/usr/bin/docker-registry --version
@@ -100,3 +100,4 @@ image-deps:
 ## image-test: the image through a real registry on loopback, and the Istio manifests (tests/istio.rs)
 image-test: build envoy image-deps
 	$(CARGO) test --test istio
+# ---- end of Istio -------------------------------------------------------------------------------
