@@ -186,10 +186,9 @@ pub fn parse_json<T: for<'de> Deserialize<'de>>(text: &[u8]) -> Result<T, Config
         return Err(ConfigError::new("", "expected a JSON object"));
     }
     let mut de = serde_json::Deserializer::from_slice(text);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." { String::new() } else { path };
-        ConfigError::new(field, e.inner().to_string())
+    let value = T::deserialize(&mut de).map_err(|e| {
+        let field = crate::jsonpath::path_at(text, crate::jsonpath::offset_of(text, e.line(), e.column()));
+        ConfigError::new(field, e.to_string())
     })?;
     de.end().map_err(|e| ConfigError::new("", e.to_string()))?;
     Ok(value)

@@ -13,6 +13,7 @@ pub mod filter;
 /// Fuzz entry points; native only, never in the filter.
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fuzzing;
+pub mod jsonpath;
 pub mod keys;
 pub mod live;
 pub mod policy;

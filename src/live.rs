@@ -17,7 +17,7 @@
 
 use crate::config::{compile_keys, parse_hash, parse_json, ConfigError, RawKey};
 use crate::keys::{hash_key, Key, KeyHash, KeySet};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::HashSet;
 
 /// The compiled `key_set` settings.
@@ -287,7 +287,7 @@ impl ShardIndex {
 }
 
 /// What has loaded, shared by every VM.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SyncState {
     pub version: String,
     pub keys: u64,
@@ -296,17 +296,31 @@ pub struct SyncState {
     /// The manifest's `ETag` header, for `If-None-Match`.
     pub manifest_etag: Option<String>,
     /// The shards' prefix length: a manifest with another one replaces the whole set.
-    #[serde(default)]
     pub width: Option<usize>,
 }
 
 impl SyncState {
+    /// One field a line: version, keys, synced_ms, width (or `-`), manifest ETag (or nothing). The
+    /// version has no control characters (the manifest check) and an ETag header no line break.
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        let width = self.width.map_or_else(|| "-".to_string(), |w| w.to_string());
+        let etag = self.manifest_etag.as_deref().unwrap_or_default();
+        format!("{}\n{}\n{}\n{width}\n{etag}", self.version, self.keys, self.synced_ms).into_bytes()
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        serde_json::from_slice(bytes).ok()
+        let text = std::str::from_utf8(bytes).ok()?;
+        let mut lines = text.splitn(5, '\n');
+        let version = lines.next()?.to_string();
+        let keys = lines.next()?.parse().ok()?;
+        let synced_ms = lines.next()?.parse().ok()?;
+        let width = match lines.next()? {
+            "-" => None,
+            w => Some(w.parse().ok()?),
+        };
+        let etag = lines.next()?;
+        let manifest_etag = (!etag.is_empty()).then(|| etag.to_string());
+        Some(SyncState { version, keys, synced_ms, manifest_etag, width })
     }
 
     /// The version as a number, for the version gauge, when it is all digits.

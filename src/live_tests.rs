@@ -233,3 +233,20 @@ fn prefixes_enumerate_a_layout() {
     assert_eq!(prefixes(1).count(), 16);
     assert_eq!(prefixes(2).nth(255).as_deref(), Some("ff"));
 }
+
+#[test]
+fn sync_state_round_trips() {
+    for state in [
+        SyncState::default(),
+        SyncState {
+            version: "v 1.2".into(),
+            keys: 7,
+            synced_ms: -3,
+            manifest_etag: Some("\"abc\"".into()),
+            width: Some(2),
+        },
+    ] {
+        assert_eq!(SyncState::decode(&state.encode()), Some(state));
+    }
+    assert_eq!(SyncState::decode(b"1\nx\n0\n-\n"), None);
+}

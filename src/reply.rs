@@ -216,7 +216,9 @@ fn compile_value(value: &Value, pieces: &mut Vec<BodyPiece>, json: &mut String) 
             }
             json.push('}');
         }
-        other => json.push_str(&other.to_string()),
+        Value::Number(n) => json.push_str(&n.to_string()),
+        Value::Bool(b) => json.push_str(if *b { "true" } else { "false" }),
+        Value::Null => json.push_str("null"),
     }
     Ok(())
 }

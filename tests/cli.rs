@@ -198,7 +198,12 @@ fn config_envoy_puts_new_keys_into_a_shipped_envoy_file_that_runs() {
     assert!(run.stdout.starts_with(head));
     let router = original.find("- name: envoy.filters.http.router").unwrap();
     assert!(run.stdout.ends_with(&original[router..]));
-    assert_eq!(ok(&s, &["check", "--envoy", "envoy.yaml"]).stdout, "envoy.yaml:65: ok (1 key, 2 routes)\n");
+    // `check` names the line where the configuration's JSON starts: the one after `value: |`.
+    let first_json_line = head.lines().count() + 1;
+    assert_eq!(
+        ok(&s, &["check", "--envoy", "envoy.yaml"]).stdout,
+        format!("envoy.yaml:{first_json_line}: ok (1 key, 2 routes)\n")
+    );
 
     let upstream = Upstream::start();
     let envoy = Envoy::start_config_file(s.path("envoy.yaml"), upstream.port());
