@@ -176,8 +176,20 @@ impl Context for Root {
     }
 }
 
+/// Follows Envoy's log level for the `wasm` component, so that a `debug!` below it costs a comparison,
+/// not a formatted message sent to the host and dropped there.
+fn follow_envoy_log_level() {
+    if let Ok(level) = hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
+}
+
+/// How often a VM without a live key set wakes, to follow Envoy's log level.
+const IDLE_TICK: Duration = Duration::from_secs(5);
+
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
+        follow_envoy_log_level();
         let text = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(bytes)) => bytes,
             Ok(None) => Vec::new(),
@@ -197,6 +209,11 @@ impl RootContext for Root {
         Metrics::record(metrics.keys, policy.keys.len() as u64);
         info!("keygate: configured with {} inline keys, {} routes", policy.keys.len(), policy.routes.len());
         self.live = None;
+        if policy.key_set.is_none() {
+            if let Err(status) = hostcalls::set_tick_period(IDLE_TICK) {
+                warn!("keygate: cannot set the tick period: {status:?}");
+            }
+        }
         if let Some(config) = &policy.key_set {
             let Some(me) = vm_number(config) else {
                 error!("keygate: cannot number this VM in shared data");
@@ -213,6 +230,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        follow_envoy_log_level();
         let Some(shared) = self.shared.clone() else { return };
         let Some(config) = &shared.policy.key_set else { return };
         let Some(now) = now_ms() else { return };
