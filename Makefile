@@ -9,7 +9,7 @@ CONFIG        ?= envoy/envoy.yaml
 export ENVOY
 export KEYGATE_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all build build-probe wasm-opt run test unit integration lint envoy wasm-target clean fuzz
+.PHONY: all build build-probe wasm-opt soak run test unit integration lint envoy wasm-target clean fuzz
 
 all: build
 
@@ -57,6 +57,11 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) clippy --release --lib --target wasm32-wasip1 -- -D warnings
+
+## soak: SOAK_SECONDS (default 600) of mixed traffic while the live key set churns (tests/soak.rs)
+SOAK_SECONDS  ?= 600
+soak: build envoy
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --test soak -- --ignored --nocapture
 
 ## fuzz: each fuzz target for FUZZ_SECONDS (default 60); a crash is saved under fuzz/regressions/
 FUZZ_SECONDS  ?= 60
