@@ -115,3 +115,24 @@ image-deps:
 image-test: build envoy image-deps
 	$(CARGO) test --test istio
 # ---- end of Istio -------------------------------------------------------------------------------
+
+# ---- bench: Envoy CPU per request, latency, memory and start-up (bench/bench.py) ---------------
+# Only this block belongs to the benchmark. ROUNDS, DURATION, CPU_KEYS, SCALE, SCALE_CONCURRENCY,
+# SCALE_TIMEOUT and PARTS are passed through the environment, e.g.
+#   ROUNDS=2 DURATION=3 SCALE=1k make bench        PARTS=cpu,size make bench
+NOOP_WASM  := target/bench/noop/wasm32-wasip1/release/keygate_bench_noop.wasm
+BENCH_SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: bench bench-noop bench-deps
+
+## bench: the benchmark; prints the tables and saves them to target/bench/report.md
+bench: build envoy bench-noop bench-deps
+	NOOP_WASM=$(CURDIR)/$(NOOP_WASM) python3 bench/bench.py
+
+## bench-noop: the no-op proxy-wasm filter the benchmark compares keygate with (bench/noop)
+bench-noop: wasm-target
+	$(CARGO) build --release --target wasm32-wasip1 --manifest-path bench/noop/Cargo.toml --target-dir target/bench/noop
+
+bench-deps:
+	@command -v wrk >/dev/null 2>&1 || ($(BENCH_SUDO) apt-get update && $(BENCH_SUDO) apt-get install -y wrk)
+# ---- end of bench ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 //! Host calls are made through `proxy_wasm::hostcalls`, whose results are handled here, rather than
 //! through the SDK's trait defaults, which unwrap them.
 
-use crate::keys::{KeyHash, KeySource, Lookup};
+use crate::keys::{Key, KeyHash, KeyRef, KeySource, Lookup};
 use crate::live::{
     decode_key, parse_manifest, parse_shard, plan_writes, prefixes, FetchedShard, KeySetConfig, Lease, Manifest,
     Retired, ShardIndex, ShardRef, SyncState, MAX_IN_FLIGHT,
@@ -15,8 +15,7 @@ use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
-use std::borrow::Cow;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -89,6 +88,40 @@ struct Shared {
     metrics: Metrics,
     /// Set once the live key set has been seen loaded; a loaded set never unloads.
     live_loaded: Cell<bool>,
+    /// Records of the live set this VM has decoded, for the key-set generation it last saw.
+    cache: RefCell<RecordCache>,
+}
+
+/// Decoded live records, so that a key in use costs no shared-data read per request. Emptied when
+/// the polling VM publishes a new generation (checked on every tick) and when it grows too large.
+#[derive(Default)]
+struct RecordCache {
+    generation: Option<Vec<u8>>,
+    records: HashMap<KeyHash, Rc<Key>>,
+}
+
+/// Most records one VM keeps decoded.
+const MAX_CACHED: usize = 10_000;
+
+impl RecordCache {
+    /// Follows the generation in shared data: a new one empties the cache.
+    fn follow(&mut self, config: &KeySetConfig) {
+        let current = match hostcalls::get_shared_data(&config.generation_entry()) {
+            Ok((value, _)) => value,
+            Err(_) => None,
+        };
+        if current != self.generation {
+            self.records.clear();
+            self.generation = current;
+        }
+    }
+
+    fn insert(&mut self, hash: KeyHash, key: Rc<Key>) {
+        if self.records.len() >= MAX_CACHED {
+            self.records.clear();
+        }
+        self.records.insert(hash, key);
+    }
 }
 
 impl Shared {
@@ -110,8 +143,18 @@ impl KeySource for Keys<'_> {
             return found;
         }
         let Some(live) = &shared.policy.key_set else { return Lookup::NotFound };
+        if let Some(key) = shared.cache.borrow().records.get(hash) {
+            return Lookup::Found(KeyRef::Shared(Rc::clone(key)));
+        }
         match hostcalls::get_shared_data(&live.key_entry(hash)) {
-            Ok((Some(bytes), _)) => decode_key(&bytes).map_or(Lookup::NotFound, |key| Lookup::Found(Cow::Owned(key))),
+            Ok((Some(bytes), _)) => match decode_key(&bytes) {
+                Some(key) => {
+                    let key = Rc::new(key);
+                    shared.cache.borrow_mut().insert(*hash, Rc::clone(&key));
+                    Lookup::Found(KeyRef::Shared(key))
+                }
+                None => Lookup::NotFound,
+            },
             Ok((None, Some(_))) => Lookup::NotFound,
             Ok((None, None)) if shared.live_loaded(live) => Lookup::NotFound,
             Ok((None, None)) => Lookup::Unavailable,
@@ -142,6 +185,8 @@ struct Live {
 /// One sync in progress (this VM holds the lease).
 struct SyncRun {
     started_ms: i64,
+    /// When the last answer of this sync arrived (or it started).
+    last_answer_ms: i64,
     previous: SyncState,
     manifest_token: Option<u32>,
     manifest: Option<Manifest>,
@@ -225,7 +270,8 @@ impl RootContext for Root {
             }
             self.live = Some(Live { me, configured_ms: now_ms().unwrap_or_default(), sync: None });
         }
-        self.shared = Some(Rc::new(Shared { policy, metrics, live_loaded: Cell::new(false) }));
+        self.shared =
+            Some(Rc::new(Shared { policy, metrics, live_loaded: Cell::new(false), cache: RefCell::default() }));
         true
     }
 
@@ -234,20 +280,21 @@ impl RootContext for Root {
         let Some(shared) = self.shared.clone() else { return };
         let Some(config) = &shared.policy.key_set else { return };
         let Some(now) = now_ms() else { return };
+        shared.cache.borrow_mut().follow(config);
         self.refresh_gauges(&shared, config, now);
         let Some(live) = self.live.as_mut() else { return };
+        // Renewed on every tick, also while a sync runs: a large first load outlasts the lease.
+        let lease = hold_lease(config, live.me, now);
         if let Some(run) = &live.sync {
             // Envoy answers every call by its timeout; this only guards against a lost answer.
             let limit = i64::try_from(config.timeout_ms).unwrap_or(i64::MAX).saturating_mul(4).saturating_add(5_000);
-            if now - run.started_ms > limit {
+            if now - run.last_answer_ms > limit {
                 self.sync_failed(&shared, config, "no answer from the key-set endpoint");
             }
             return;
         }
-        let me = live.me;
-        match hold_lease(config, me, now) {
-            Some(lease) if now >= lease.next_due_ms => self.start_sync(&shared, config, now),
-            _ => {}
+        if lease.is_some_and(|l| now >= l.next_due_ms) {
+            self.start_sync(&shared, config, now);
         }
     }
 
@@ -285,6 +332,7 @@ impl Root {
                 if let Some(live) = self.live.as_mut() {
                     live.sync = Some(SyncRun {
                         started_ms: now,
+                        last_answer_ms: now,
                         previous,
                         manifest_token: Some(token),
                         manifest: None,
@@ -311,6 +359,7 @@ impl Root {
         body: &[u8],
     ) -> Result<(), String> {
         let Some(run) = self.live.as_mut().and_then(|l| l.sync.as_mut()) else { return Ok(()) };
+        run.last_answer_ms = now_ms().unwrap_or(run.last_answer_ms);
         if run.manifest_token == Some(token) {
             run.manifest_token = None;
             match status {
@@ -391,6 +440,11 @@ impl Root {
                 .map_err(|e| e.to_string())?;
                 for w in &writes {
                     write_shared(&w.entry, &w.value)?;
+                }
+                if !run.fetched.is_empty() || run.retired.is_some() {
+                    // Records changed: every VM empties its cache on its next tick.
+                    write_shared(&config.generation_entry(), now.to_string().as_bytes())?;
+                    shared.cache.borrow_mut().follow(config);
                 }
                 format!("version {} loaded, {} shards fetched", manifest.version, run.fetched.len())
             }

@@ -1,8 +1,9 @@
 //! Key records and the key set: lookup by the SHA-256 of the whole presented key.
 
 use sha2::{Digest, Sha256};
-use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ops::Deref;
+use std::rc::Rc;
 
 /// The SHA-256 of a whole presented key: the only thing keygate keeps of a key.
 pub type KeyHash = [u8; 32];
@@ -40,10 +41,28 @@ impl Key {
     }
 }
 
+/// A found key record: borrowed from the inline set, or shared from a cache of the live set.
+#[derive(Debug, Clone)]
+pub enum KeyRef<'a> {
+    Borrowed(&'a Key),
+    Shared(Rc<Key>),
+}
+
+impl Deref for KeyRef<'_> {
+    type Target = Key;
+
+    fn deref(&self) -> &Key {
+        match self {
+            KeyRef::Borrowed(key) => key,
+            KeyRef::Shared(key) => key,
+        }
+    }
+}
+
 /// What a key source answers for one hash.
 #[derive(Debug)]
 pub enum Lookup<'a> {
-    Found(Cow<'a, Key>),
+    Found(KeyRef<'a>),
     NotFound,
     /// The source has never loaded a key set, so it cannot tell: the request is refused.
     Unavailable,
@@ -85,7 +104,7 @@ impl KeySet {
 impl KeySource for KeySet {
     fn lookup(&self, hash: &KeyHash) -> Lookup<'_> {
         match self.by_hash.get(hash) {
-            Some(key) => Lookup::Found(Cow::Borrowed(key)),
+            Some(key) => Lookup::Found(KeyRef::Borrowed(key)),
             None => Lookup::NotFound,
         }
     }

@@ -12,6 +12,7 @@
 //! | `k/<64 hex hash>` | one key record ([`encode_key`]), or a one-byte tombstone for a removed key |
 //! | `shard/<prefix>` | the shard's etag and the hashes it holds ([`ShardIndex`]) |
 //! | `state` | what has loaded: version, key count, time of the last good sync ([`SyncState`]) |
+//! | `generation` | changes whenever a sync changes records (VMs drop the records they decoded) |
 //! | `lease` | which VM polls, until when, when the next poll is due ([`Lease`]) |
 //! | `vmseq` | a counter that numbers the VMs |
 
@@ -90,6 +91,11 @@ impl KeySetConfig {
 
     pub fn state_entry(&self) -> String {
         format!("keygate/{}/state", self.namespace)
+    }
+
+    /// Changes whenever the polling VM changes records: VMs keeping decoded records drop them.
+    pub fn generation_entry(&self) -> String {
+        format!("keygate/{}/generation", self.namespace)
     }
 
     pub fn lease_entry(&self) -> String {

@@ -1,7 +1,7 @@
 //! The compiled policy and the one decision: from (policy, key source, request) to allow or deny.
 
 use crate::credential::{carries_credential, extract, Credential, CredentialHeader, KeyFormat};
-use crate::keys::{hash_key, Key, KeySet, KeySource, Lookup};
+use crate::keys::{hash_key, Key, KeyRef, KeySet, KeySource, Lookup};
 use crate::reply::{DenyKind, Replies};
 use crate::routes::{PathPattern, PathViews};
 use crate::scopes::ScopeRules;
@@ -158,7 +158,7 @@ impl Policy {
         keys: &'k dyn KeySource,
         request: &RequestView<'_>,
         now_ms: &dyn Fn() -> Option<i64>,
-    ) -> Result<Cow<'k, Key>, Denial<'p>> {
+    ) -> Result<KeyRef<'k>, Denial<'p>> {
         let presented = match extract(&self.credential_headers, request.headers) {
             Credential::Missing => return Err(Denial::new(DenyKind::MissingKey)),
             Credential::Malformed => return Err(Denial::new(DenyKind::InvalidKey)),
