@@ -6,7 +6,7 @@
 
 use crate::keys::{Key, KeyHash, KeyRef, KeySource, Lookup};
 use crate::live::{
-    decode_key, parse_manifest, parse_shard, plan_writes, prefixes, FetchedShard, KeySetConfig, Lease, Manifest,
+    apply_sync, decode_key, parse_manifest, parse_shard, prefixes, FetchedShard, KeySetConfig, Lease, Manifest,
     Retired, ShardIndex, ShardRef, SyncState, MAX_IN_FLIGHT,
 };
 use crate::policy::{Decision, Policy, RequestView};
@@ -397,7 +397,8 @@ impl Root {
                 return Err(format!("shard {:?} ({}): {what}", shard.prefix, shard.path));
             }
             let keys = parse_shard(&shard, body).map_err(|e| e.to_string())?;
-            run.fetched.push(FetchedShard { shard, keys, previous });
+            let fetched = FetchedShard::new(shard, keys, previous, &shared.policy.keys).map_err(|e| e.to_string())?;
+            run.fetched.push(fetched);
         } else {
             return Ok(());
         }
@@ -427,20 +428,16 @@ impl Root {
                 format!("version {} unchanged", state.version)
             }
             Some(manifest) => {
-                let writes = plan_writes(
+                apply_sync(
                     config,
                     manifest,
                     &run.fetched,
                     run.retired.as_ref(),
-                    &shared.policy.keys,
                     &run.previous,
                     run.manifest_etag.clone(),
                     now,
-                )
-                .map_err(|e| e.to_string())?;
-                for w in &writes {
-                    write_shared(&w.entry, &w.value)?;
-                }
+                    &mut write_shared,
+                )?;
                 if !run.fetched.is_empty() || run.retired.is_some() {
                     // Records changed: every VM empties its cache on its next tick.
                     write_shared(&config.generation_entry(), now.to_string().as_bytes())?;

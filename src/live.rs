@@ -335,75 +335,76 @@ impl SyncState {
     }
 }
 
-/// One shared-data write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Write {
-    pub entry: String,
-    pub value: Vec<u8>,
-}
-
-/// A shard fetched and checked in this sync, with what shared data held for it before.
+/// A shard fetched and checked in this sync, in the form it is stored in (compact, so a large first
+/// load holds no decoded records), with what shared data held for it before.
 #[derive(Debug)]
 pub struct FetchedShard {
     pub shard: ShardRef,
-    pub keys: Vec<(KeyHash, Key)>,
+    pub records: Vec<(KeyHash, Vec<u8>)>,
     pub previous: Option<ShardIndex>,
 }
 
-/// The writes that apply one sync: records of the changed shards, tombstones for keys gone from them,
-/// their new indexes, and last the state. With `retired` (the shard layout changed, and every shard
-/// was fetched), every hash of the old layout that is not in the new one is tombstoned and the old
-/// layout's indexes are voided. Refused if a key is also an inline key.
+impl FetchedShard {
+    /// Encodes a checked shard's keys, refusing any whose hash is also an inline key.
+    pub fn new(
+        shard: ShardRef,
+        keys: Vec<(KeyHash, Key)>,
+        previous: Option<ShardIndex>,
+        inline: &KeySet,
+    ) -> Result<Self, ConfigError> {
+        if let Some((_, key)) = keys.iter().find(|(hash, _)| inline.contains(hash)) {
+            return Err(ConfigError::new(
+                format!("shard {:?}: key {:?}", shard.prefix, key.id),
+                "its hash is also an inline key in `keys`",
+            ));
+        }
+        let records = keys.into_iter().map(|(hash, key)| (hash, encode_key(&key))).collect();
+        Ok(FetchedShard { shard, records, previous })
+    }
+}
+
+/// Applies one sync through `write` (entry, value), in this order: records of the changed shards,
+/// tombstones for keys gone from them, their new indexes, and last the state. With `retired` (the
+/// shard layout changed, and every shard was fetched), every hash of the old layout that is not in
+/// the new one is tombstoned and the old layout's indexes are voided. Stops at the first failed write.
 #[allow(clippy::too_many_arguments)] // one sync's inputs, all needed; a struct would only rename them
-pub fn plan_writes(
+pub fn apply_sync(
     config: &KeySetConfig,
     manifest: &Manifest,
     fetched: &[FetchedShard],
     retired: Option<&Retired>,
-    inline: &KeySet,
     previous: &SyncState,
     manifest_etag: Option<String>,
     now_ms: i64,
-) -> Result<Vec<Write>, ConfigError> {
-    let mut writes = Vec::new();
-    let mut indexes = Vec::with_capacity(fetched.len());
+    write: &mut dyn FnMut(&str, &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
     let mut keys = if retired.is_some() { 0 } else { previous.keys };
     for f in fetched {
-        let mut hashes = Vec::with_capacity(f.keys.len());
-        for (hash, key) in &f.keys {
-            if inline.contains(hash) {
-                return Err(ConfigError::new(
-                    format!("shard {:?}: key {:?}", f.shard.prefix, key.id),
-                    "its hash is also an inline key in `keys`",
-                ));
-            }
-            writes.push(Write { entry: config.key_entry(hash), value: encode_key(key) });
-            hashes.push(*hash);
+        for (hash, record) in &f.records {
+            write(&config.key_entry(hash), record)?;
         }
+        let now: HashSet<&KeyHash> = f.records.iter().map(|(h, _)| h).collect();
         let old = f.previous.as_ref().map(|p| p.hashes.as_slice()).unwrap_or_default();
-        let now: HashSet<&KeyHash> = hashes.iter().collect();
         for gone in old.iter().filter(|h| !now.contains(h)) {
-            writes.push(Write { entry: config.key_entry(gone), value: TOMBSTONE.to_vec() });
+            write(&config.key_entry(gone), TOMBSTONE)?;
         }
-        keys = keys
-            .saturating_sub(if retired.is_some() { 0 } else { old.len() as u64 })
-            .saturating_add(hashes.len() as u64);
-        indexes.push(Write {
-            entry: config.shard_entry(&f.shard.prefix),
-            value: ShardIndex { etag: f.shard.etag, hashes }.encode(),
-        });
+        let replaced = if retired.is_some() { 0 } else { old.len() as u64 };
+        keys = keys.saturating_sub(replaced).saturating_add(f.records.len() as u64);
     }
     if let Some(retired) = retired {
-        let kept: HashSet<&KeyHash> = fetched.iter().flat_map(|f| f.keys.iter().map(|(h, _)| h)).collect();
+        let kept: HashSet<&KeyHash> = fetched.iter().flat_map(|f| f.records.iter().map(|(h, _)| h)).collect();
         for gone in retired.hashes.iter().filter(|h| !kept.contains(h)) {
-            writes.push(Write { entry: config.key_entry(gone), value: TOMBSTONE.to_vec() });
+            write(&config.key_entry(gone), TOMBSTONE)?;
         }
         for prefix in &retired.prefixes {
             // An index that decodes as nothing: a later return to this layout fetches every shard.
-            writes.push(Write { entry: config.shard_entry(prefix), value: TOMBSTONE.to_vec() });
+            write(&config.shard_entry(prefix), TOMBSTONE)?;
         }
     }
-    writes.extend(indexes);
+    for f in fetched {
+        let hashes = f.records.iter().map(|(h, _)| *h).collect();
+        write(&config.shard_entry(&f.shard.prefix), &ShardIndex { etag: f.shard.etag, hashes }.encode())?;
+    }
     let state = SyncState {
         version: manifest.version.clone(),
         keys,
@@ -411,8 +412,7 @@ pub fn plan_writes(
         manifest_etag,
         width: Some(manifest.width()),
     };
-    writes.push(Write { entry: config.state_entry(), value: state.encode() });
-    Ok(writes)
+    write(&config.state_entry(), &state.encode())
 }
 
 /// Stands where a removed key's record was.

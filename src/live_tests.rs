@@ -3,6 +3,32 @@
 use super::*;
 use serde_json::json;
 
+/// One shared-data write, as a test sees it.
+struct Write {
+    entry: String,
+    value: Vec<u8>,
+}
+
+/// Runs `apply_sync` and collects its writes.
+#[allow(clippy::too_many_arguments)]
+fn writes_of(
+    c: &KeySetConfig,
+    manifest: &Manifest,
+    fetched: &[FetchedShard],
+    retired: Option<&Retired>,
+    previous: &SyncState,
+    etag: Option<String>,
+    now: i64,
+) -> Vec<Write> {
+    let mut writes = Vec::new();
+    apply_sync(c, manifest, fetched, retired, previous, etag, now, &mut |entry, value| {
+        writes.push(Write { entry: entry.to_string(), value: value.to_vec() });
+        Ok(())
+    })
+    .unwrap();
+    writes
+}
+
 fn config() -> KeySetConfig {
     let raw: RawKeySet = serde_json::from_value(json!({"cluster": "keyset", "path": "/keyset/manifest.json",
                                                         "poll_interval_ms": 500}))
@@ -124,7 +150,7 @@ fn records_round_trip_through_shared_data_encoding() {
 }
 
 #[test]
-fn plan_writes_records_tombstones_indexes_then_state() {
+fn a_sync_writes_records_tombstones_indexes_then_state() {
     let c = config();
     let (ka, kb, kc) = (key_with_prefix("0"), key_with_prefix("00"), key_with_prefix("01"));
     let body = json!({"keys": [record("a", &ka), record("c", &kc)]}).to_string().into_bytes();
@@ -133,9 +159,8 @@ fn plan_writes_records_tombstones_indexes_then_state() {
     let previous = ShardIndex { etag: [9; 32], hashes: vec![hash_key(ka.as_bytes()), hash_key(kb.as_bytes())] };
     let manifest = Manifest { version: "42".into(), shards: vec![shard.clone()] };
     let prior = SyncState { version: "41".into(), keys: 10, synced_ms: 1, manifest_etag: None, width: Some(1) };
-    let fetched = [FetchedShard { shard, keys, previous: Some(previous) }];
-    let writes =
-        plan_writes(&c, &manifest, &fetched, None, &KeySet::default(), &prior, Some("\"e1\"".into()), 5_000).unwrap();
+    let fetched = [FetchedShard::new(shard, keys, Some(previous), &KeySet::default()).unwrap()];
+    let writes = writes_of(&c, &manifest, &fetched, None, &prior, Some("\"e1\"".into()), 5_000);
 
     let value = |entry: &str| writes.iter().find(|w| w.entry == entry).map(|w| w.value.clone());
     assert_eq!(value(&c.key_entry(&hash_key(kb.as_bytes()))).as_deref(), Some(TOMBSTONE));
@@ -160,23 +185,11 @@ fn plan_writes_records_tombstones_indexes_then_state() {
 
 #[test]
 fn a_shard_key_that_is_also_inline_refuses_the_sync() {
-    let c = config();
     let body = json!({"keys": [record("a", "k1")]}).to_string().into_bytes();
     let shard = shard_ref("", &body);
     let keys = parse_shard(&shard, &body).unwrap();
     let inline = compile_keys(&[serde_json::from_value(record("inline", "k1")).unwrap()], "keys").unwrap();
-    let manifest = Manifest { version: "1".into(), shards: vec![shard.clone()] };
-    let err = plan_writes(
-        &c,
-        &manifest,
-        &[FetchedShard { shard, keys, previous: None }],
-        None,
-        &inline,
-        &SyncState::default(),
-        None,
-        0,
-    )
-    .unwrap_err();
+    let err = FetchedShard::new(shard, keys, None, &inline).unwrap_err();
     assert!(err.message.contains("also an inline key"), "{err}");
 }
 
@@ -214,8 +227,8 @@ fn a_new_shard_layout_replaces_the_whole_set() {
         hashes: vec![hash_key(kept.as_bytes()), hash_key(dropped.as_bytes())],
     };
     let prior = SyncState { version: "1".into(), keys: 8, synced_ms: 1, manifest_etag: None, width: Some(1) };
-    let fetched = [FetchedShard { shard, keys, previous: None }];
-    let writes = plan_writes(&c, &manifest, &fetched, Some(&retired), &KeySet::default(), &prior, None, 9).unwrap();
+    let fetched = [FetchedShard::new(shard, keys, None, &KeySet::default()).unwrap()];
+    let writes = writes_of(&c, &manifest, &fetched, Some(&retired), &prior, None, 9);
     let value = |entry: &str| writes.iter().rev().find(|w| w.entry == entry).map(|w| w.value.clone());
     assert_eq!(value(&c.key_entry(&hash_key(dropped.as_bytes()))).as_deref(), Some(TOMBSTONE));
     assert_eq!(decode_key(&value(&c.key_entry(&hash_key(kept.as_bytes()))).unwrap()).unwrap().id, "k");
