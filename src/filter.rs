@@ -6,8 +6,8 @@
 
 use crate::keys::{Key, KeyHash, KeyRef, KeySource, Lookup};
 use crate::live::{
-    apply_sync, decode_key, parse_manifest, parse_shard, prefixes, FetchedShard, KeySetConfig, Lease, Manifest,
-    Retired, ShardIndex, ShardRef, SyncState, MAX_IN_FLIGHT,
+    apply_shard, apply_sync, decode_key, parse_manifest, parse_shard, prefixes, write_state, FetchedShard,
+    KeySetConfig, Lease, Manifest, Retired, ShardIndex, ShardRef, SyncState, MAX_IN_FLIGHT,
 };
 use crate::policy::{Decision, Policy, RequestView};
 use crate::reply::DenyKind;
@@ -196,6 +196,11 @@ struct SyncRun {
     queue: Vec<(ShardRef, Option<ShardIndex>)>,
     in_flight: HashMap<u32, (ShardRef, Option<ShardIndex>)>,
     fetched: Vec<FetchedShard>,
+    /// No set has loaded yet, so there is no last good one to keep: each shard is written as it
+    /// arrives (a VM's memory never shrinks, and a first load may be the whole set).
+    first_load: bool,
+    /// Shards fetched and checked in this sync.
+    shards_fetched: usize,
 }
 
 impl Context for Root {
@@ -321,7 +326,9 @@ impl Root {
     }
 
     fn start_sync(&mut self, shared: &Shared, config: &KeySetConfig, now: i64) {
-        let previous = read_state(config).unwrap_or_default();
+        let state = read_state(config);
+        let first_load = state.is_none();
+        let previous = state.unwrap_or_default();
         let mut headers =
             vec![(":method", "GET"), (":path", config.path.as_str()), (":authority", config.authority.as_str())];
         if let Some(etag) = &previous.manifest_etag {
@@ -341,6 +348,8 @@ impl Root {
                         queue: Vec::new(),
                         in_flight: HashMap::new(),
                         fetched: Vec::new(),
+                        first_load,
+                        shards_fetched: 0,
                     });
                 }
             }
@@ -398,7 +407,12 @@ impl Root {
             }
             let keys = parse_shard(&shard, body).map_err(|e| e.to_string())?;
             let fetched = FetchedShard::new(shard, keys, previous, &shared.policy.keys).map_err(|e| e.to_string())?;
-            run.fetched.push(fetched);
+            run.shards_fetched += 1;
+            if run.first_load {
+                apply_shard(config, &fetched, &mut write_shared)?;
+            } else {
+                run.fetched.push(fetched);
+            }
         } else {
             return Ok(());
         }
@@ -419,13 +433,24 @@ impl Root {
     fn finish(&mut self, shared: &Shared, config: &KeySetConfig) -> Result<(), String> {
         let Some(run) = self.live.as_mut().and_then(|l| l.sync.take()) else { return Ok(()) };
         let now = now_ms().unwrap_or(run.started_ms);
-        let changed =
-            run.manifest.as_ref().is_some_and(|m| !run.fetched.is_empty() || m.version != run.previous.version);
+        let records_changed = run.shards_fetched > 0 || run.retired.is_some();
+        let changed = run.manifest.as_ref().is_some_and(|m| records_changed || m.version != run.previous.version);
         let summary = match &run.manifest {
             None => {
                 let state = SyncState { synced_ms: now, ..run.previous.clone() };
                 write_shared(&config.state_entry(), &state.encode())?;
                 format!("version {} unchanged", state.version)
+            }
+            Some(manifest) if run.first_load => {
+                // The shards are written; the state, last, counts what their indexes hold.
+                let keys = manifest
+                    .shards
+                    .iter()
+                    .map(|s| read_shard_index(config, &s.prefix).map_or(0, |i| i.hashes.len() as u64))
+                    .sum();
+                write_state(config, manifest, keys, run.manifest_etag.clone(), now, &mut write_shared)?;
+                write_shared(&config.generation_entry(), now.to_string().as_bytes())?;
+                format!("version {} loaded, {} shards fetched", manifest.version, run.shards_fetched)
             }
             Some(manifest) => {
                 apply_sync(
@@ -438,12 +463,12 @@ impl Root {
                     now,
                     &mut write_shared,
                 )?;
-                if !run.fetched.is_empty() || run.retired.is_some() {
+                if records_changed {
                     // Records changed: every VM empties its cache on its next tick.
                     write_shared(&config.generation_entry(), now.to_string().as_bytes())?;
                     shared.cache.borrow_mut().follow(config);
                 }
-                format!("version {} loaded, {} shards fetched", manifest.version, run.fetched.len())
+                format!("version {} loaded, {} shards fetched", manifest.version, run.shards_fetched)
             }
         };
         shared.live_loaded.set(true);

@@ -363,10 +363,28 @@ impl FetchedShard {
     }
 }
 
-/// Applies one sync through `write` (entry, value), in this order: records of the changed shards,
-/// tombstones for keys gone from them, their new indexes, and last the state. With `retired` (the
-/// shard layout changed, and every shard was fetched), every hash of the old layout that is not in
-/// the new one is tombstoned and the old layout's indexes are voided. Stops at the first failed write.
+/// Writes one fetched shard through `write` (entry, value): its records, tombstones for the keys gone
+/// from it, then its index. Stops at the first failed write.
+pub fn apply_shard(
+    config: &KeySetConfig,
+    f: &FetchedShard,
+    write: &mut dyn FnMut(&str, &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    for (hash, record) in &f.records {
+        write(&config.key_entry(hash), record)?;
+    }
+    let now: HashSet<&KeyHash> = f.records.iter().map(|(h, _)| h).collect();
+    let old = f.previous.as_ref().map(|p| p.hashes.as_slice()).unwrap_or_default();
+    for gone in old.iter().filter(|h| !now.contains(h)) {
+        write(&config.key_entry(gone), TOMBSTONE)?;
+    }
+    let hashes = f.records.iter().map(|(h, _)| *h).collect();
+    write(&config.shard_entry(&f.shard.prefix), &ShardIndex { etag: f.shard.etag, hashes }.encode())
+}
+
+/// Applies one sync through `write`: every fetched shard ([`apply_shard`]); with `retired` (the shard
+/// layout changed, and every shard was fetched), tombstones for every hash of the old layout that is
+/// not in the new one and voided old indexes; and last the state, which marks the set loaded.
 #[allow(clippy::too_many_arguments)] // one sync's inputs, all needed; a struct would only rename them
 pub fn apply_sync(
     config: &KeySetConfig,
@@ -380,15 +398,8 @@ pub fn apply_sync(
 ) -> Result<(), String> {
     let mut keys = if retired.is_some() { 0 } else { previous.keys };
     for f in fetched {
-        for (hash, record) in &f.records {
-            write(&config.key_entry(hash), record)?;
-        }
-        let now: HashSet<&KeyHash> = f.records.iter().map(|(h, _)| h).collect();
-        let old = f.previous.as_ref().map(|p| p.hashes.as_slice()).unwrap_or_default();
-        for gone in old.iter().filter(|h| !now.contains(h)) {
-            write(&config.key_entry(gone), TOMBSTONE)?;
-        }
-        let replaced = if retired.is_some() { 0 } else { old.len() as u64 };
+        apply_shard(config, f, write)?;
+        let replaced = if retired.is_some() { 0 } else { f.previous.as_ref().map_or(0, |p| p.hashes.len() as u64) };
         keys = keys.saturating_sub(replaced).saturating_add(f.records.len() as u64);
     }
     if let Some(retired) = retired {
@@ -401,10 +412,18 @@ pub fn apply_sync(
             write(&config.shard_entry(prefix), TOMBSTONE)?;
         }
     }
-    for f in fetched {
-        let hashes = f.records.iter().map(|(h, _)| *h).collect();
-        write(&config.shard_entry(&f.shard.prefix), &ShardIndex { etag: f.shard.etag, hashes }.encode())?;
-    }
+    write_state(config, manifest, keys, manifest_etag, now_ms, write)
+}
+
+/// Writes the state that marks `manifest`'s set loaded, holding `keys` keys.
+pub fn write_state(
+    config: &KeySetConfig,
+    manifest: &Manifest,
+    keys: u64,
+    manifest_etag: Option<String>,
+    now_ms: i64,
+    write: &mut dyn FnMut(&str, &[u8]) -> Result<(), String>,
+) -> Result<(), String> {
     let state = SyncState {
         version: manifest.version.clone(),
         keys,
