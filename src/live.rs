@@ -9,7 +9,7 @@
 //!
 //! | entry | value |
 //! |---|---|
-//! | `k/<64 hex hash>` | one key record ([`encode_key`]), or a one-byte tombstone for a removed key |
+//! | `k<ns><hash, base64url>` (no `keygate/` prefix: there may be millions) | one key record ([`encode_key`]), or a one-byte tombstone for a removed key |
 //! | `shard/<prefix>` | the shard's etag and the hashes it holds ([`ShardIndex`]) |
 //! | `state` | what has loaded: version, key count, time of the last good sync ([`SyncState`]) |
 //! | `generation` | changes whenever a sync changes records (VMs drop the records they decoded) |
@@ -43,6 +43,9 @@ pub struct RawKeySet {
     pub timeout_ms: Option<u64>,
 }
 
+/// The version of the shared-data layout below.
+const LAYOUT: u32 = 2;
+
 /// Most shard fetches in flight at once during one sync.
 pub const MAX_IN_FLIGHT: usize = 4;
 
@@ -69,7 +72,9 @@ impl KeySetConfig {
         if !(10..=60_000).contains(&timeout_ms) {
             return Err(ConfigError::new("key_set.timeout_ms", "must be between 10 and 60000"));
         }
-        let id = format!("{}\n{}\n{}", raw.cluster, authority, raw.path);
+        // The layout version is part of the namespace: an upgraded filter whose layout differs loads
+        // a fresh copy instead of misreading the old one.
+        let id = format!("{LAYOUT}\n{}\n{}\n{}", raw.cluster, authority, raw.path);
         let namespace = hex::encode(hash_key(id.as_bytes()).get(..4).unwrap_or_default());
         Ok(KeySetConfig {
             cluster: raw.cluster.clone(),
@@ -81,8 +86,13 @@ impl KeySetConfig {
         })
     }
 
+    /// The entry of one key's record: short (52 characters), as there may be millions.
     pub fn key_entry(&self, hash: &KeyHash) -> String {
-        format!("keygate/{}/k/{}", self.namespace, hex::encode(hash))
+        let mut entry = String::with_capacity(52);
+        entry.push('k');
+        entry.push_str(&self.namespace);
+        push_base64url(hash, &mut entry);
+        entry
     }
 
     pub fn shard_entry(&self, prefix: &str) -> String {
@@ -436,7 +446,7 @@ pub fn write_state(
 
 /// Stands where a removed key's record was.
 pub const TOMBSTONE: &[u8] = b"-";
-const RECORD_MAGIC: u8 = 0x4b; // 'K', format 1
+const RECORD_MAGIC: u8 = 0x4c; // 'L': layout 2 (varint lengths)
 
 /// Encodes a key record compactly (length-prefixed fields), so a request decodes its record with no
 /// JSON work.
@@ -487,8 +497,30 @@ pub fn decode_key(bytes: &[u8]) -> Option<Key> {
     })
 }
 
-fn put_len(out: &mut Vec<u8>, n: usize) {
-    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+/// Lengths are LEB128 varints: one byte for anything under 128.
+fn put_len(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        out.push((n as u8 & 0x7f) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+fn push_base64url(bytes: &[u8], out: &mut String) {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let sextet = |v: u32, shift: u32| char::from(ALPHABET.get(((v >> shift) & 63) as usize).copied().unwrap_or(b'A'));
+    for chunk in bytes.chunks(3) {
+        let b = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let v = (b(0) << 16) | (b(1) << 8) | b(2);
+        out.push(sextet(v, 18));
+        out.push(sextet(v, 12));
+        if chunk.len() > 1 {
+            out.push(sextet(v, 6));
+        }
+        if chunk.len() > 2 {
+            out.push(sextet(v, 0));
+        }
+    }
 }
 
 fn put(out: &mut Vec<u8>, s: &str) {
@@ -497,9 +529,16 @@ fn put(out: &mut Vec<u8>, s: &str) {
 }
 
 fn take_len(rest: &mut &[u8]) -> Option<usize> {
-    let (len, tail) = rest.split_first_chunk::<4>()?;
-    *rest = tail;
-    usize::try_from(u32::from_le_bytes(*len)).ok()
+    let mut n: usize = 0;
+    for shift in (0..35).step_by(7) {
+        let (&byte, tail) = rest.split_first()?;
+        *rest = tail;
+        n |= usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(n);
+        }
+    }
+    None
 }
 
 fn take(rest: &mut &[u8]) -> Option<String> {

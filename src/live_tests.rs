@@ -72,7 +72,10 @@ fn namespaces_differ_per_endpoint() {
     let raw: RawKeySet = serde_json::from_value(json!({"cluster": "other", "path": "/keyset/manifest.json"})).unwrap();
     let b = KeySetConfig::compile(&raw).unwrap();
     assert_ne!(a.namespace, b.namespace);
-    assert!(a.key_entry(&[0; 32]).starts_with(&format!("keygate/{}/k/0000", a.namespace)));
+    assert_eq!(a.key_entry(&[0; 32]), format!("k{}{}", a.namespace, "A".repeat(43)));
+    assert_eq!(a.key_entry(&[0xff; 32]).len(), 52);
+    // 0xfb 0xfb 0xfb is 111110 111111 101111 111011 in sextets: "-_v7".
+    assert_eq!(a.key_entry(&[0xfb; 32]), format!("k{}{}-_s", a.namespace, "-_v7".repeat(10)));
 }
 
 #[test]
@@ -262,4 +265,18 @@ fn sync_state_round_trips() {
         assert_eq!(SyncState::decode(&state.encode()), Some(state));
     }
     assert_eq!(SyncState::decode(b"1\nx\n0\n-\n"), None);
+}
+
+#[test]
+fn long_fields_round_trip_through_varint_lengths() {
+    let key = Key {
+        id: "i".repeat(300),
+        org: "o".repeat(20_000),
+        name: Some("n".repeat(127)),
+        scopes: vec!["s".repeat(128)],
+        attributes: vec![("a".into(), "v".repeat(16_384))],
+        expires_at_ms: Some(-5),
+        revoked: true,
+    };
+    assert_eq!(decode_key(&encode_key(&key)), Some(key));
 }
