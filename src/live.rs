@@ -373,12 +373,15 @@ impl FetchedShard {
     }
 }
 
+/// Writes one shared-data entry (entry, value); the host's write in the filter, a list in tests.
+pub type Write<'a> = dyn FnMut(&str, &[u8]) -> Result<(), String> + 'a;
+
 /// Writes one fetched shard through `write` (entry, value): its records, tombstones for the keys gone
 /// from it, then its index. Stops at the first failed write.
 pub fn apply_shard(
     config: &KeySetConfig,
     f: &FetchedShard,
-    write: &mut dyn FnMut(&str, &[u8]) -> Result<(), String>,
+    write: &mut Write,
 ) -> Result<(), String> {
     for (hash, record) in &f.records {
         write(&config.key_entry(hash), record)?;
@@ -404,7 +407,7 @@ pub fn apply_sync(
     previous: &SyncState,
     manifest_etag: Option<String>,
     now_ms: i64,
-    write: &mut dyn FnMut(&str, &[u8]) -> Result<(), String>,
+    write: &mut Write,
 ) -> Result<(), String> {
     let mut keys = if retired.is_some() { 0 } else { previous.keys };
     for f in fetched {
@@ -432,7 +435,7 @@ pub fn write_state(
     keys: u64,
     manifest_etag: Option<String>,
     now_ms: i64,
-    write: &mut dyn FnMut(&str, &[u8]) -> Result<(), String>,
+    write: &mut Write,
 ) -> Result<(), String> {
     let state = SyncState {
         version: manifest.version.clone(),

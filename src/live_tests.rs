@@ -4,7 +4,7 @@ use super::*;
 use serde_json::json;
 
 /// One shared-data write, as a test sees it.
-struct Write {
+struct Written {
     entry: String,
     value: Vec<u8>,
 }
@@ -19,10 +19,10 @@ fn writes_of(
     previous: &SyncState,
     etag: Option<String>,
     now: i64,
-) -> Vec<Write> {
+) -> Vec<Written> {
     let mut writes = Vec::new();
     apply_sync(c, manifest, fetched, retired, previous, etag, now, &mut |entry, value| {
-        writes.push(Write { entry: entry.to_string(), value: value.to_vec() });
+        writes.push(Written { entry: entry.to_string(), value: value.to_vec() });
         Ok(())
     })
     .unwrap();
