@@ -378,11 +378,7 @@ pub type Write<'a> = dyn FnMut(&str, &[u8]) -> Result<(), String> + 'a;
 
 /// Writes one fetched shard through `write` (entry, value): its records, tombstones for the keys gone
 /// from it, then its index. Stops at the first failed write.
-pub fn apply_shard(
-    config: &KeySetConfig,
-    f: &FetchedShard,
-    write: &mut Write,
-) -> Result<(), String> {
+pub fn apply_shard(config: &KeySetConfig, f: &FetchedShard, write: &mut Write) -> Result<(), String> {
     for (hash, record) in &f.records {
         write(&config.key_entry(hash), record)?;
     }
