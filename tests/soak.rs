@@ -1,5 +1,6 @@
 //! `make soak`: mixed traffic for `SOAK_SECONDS` (default 600) while the live key set is revoked and
-//! re-issued every few seconds. 90 % of requests carry a valid key (many keys, some bound to a venue),
+//! re-issued every few seconds, and, every fourth cycle, the key-set endpoint misbehaves for a while
+//! (down, 5xx, slow past the timeout, HTML, truncated JSON) so the last good set must keep serving. 90 % of requests carry a valid key (many keys, some bound to a venue),
 //! 10 % are hostile. Every reply is checked against what the key set said at the time, allowing a
 //! change the poll interval plus a second to reach Envoy. Prints requests served, wrong answers
 //! (must be 0), 5xx (must be 0) and Envoy's resident memory after warm-up and at the end (must be
@@ -10,7 +11,8 @@
 
 mod common;
 
-use common::{keyset::KeySetServer, Envoy, EnvoyOptions, Proto, Upstream};
+use common::keyset::{Fault, KeySetServer};
+use common::{Envoy, EnvoyOptions, Proto, Upstream};
 use keygate::keys::hash_key;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -187,6 +189,7 @@ fn soak_mixed_traffic_while_keys_are_revoked_and_reissued() {
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let changes = Arc::new(AtomicU64::new(0));
+    let faults_injected = AtomicU64::new(0);
     let started = Instant::now();
 
     let (rss_start, rss_end) = {
@@ -194,8 +197,27 @@ fn soak_mixed_traffic_while_keys_are_revoked_and_reissued() {
         std::thread::scope(|scope| {
             scope.spawn(|| {
                 let mut rng = Rng(0x5eed);
+                let faults = [
+                    Fault::Down,
+                    Fault::Status(503),
+                    Fault::Slow(Duration::from_millis(800)),
+                    Fault::Html,
+                    Fault::Truncated,
+                ];
+                let mut cycle = 0usize;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_secs(3));
+                    cycle += 1;
+                    if cycle % 4 == 0 {
+                        // The endpoint misbehaves; nothing changes, so every answer must stay as it was.
+                        server.set_global_fault(Some(faults[(cycle / 4) % faults.len()].clone()));
+                        std::thread::sleep(Duration::from_secs(3));
+                        server.clear_faults();
+                        faults_injected.fetch_add(1, Ordering::Relaxed);
+                        // Let the backoff (at most ten poll intervals) run out before the next change.
+                        std::thread::sleep(Duration::from_millis(10 * POLL_MS + 1000));
+                        continue;
+                    }
                     let mut m = model.lock().unwrap();
                     let now = Instant::now();
                     // Drop keys revoked long ago, revoke five, issue their successors.
@@ -279,8 +301,9 @@ fn soak_mixed_traffic_while_keys_are_revoked_and_reissued() {
     let server_errors = tally.server_errors.load(Ordering::Relaxed);
     println!(
         "soak: {seconds} s, {requests} requests served, {wrong} wrong answers, {server_errors} 5xx, {} keys revoked and \
-         re-issued, Envoy RSS {} MiB after {} s warm-up and {} MiB at the end",
+         re-issued, {} endpoint faults, Envoy RSS {} MiB after {} s warm-up and {} MiB at the end",
         changes.load(Ordering::Relaxed),
+        faults_injected.load(Ordering::Relaxed),
         rss_start / 1024,
         warm_up.as_secs(),
         rss_end / 1024
