@@ -1,4 +1,6 @@
 //! Unit tests of configuration parsing and compilation: every rejection names its field.
+//!
+//! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
 use super::*;
 use crate::reply::DenyKind;

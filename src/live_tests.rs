@@ -1,4 +1,6 @@
 //! Unit tests of the live key set's formats, checks and plans.
+//!
+//! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
 use super::*;
 use serde_json::json;

@@ -1,5 +1,7 @@
 //! Property tests of the decision: it never panics, header position does not matter, stripping is
 //! idempotent, and no spelling of a path gets by with less than its normal form needs.
+//!
+//! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
 use super::*;
 use crate::keys::hash_key;

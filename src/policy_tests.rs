@@ -1,4 +1,6 @@
 //! Unit tests of the one decision, on the host.
+//!
+//! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
 use super::*;
 use crate::keys::{hash_key, KeySource, Lookup};
