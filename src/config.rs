@@ -187,8 +187,20 @@ pub fn parse_json<T: for<'de> Deserialize<'de>>(text: &[u8]) -> Result<T, Config
     }
     let mut de = serde_json::Deserializer::from_slice(text);
     let value = T::deserialize(&mut de).map_err(|e| {
-        let field = crate::jsonpath::path_at(text, crate::jsonpath::offset_of(text, e.line(), e.column()));
-        ConfigError::new(field, e.to_string())
+        use crate::jsonpath::{offset_of, path_at, Reported};
+        let reported = match e.classify() {
+            serde_json::error::Category::Syntax => Reported::Syntax,
+            serde_json::error::Category::Eof => Reported::Eof,
+            serde_json::error::Category::Data | serde_json::error::Category::Io => Reported::Data,
+        };
+        let mut field = path_at(text, offset_of(text, e.line(), e.column()), reported);
+        let message = e.to_string();
+        if message.starts_with("duplicate field") {
+            // Raised by the object once the repeated key is read: it is the object's error.
+            let parent = field.rfind(['.', '[']).map_or(0, |at| at);
+            field.truncate(parent);
+        }
+        ConfigError::new(field, message)
     })?;
     de.end().map_err(|e| ConfigError::new("", e.to_string()))?;
     Ok(value)

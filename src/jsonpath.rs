@@ -8,13 +8,32 @@
 
 #[derive(Debug)]
 enum Frame {
-    Object { key: Option<String> },
-    Array { index: usize, started: bool },
+    /// `done`: the current key's value is complete.
+    Object {
+        key: Option<String>,
+        done: bool,
+    },
+    Array {
+        index: usize,
+        started: bool,
+    },
 }
 
-/// The path at byte `offset` of `text`; `""` for the root.
-pub fn path_at(text: &[u8], offset: usize) -> String {
-    let end = offset.min(text.len());
+/// What kind of error the path is for: they are reported at different points of the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reported {
+    /// A value of the wrong shape, an unknown or missing field: reported just past what it is about.
+    Data,
+    /// Bad JSON: reported at the offending character, where a value or separator was expected.
+    Syntax,
+    /// The text ended early.
+    Eof,
+}
+
+/// The path at byte `offset` of `text` for an error of kind `reported`; `""` for the root.
+pub fn path_at(text: &[u8], offset: usize, reported: Reported) -> String {
+    // A syntax error is about the offending character, which belongs to no path yet.
+    let end = if reported == Reported::Syntax { offset.saturating_sub(1) } else { offset }.min(text.len());
     let mut stack: Vec<Frame> = Vec::new();
     let mut closed: Option<String> = None;
     let mut i = 0;
@@ -26,30 +45,33 @@ pub fn path_at(text: &[u8], offset: usize) -> String {
                 i = skip_string(text, i);
                 let is_key = matches!(stack.last(), Some(Frame::Object { .. }))
                     && text.get(i..).is_some_and(|rest| rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':'));
+                closed = None;
                 if is_key {
                     let raw = text.get(start..i.saturating_sub(1)).unwrap_or_default();
-                    if let Some(Frame::Object { key }) = stack.last_mut() {
+                    if let Some(Frame::Object { key, done }) = stack.last_mut() {
                         *key = Some(String::from_utf8_lossy(raw).into_owned());
+                        *done = false;
                     }
+                } else {
+                    value_done(&mut stack);
                 }
-                closed = None;
-                mark_value(&mut stack);
                 continue;
             }
             b'{' => {
-                mark_value(&mut stack);
-                stack.push(Frame::Object { key: None });
+                mark_started(&mut stack);
+                stack.push(Frame::Object { key: None, done: false });
                 closed = None;
             }
             b'[' => {
-                mark_value(&mut stack);
+                mark_started(&mut stack);
                 stack.push(Frame::Array { index: 0, started: false });
                 closed = None;
             }
             b'}' | b']' => {
-                // Just past a closing bracket, the path is the container's own.
+                // Just past a closing bracket, a data error is about the container itself.
                 stack.pop();
-                closed = Some(render(&stack));
+                closed = Some(render(&stack, reported));
+                value_done(&mut stack);
             }
             b',' => {
                 if let Some(Frame::Array { index, .. }) = stack.last_mut() {
@@ -60,12 +82,20 @@ pub fn path_at(text: &[u8], offset: usize) -> String {
             c if c.is_ascii_whitespace() || c == b':' => {}
             _ => {
                 closed = None;
-                mark_value(&mut stack);
+                mark_started(&mut stack);
+                // A number, `true`, `false` or `null` ends where the next separator starts.
+                let next = text.get(i + 1).copied().unwrap_or(b',');
+                if matches!(next, b',' | b'}' | b']') || next.is_ascii_whitespace() {
+                    value_done(&mut stack);
+                }
             }
         }
         i += 1;
     }
-    closed.unwrap_or_else(|| render(&stack))
+    match closed {
+        Some(path) if reported == Reported::Data => path,
+        _ => render(&stack, reported),
+    }
 }
 
 /// The byte offset just past the character at a 1-based line and column: serde_json reports an error
@@ -81,9 +111,15 @@ pub fn offset_of(text: &[u8], line: usize, column: usize) -> usize {
     start + column
 }
 
-fn mark_value(stack: &mut [Frame]) {
+fn mark_started(stack: &mut [Frame]) {
     if let Some(Frame::Array { started, .. }) = stack.last_mut() {
         *started = true;
+    }
+}
+
+fn value_done(stack: &mut [Frame]) {
+    if let Some(Frame::Object { done, .. }) = stack.last_mut() {
+        *done = true;
     }
 }
 
@@ -101,19 +137,23 @@ fn skip_string(text: &[u8], at: usize) -> usize {
     i
 }
 
-fn render(stack: &[Frame]) -> String {
+/// The path of the innermost position. A data error names a key whose value is complete (it is
+/// reported just past that value); a syntax or EOF error does not (it is about what comes next), and
+/// in an array it names the element being read when a syntax error interrupted it.
+fn render(stack: &[Frame], reported: Reported) -> String {
     let mut out = String::new();
-    for frame in stack {
+    let last = stack.len().saturating_sub(1);
+    for (depth, frame) in stack.iter().enumerate() {
         match frame {
-            Frame::Object { key: Some(k) } => {
+            Frame::Object { key: Some(k), done } if reported == Reported::Data || !done || depth < last => {
                 if !out.is_empty() {
                     out.push('.');
                 }
                 out.push_str(k);
             }
-            Frame::Object { key: None } => {}
+            Frame::Object { .. } => {}
             Frame::Array { index, started } => {
-                if *started {
+                if *started || (reported == Reported::Syntax && depth == last) {
                     out.push_str(&format!("[{index}]"));
                 }
             }
@@ -128,7 +168,7 @@ mod tests {
 
     fn at(text: &str, needle: &str) -> String {
         let offset = text.find(needle).unwrap() + needle.len();
-        path_at(text.as_bytes(), offset)
+        path_at(text.as_bytes(), offset, Reported::Data)
     }
 
     #[test]
@@ -139,7 +179,7 @@ mod tests {
         assert_eq!(at(t, r#""hash": "x"}"#), "keys[0]");
         assert_eq!(at(t, r#""status": 2"#), "errors.forbidden.status");
         assert_eq!(at(t, r#"{"#), "");
-        assert_eq!(path_at(t.as_bytes(), t.len()), "");
+        assert_eq!(path_at(t.as_bytes(), t.len(), Reported::Data), "");
     }
 
     #[test]
@@ -150,9 +190,22 @@ mod tests {
     }
 
     #[test]
+    fn syntax_and_eof_errors_name_what_was_being_read() {
+        let eof = |t: &str| path_at(t.as_bytes(), t.len(), Reported::Eof);
+        assert_eq!(eof(r#"{"keys": ["#), "keys");
+        assert_eq!(eof(r#"{"keys": []"#), "");
+        assert_eq!(eof(r#"{"keys": [{"id": "a""#), "keys[0]");
+        let bad = "{\n  \"keys\": [\n}";
+        assert_eq!(path_at(bad.as_bytes(), offset_of(bad.as_bytes(), 3, 1), Reported::Syntax), "keys[0]");
+        // A missing comma: serde_json reports the `"` of "b" (column 9); the error is the object's.
+        let bad = r#"{"a": 1 "b": 2}"#;
+        assert_eq!(path_at(bad.as_bytes(), offset_of(bad.as_bytes(), 1, 9), Reported::Syntax), "");
+    }
+
+    #[test]
     fn line_and_column_become_an_offset() {
         let t = b"{\n  \"a\": 1,\n  \"b\": 2\n}";
         assert_eq!(offset_of(t, 3, 8), 20);
-        assert_eq!(path_at(t, offset_of(t, 3, 8)), "b");
+        assert_eq!(path_at(t, offset_of(t, 3, 8), Reported::Data), "b");
     }
 }

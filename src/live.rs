@@ -258,7 +258,10 @@ pub fn parse_shard(shard: &ShardRef, body: &[u8]) -> Result<Vec<(KeyHash, Key)>,
         return Err(ConfigError::new(at, "content does not match its etag (SHA-256)"));
     }
     let raw: RawShard = parse_json(body).map_err(|e| within(&at, e))?;
-    let keys = compile_keys(&raw.keys, "keys").map_err(|e| within(&at, e))?.into_entries();
+    let mut set = compile_keys(&raw.keys, "keys").map_err(|e| within(&at, e))?;
+    // In the document's order, so a shard always applies the same way.
+    let keys =
+        raw.keys.iter().filter_map(|r| parse_hash(&r.hash).ok()).filter_map(|h| set.take(&h).map(|k| (h, k))).collect();
     for (i, record) in raw.keys.iter().enumerate() {
         if !record.hash.to_ascii_lowercase().starts_with(&shard.prefix) {
             return Err(ConfigError::new(
