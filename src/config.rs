@@ -46,7 +46,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub credential: RawCredential,
     #[serde(default)]
-    pub keys: Vec<RawKey>,
+    pub keys: InlineKeys,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     #[serde(default)]
@@ -193,8 +193,14 @@ pub fn parse_json<T: for<'de> Deserialize<'de>>(text: &[u8]) -> Result<T, Config
             serde_json::error::Category::Eof => Reported::Eof,
             serde_json::error::Category::Data | serde_json::error::Category::Io => Reported::Data,
         };
-        let mut field = path_at(text, offset_of(text, e.line(), e.column()), reported);
         let message = e.to_string();
+        if let Some(compiled) = message.strip_prefix(COMPILE_ERROR) {
+            // A key record refused while being read: its own field and message, without the position.
+            let (field, rest) = compiled.split_once(COMPILE_ERROR).unwrap_or(("", compiled));
+            let message = rest.rsplit_once(" at line ").map_or(rest, |(m, _)| m);
+            return ConfigError::new(field, message);
+        }
+        let mut field = path_at(text, offset_of(text, e.line(), e.column()), reported);
         if message.starts_with("duplicate field") {
             // Raised by the object once the repeated key is read: it is the object's error.
             let parent = field.rfind(['.', '[']).map_or(0, |at| at);
@@ -217,7 +223,7 @@ impl Policy {
 pub fn compile(raw: RawConfig) -> Result<Policy, ConfigError> {
     let credential_headers = compile_credential_headers(raw.credential.headers.as_deref())?;
     let format = compile_format(&raw.credential)?;
-    let keys = compile_keys(&raw.keys, "keys")?;
+    let keys = raw.keys.0;
     let routes = raw
         .routes
         .iter()
@@ -288,24 +294,86 @@ fn compile_format(raw: &RawCredential) -> Result<KeyFormat, ConfigError> {
 
 /// Compiles key records; `field` names the list (`keys`, or a key-set file's `keys`).
 pub fn compile_keys(raw: &[RawKey], field: &str) -> Result<KeySet, ConfigError> {
-    let mut by_hash: HashMap<KeyHash, Key> = HashMap::with_capacity(raw.len());
-    let mut first_of_hash: HashMap<KeyHash, usize> = HashMap::with_capacity(raw.len());
-    let mut first_of_id: HashMap<&str, usize> = HashMap::with_capacity(raw.len());
-    for (i, record) in raw.iter().enumerate() {
+    let mut builder = KeySetBuilder::new(field, raw.len());
+    for record in raw {
+        builder.add(record)?;
+    }
+    Ok(builder.finish())
+}
+
+/// Compiles key records one at a time, refusing a duplicate id or hash.
+struct KeySetBuilder<'f> {
+    field: &'f str,
+    next: usize,
+    by_hash: HashMap<KeyHash, Key>,
+    first_of_hash: HashMap<KeyHash, usize>,
+    first_of_id: HashMap<String, usize>,
+}
+
+impl<'f> KeySetBuilder<'f> {
+    fn new(field: &'f str, capacity: usize) -> Self {
+        KeySetBuilder {
+            field,
+            next: 0,
+            by_hash: HashMap::with_capacity(capacity),
+            first_of_hash: HashMap::with_capacity(capacity),
+            first_of_id: HashMap::with_capacity(capacity),
+        }
+    }
+
+    fn add(&mut self, record: &RawKey) -> Result<(), ConfigError> {
+        let (field, i) = (self.field, self.next);
+        self.next += 1;
         let here = format!("{field}[{i}]");
         let (hash, key) = compile_key(record, &here)?;
-        if let Some(j) = first_of_id.insert(&record.id, i) {
+        if let Some(j) = self.first_of_id.insert(record.id.clone(), i) {
             return Err(ConfigError::new(
                 format!("{here}.id"),
                 format!("duplicate id {:?} (also {field}[{j}])", record.id),
             ));
         }
-        if let Some(j) = first_of_hash.insert(hash, i) {
+        if let Some(j) = self.first_of_hash.insert(hash, i) {
             return Err(ConfigError::new(format!("{here}.hash"), format!("duplicate hash (also {field}[{j}])")));
         }
-        by_hash.insert(hash, key);
+        self.by_hash.insert(hash, key);
+        Ok(())
     }
-    Ok(KeySet::new(by_hash))
+
+    fn finish(self) -> KeySet {
+        KeySet::new(self.by_hash)
+    }
+}
+
+/// The configuration's `keys`, compiled record by record while the JSON is read, so that a large
+/// inline set is never held both as parsed records and as the compiled table.
+#[derive(Debug, Default)]
+pub struct InlineKeys(pub KeySet);
+
+/// Marks a compile error raised inside serde, so [`parse_json`] reports its own field and message.
+const COMPILE_ERROR: char = '\u{0}';
+
+impl<'de> Deserialize<'de> for InlineKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Records;
+        impl<'de> serde::de::Visitor<'de> for Records {
+            type Value = InlineKeys;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of key records")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<InlineKeys, A::Error> {
+                let mut builder = KeySetBuilder::new("keys", seq.size_hint().unwrap_or(0));
+                while let Some(record) = seq.next_element::<RawKey>()? {
+                    builder.add(&record).map_err(|e| {
+                        serde::de::Error::custom(format!("{COMPILE_ERROR}{}{COMPILE_ERROR}{}", e.field, e.message))
+                    })?;
+                }
+                Ok(InlineKeys(builder.finish()))
+            }
+        }
+        d.deserialize_seq(Records)
+    }
 }
 
 /// Checks and compiles one key record; `field` is where it stands (`keys[3]`).
