@@ -301,27 +301,27 @@ pub fn compile_keys(raw: &[RawKey], field: &str) -> Result<KeySet, ConfigError> 
     Ok(builder.finish())
 }
 
-/// Compiles key records one at a time, refusing a duplicate id or hash.
-struct KeySetBuilder<'f> {
+/// Compiles key records one at a time, in order, refusing a duplicate id or hash.
+pub struct KeyChecker<'f> {
     field: &'f str,
     next: usize,
-    by_hash: HashMap<KeyHash, Key>,
     first_of_hash: HashMap<KeyHash, usize>,
     first_of_id: HashMap<String, usize>,
 }
 
-impl<'f> KeySetBuilder<'f> {
-    fn new(field: &'f str, capacity: usize) -> Self {
-        KeySetBuilder {
+impl<'f> KeyChecker<'f> {
+    /// `field` names the list (`keys`); `capacity` is how many records to expect.
+    pub fn new(field: &'f str, capacity: usize) -> Self {
+        KeyChecker {
             field,
             next: 0,
-            by_hash: HashMap::with_capacity(capacity),
             first_of_hash: HashMap::with_capacity(capacity),
             first_of_id: HashMap::with_capacity(capacity),
         }
     }
 
-    fn add(&mut self, record: &RawKey) -> Result<(), ConfigError> {
+    /// Compiles the next record of the list.
+    pub fn check(&mut self, record: &RawKey) -> Result<(KeyHash, Key), ConfigError> {
         let (field, i) = (self.field, self.next);
         self.next += 1;
         let here = format!("{field}[{i}]");
@@ -335,6 +335,23 @@ impl<'f> KeySetBuilder<'f> {
         if let Some(j) = self.first_of_hash.insert(hash, i) {
             return Err(ConfigError::new(format!("{here}.hash"), format!("duplicate hash (also {field}[{j}])")));
         }
+        Ok((hash, key))
+    }
+}
+
+/// Builds a key set from records checked one at a time.
+struct KeySetBuilder<'f> {
+    checker: KeyChecker<'f>,
+    by_hash: HashMap<KeyHash, Key>,
+}
+
+impl<'f> KeySetBuilder<'f> {
+    fn new(field: &'f str, capacity: usize) -> Self {
+        KeySetBuilder { checker: KeyChecker::new(field, capacity), by_hash: HashMap::with_capacity(capacity) }
+    }
+
+    fn add(&mut self, record: &RawKey) -> Result<(), ConfigError> {
+        let (hash, key) = self.checker.check(record)?;
         self.by_hash.insert(hash, key);
         Ok(())
     }

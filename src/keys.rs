@@ -96,11 +96,6 @@ impl KeySet {
         self.by_hash.contains_key(hash)
     }
 
-    /// Removes and returns the record of `hash`.
-    pub fn take(&mut self, hash: &KeyHash) -> Option<Key> {
-        self.by_hash.remove(hash)
-    }
-
     pub fn into_entries(self) -> Vec<(KeyHash, Key)> {
         self.by_hash.into_iter().collect()
     }

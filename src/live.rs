@@ -16,7 +16,7 @@
 //! | `lease` | which VM polls, until when, when the next poll is due ([`Lease`]) |
 //! | `vmseq` | a counter that numbers the VMs |
 
-use crate::config::{compile_keys, parse_hash, parse_json, ConfigError, RawKey};
+use crate::config::{parse_hash, parse_json, ConfigError, KeyChecker, RawKey};
 use crate::keys::{hash_key, Key, KeyHash, KeySet};
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -258,17 +258,18 @@ pub fn parse_shard(shard: &ShardRef, body: &[u8]) -> Result<Vec<(KeyHash, Key)>,
         return Err(ConfigError::new(at, "content does not match its etag (SHA-256)"));
     }
     let raw: RawShard = parse_json(body).map_err(|e| within(&at, e))?;
-    let mut set = compile_keys(&raw.keys, "keys").map_err(|e| within(&at, e))?;
     // In the document's order, so a shard always applies the same way.
-    let keys =
-        raw.keys.iter().filter_map(|r| parse_hash(&r.hash).ok()).filter_map(|h| set.take(&h).map(|k| (h, k))).collect();
+    let mut checker = KeyChecker::new("keys", raw.keys.len());
+    let mut keys = Vec::with_capacity(raw.keys.len());
     for (i, record) in raw.keys.iter().enumerate() {
+        let (hash, key) = checker.check(record).map_err(|e| within(&at, e))?;
         if !record.hash.to_ascii_lowercase().starts_with(&shard.prefix) {
             return Err(ConfigError::new(
                 format!("{at}: keys[{i}].hash"),
                 format!("does not start with the shard's prefix {:?}", shard.prefix),
             ));
         }
+        keys.push((hash, key));
     }
     Ok(keys)
 }
