@@ -243,6 +243,7 @@ pub fn compile(raw: RawConfig) -> Result<Policy, ConfigError> {
         credential_headers,
         format,
         keys,
+        routes_lower_ascii: routes.iter().all(|r| r.pattern.literals_are_lower_ascii()),
         routes,
         deny_unmatched: raw.unmatched == Unmatched::Deny,
         scopes: ScopeRules::new(&raw.scope_implies),

@@ -22,20 +22,32 @@ impl CredentialHeader {
         if !self.bearer {
             return (!value.is_empty()).then_some(Carried::Key(value));
         }
-        let scheme_end = value.iter().position(|&c| c == b' ' || c == b'\t').unwrap_or(value.len());
-        let (scheme, rest) = value.split_at(scheme_end);
-        if !scheme.eq_ignore_ascii_case(b"bearer") {
-            return None; // Basic, Digest…: not a keygate credential, left alone.
+        if value.contains(&b',') {
+            // Envoy joins repeated headers with a comma (`Basic eA==, Bearer <key>`), and so may a
+            // client: a list with a Bearer credential in it is a credential, but never a usable one.
+            let bearer = value.split(|&c| c == b',').any(|element| matches!(bearer(element), Some(Carried::Key(_))));
+            return bearer.then_some(Carried::Malformed);
         }
-        if rest.is_empty() {
-            return None; // `Bearer` and nothing: no key was sent.
-        }
-        let key = trim_start_spaces(rest);
-        if rest.first() != Some(&b' ') || key.is_empty() {
-            return Some(Carried::Malformed); // a tab, or spaces and nothing
-        }
-        Some(Carried::Key(key))
+        bearer(value)
     }
+}
+
+/// The Bearer credential of one `Authorization` value (RFC 6750 section 2.1).
+fn bearer(value: &[u8]) -> Option<Carried<'_>> {
+    let value = trim(value);
+    let scheme_end = value.iter().position(|&c| c == b' ' || c == b'\t').unwrap_or(value.len());
+    let (scheme, rest) = value.split_at(scheme_end);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None; // Basic, Digest…: not a keygate credential, left alone.
+    }
+    if rest.is_empty() {
+        return None; // `Bearer` and nothing: no key was sent.
+    }
+    let key = trim_start_spaces(rest);
+    if rest.first() != Some(&b' ') || key.is_empty() {
+        return Some(Carried::Malformed); // a tab, or spaces and nothing
+    }
+    Some(Carried::Key(key))
 }
 
 enum Carried<'v> {
@@ -183,10 +195,24 @@ mod tests {
     }
 
     #[test]
-    fn two_comma_separated_values_fail_the_format() {
-        let (key, _) = key_of(&["authorization"], &[("authorization", "Bearer k1,Bearer k2")]).unwrap();
-        let format = KeyFormat { prefixes: vec![], max_length: 256 };
-        assert!(!format.accepts(key.as_bytes()));
+    fn a_joined_value_with_a_bearer_element_is_malformed_and_carried() {
+        let auth = CredentialHeader::new("authorization");
+        for joined in [
+            "Bearer k1,Bearer k2",
+            "Basic eA==, Bearer k1",
+            "Basic eA==,bearer k1",
+            "Bearer k1, Basic eA==",
+            "x,Bearer  k1 ,",
+        ] {
+            let h = hdrs(&[("authorization", joined)]);
+            assert_eq!(extract(std::slice::from_ref(&auth), &h), Credential::Malformed, "{joined}");
+            assert!(carries_credential(&auth, joined.as_bytes()), "{joined} is stripped");
+        }
+        for other in ["Basic eA==, Digest x", "Basic eA==, Bearer", "Basic a,b"] {
+            let h = hdrs(&[("authorization", other)]);
+            assert_eq!(extract(std::slice::from_ref(&auth), &h), Credential::Missing, "{other}");
+            assert!(!carries_credential(&auth, other.as_bytes()), "{other}");
+        }
     }
 
     #[test]

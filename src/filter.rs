@@ -625,7 +625,7 @@ impl HttpContext for Request {
         match shared.policy.decide(&Keys(&shared), &request, &now_ms) {
             Decision::Allow { edits, key_id } => {
                 for name in &edits.remove {
-                    if let Err(status) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
+                    if let Err(status) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name.as_ref()) {
                         error!("keygate: cannot remove header {name}: {status:?}");
                         return send_internal_error("header edit failed");
                     }

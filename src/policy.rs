@@ -3,7 +3,7 @@
 use crate::credential::{carries_credential, extract, Credential, CredentialHeader, KeyFormat};
 use crate::keys::{hash_key, Key, KeyRef, KeySet, KeySource, Lookup};
 use crate::reply::{DenyKind, Replies};
-use crate::routes::{PathPattern, PathViews};
+use crate::routes::{Case, PathPattern, PathViews};
 use crate::scopes::ScopeRules;
 use std::borrow::Cow;
 
@@ -14,6 +14,8 @@ pub struct Policy {
     pub format: KeyFormat,
     pub keys: KeySet,
     pub routes: Vec<Route>,
+    /// Every route's literal segments are lower-case ASCII (see [`PathPattern::literals_are_lower_ascii`]).
+    pub routes_lower_ascii: bool,
     pub deny_unmatched: bool,
     pub scopes: ScopeRules,
     pub upstream: Upstream,
@@ -71,8 +73,8 @@ impl<'a> RequestView<'a> {
 /// The header edits an allowed request gets before it goes upstream.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct HeaderEdits<'p> {
-    /// Headers to remove, every copy.
-    pub remove: Vec<&'p str>,
+    /// Headers to remove, every copy: configured names, or a spelling the request used.
+    pub remove: Vec<Cow<'p, str>>,
     /// Headers to set to exactly one value.
     pub set: Vec<(&'p str, String)>,
 }
@@ -119,7 +121,18 @@ impl Policy {
         now_ms: &dyn Fn() -> Option<i64>,
     ) -> Decision<'p> {
         let views = PathViews::of(request.path);
-        let rules: Vec<Rule<'p, '_>> = views.all().map(|segments| self.rule_for(request.method, segments)).collect();
+        // A case-insensitive router reads `/V1/venues` as `/v1/venues`; when neither the routes nor the
+        // path have a letter whose case could matter, that reading is the exact one.
+        let folded = !(self.routes_lower_ascii && views.all_lower_ascii());
+        let mut rules: Vec<Rule<'p, '_>> = Vec::new();
+        for method in method_readings(request.method) {
+            for segments in views.all() {
+                rules.push(self.rule_for(&method, segments, Case::Exact));
+                if folded {
+                    rules.push(self.rule_for(&method, segments, Case::Folded));
+                }
+            }
+        }
 
         if rules.iter().all(|r| matches!(r, Rule::Public)) {
             return Decision::Allow { edits: self.edits(request, None), key_id: None };
@@ -139,13 +152,13 @@ impl Policy {
         Decision::Allow { edits: self.edits(request, Some(&key)), key_id: Some(key.id.clone()) }
     }
 
-    fn rule_for<'p, 'r>(&'p self, method: &[u8], segments: &'r [Cow<'r, [u8]>]) -> Rule<'p, 'r> {
+    fn rule_for<'p, 'r>(&'p self, method: &[u8], segments: &'r [Cow<'r, [u8]>], case: Case) -> Rule<'p, 'r> {
         for route in &self.routes {
             let method_ok = route.methods.as_ref().is_none_or(|ms| ms.iter().any(|m| m.as_bytes() == method));
             if !method_ok {
                 continue;
             }
-            if let Some(captures) = route.pattern.matches(segments) {
+            if let Some(captures) = route.pattern.matches(segments, case) {
                 return if route.public { Rule::Public } else { Rule::Protected(route, captures) };
             }
         }
@@ -226,7 +239,7 @@ impl Policy {
                 }
             }
         }
-        let mut remove: Vec<&'p str> = Vec::new();
+        let mut remove: Vec<Cow<'p, str>> = Vec::new();
         if up.strip_credentials {
             for header in &self.credential_headers {
                 let carried = request
@@ -234,18 +247,42 @@ impl Policy {
                     .iter()
                     .any(|(n, v)| n.eq_ignore_ascii_case(&header.name) && carries_credential(header, v));
                 if carried {
-                    remove.push(&header.name);
+                    remove.push(Cow::Borrowed(&header.name));
                 }
             }
         }
         for name in &up.identity_headers {
             // Setting a header replaces every copy; only spoofed headers that are not set need removing.
             if request.has_header(name) && !set.iter().any(|(s, _)| s == name) {
-                remove.push(name);
+                remove.push(Cow::Borrowed(name));
+            }
+        }
+        // CGI, WSGI and Rack read `x_org_id` as `x-org-id` (both are HTTP_X_ORG_ID): a spelling with an
+        // underscore of an identity or credential header is never what keygate set or checked.
+        for (name, _) in request.headers.iter().filter(|(n, _)| n.contains('_')) {
+            let twin = |managed: &str| same_to_cgi(name, managed);
+            let managed =
+                up.identity_headers.iter().any(|h| twin(h)) || self.credential_headers.iter().any(|h| twin(&h.name));
+            if managed && !remove.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+                remove.push(Cow::Owned(name.clone()));
             }
         }
         HeaderEdits { remove, set }
     }
+}
+
+/// The methods a request may mean: as sent, and upper-cased (Werkzeug and Django upper-case it; Go's
+/// router and Envoy's route matching do not).
+fn method_readings(method: &[u8]) -> impl Iterator<Item = Cow<'_, [u8]>> {
+    let upper = method.iter().any(u8::is_ascii_lowercase).then(|| Cow::Owned(method.to_ascii_uppercase()));
+    std::iter::once(Cow::Borrowed(method)).chain(upper)
+}
+
+/// True if a CGI-style server reads the two header names as one: equal ignoring case, with `_` and `-`
+/// taken as the same character.
+pub fn same_to_cgi(a: &str, b: &str) -> bool {
+    let fold = |c: u8| if c == b'_' { b'-' } else { c.to_ascii_lowercase() };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! Route patterns and request paths.
 //!
-//! A request path can be read two ways by whatever sits behind Envoy: literally, segment by segment as
-//! sent, or normalised (percent-decoded, `\` taken as `/`, empty and `.` segments dropped, `..`
-//! resolved). keygate authorises a request only if every reading it could be given passes, so no
-//! spelling of a path (`..`, `%2F`, `%2e%2e`, `//`, a trailing slash) reaches the upstream with fewer
-//! scopes or a weaker tenant binding than its normalised form requires, whether or not Envoy's own
-//! path normalisation is on.
+//! Whatever sits behind Envoy reads a request path in its own way: literally, segment by segment as
+//! sent; normalised (percent-decoded, `\` taken as `/`, empty and `.` segments dropped, `..`
+//! resolved); with path parameters stripped from every segment first, so that `..;` is `..` (Tomcat,
+//! Jetty, Spring); decoded twice (a proxy that decodes and forwards, then the application); and with
+//! the case of literal segments ignored (Express, ASP.NET Core). keygate authorises a request only if
+//! every reading passes, so no spelling of a path (`..`, `..;`, `;x=1`, `%2F`, `%2e%2e`, `%252e`, `//`,
+//! a trailing slash, `/V1`) reaches the upstream with fewer scopes or a weaker tenant binding than
+//! some reading requires, whether or not Envoy's own path normalisation is on.
 
 use std::borrow::Cow;
 
@@ -27,6 +29,17 @@ pub struct PathPattern {
 
 /// The captures of a matched pattern: (capture name, segment as it appears in the view).
 pub type Captures<'p, 'r> = Vec<(&'p str, &'r [u8])>;
+
+/// How literal segments of a pattern are compared with a path's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Case {
+    /// Byte for byte.
+    Exact,
+    /// Ignoring case, as a case-insensitive router does (ASCII, and Unicode's simple case mappings,
+    /// so `ſ` is `s` and `ı` is `i`, as .NET's `OrdinalIgnoreCase` reads them). Captures are kept as
+    /// sent.
+    Folded,
+}
 
 impl PathPattern {
     /// Compiles `/v1/venues/{venue_id}/treatments` or `/files/**`.
@@ -66,21 +79,56 @@ impl PathPattern {
         self.parts.iter().any(|p| matches!(p, Part::Capture(n) if n == name))
     }
 
+    /// True if every literal segment is lower-case ASCII: then a path with no upper-case letter and
+    /// no byte outside ASCII matches the same way exactly and folded.
+    pub fn literals_are_lower_ascii(&self) -> bool {
+        self.parts.iter().all(|p| match p {
+            Part::Literal(l) => l.bytes().all(|c| c.is_ascii() && !c.is_ascii_uppercase()),
+            Part::Capture(_) => true,
+        })
+    }
+
     /// Matches the segments of one reading of a path; returns the captures.
-    pub fn matches<'p, 'r>(&'p self, segments: &'r [Cow<'r, [u8]>]) -> Option<Captures<'p, 'r>> {
+    pub fn matches<'p, 'r>(&'p self, segments: &'r [Cow<'r, [u8]>], case: Case) -> Option<Captures<'p, 'r>> {
         if segments.len() < self.parts.len() || (!self.rest && segments.len() != self.parts.len()) {
             return None;
         }
         let mut captures = Vec::new();
         for (part, seg) in self.parts.iter().zip(segments) {
             match part {
-                Part::Literal(lit) if lit.as_bytes() == seg.as_ref() => {}
+                Part::Literal(lit) if literal_eq(lit, seg, case) => {}
                 Part::Capture(name) if !seg.is_empty() => captures.push((name.as_str(), seg.as_ref())),
                 _ => return None,
             }
         }
         Some(captures)
     }
+}
+
+fn literal_eq(lit: &str, seg: &[u8], case: Case) -> bool {
+    if lit.as_bytes() == seg {
+        return true;
+    }
+    if case == Case::Exact {
+        return false;
+    }
+    if lit.is_ascii() && seg.is_ascii() {
+        return lit.as_bytes().eq_ignore_ascii_case(seg);
+    }
+    let Ok(seg) = std::str::from_utf8(seg) else { return false };
+    let (mut a, mut b) = (lit.chars(), seg.chars());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(x), Some(y)) if chars_fold_eq(x, y) => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Two characters a case-insensitive comparison takes as one: equal upper-cased or lower-cased.
+fn chars_fold_eq(x: char, y: char) -> bool {
+    x == y || x.to_uppercase().eq(y.to_uppercase()) || x.to_lowercase().eq(y.to_lowercase())
 }
 
 fn parse_segment(seg: &str, pattern: &str) -> Result<Part, String> {
@@ -97,19 +145,21 @@ fn parse_segment(seg: &str, pattern: &str) -> Result<Part, String> {
         }
         return Ok(Part::Capture(name.to_string()));
     }
-    if seg.contains(['{', '}', '*', '%', '\\', '?', '#']) {
+    if seg.contains(['{', '}', '*', '%', '\\', '?', '#', ';']) {
         return Err(format!("segment {seg:?} must be plain text or a whole {{name}}, in {pattern:?}"));
     }
     Ok(Part::Literal(seg.to_string()))
 }
 
-/// The readings of a request path that keygate authorises. Usually one; two when the path as sent is
-/// not in normal form.
+/// One reading of a path: its segments.
+pub type Segments<'a> = Vec<Cow<'a, [u8]>>;
+
+/// The readings of a request path that keygate authorises, without repeats. Usually one; more when
+/// the path as sent is not in normal form.
 #[derive(Debug)]
 pub struct PathViews<'a> {
-    pub normalised: Vec<Cow<'a, [u8]>>,
-    /// The segments as sent, when they differ from the normalised ones.
-    pub literal: Option<Vec<Cow<'a, [u8]>>>,
+    /// The normalised reading first.
+    readings: Vec<Segments<'a>>,
 }
 
 impl<'a> PathViews<'a> {
@@ -118,24 +168,54 @@ impl<'a> PathViews<'a> {
         let end = path.iter().position(|&c| c == b'?' || c == b'#').unwrap_or(path.len());
         let path = path.get(..end).unwrap_or_default();
         let literal = literal_segments(path);
-        let needs_work = path.iter().any(|&c| c == b'%' || c == b'\\')
+        let needs_work = path.iter().any(|&c| c == b'%' || c == b'\\' || c == b';')
             || literal.iter().any(|s| s.is_empty() || s.as_ref() == b"." || s.as_ref() == b"..");
         if !needs_work {
-            return PathViews { normalised: literal, literal: None };
+            return PathViews { readings: vec![literal] };
         }
-        let normalised = normalised_segments(path);
-        let literal = (literal != normalised).then_some(literal);
-        PathViews { normalised, literal }
+        let decoded = percent_decode(path);
+        let mut views = PathViews { readings: vec![resolved_segments(&decoded)] };
+        views.add(literal);
+        if path.contains(&b';') {
+            // Tomcat, Jetty, Spring: parameters stripped from the path as sent, then decoded.
+            views.add(resolved_segments(&percent_decode(&strip_parameters(path))));
+        }
+        if decoded.contains(&b';') {
+            // Parameters stripped after decoding (`%3B` too).
+            views.add(resolved_segments(&strip_parameters(&decoded)));
+        }
+        if has_escape(&decoded) {
+            // A proxy that decodes before forwarding, then an application that decodes again.
+            views.add(resolved_segments(&percent_decode(&decoded)));
+        }
+        views
+    }
+
+    fn add(&mut self, reading: Segments<'a>) {
+        if !self.readings.contains(&reading) {
+            self.readings.push(reading);
+        }
+    }
+
+    /// The normalised reading: decoded once, dot segments resolved.
+    pub fn normalised(&self) -> &[Cow<'a, [u8]>] {
+        self.readings.first().map(Vec::as_slice).unwrap_or_default()
     }
 
     /// Every reading, normalised first.
     pub fn all(&self) -> impl Iterator<Item = &[Cow<'a, [u8]>]> {
-        std::iter::once(self.normalised.as_slice()).chain(self.literal.as_deref())
+        self.readings.iter().map(Vec::as_slice)
+    }
+
+    /// True if no reading has an upper-case ASCII letter or a byte outside ASCII: then folded and
+    /// exact matching agree for patterns whose literals are lower-case ASCII.
+    pub fn all_lower_ascii(&self) -> bool {
+        self.all().flatten().all(|s| s.iter().all(|&c| c.is_ascii() && !c.is_ascii_uppercase()))
     }
 }
 
 /// Segments as sent: split on `/`, the leading slash and one trailing slash ignored.
-fn literal_segments(path: &[u8]) -> Vec<Cow<'_, [u8]>> {
+fn literal_segments(path: &[u8]) -> Segments<'_> {
     let path = path.strip_prefix(b"/").unwrap_or(path);
     let path = path.strip_suffix(b"/").unwrap_or(path);
     if path.is_empty() {
@@ -144,12 +224,11 @@ fn literal_segments(path: &[u8]) -> Vec<Cow<'_, [u8]>> {
     path.split(|&c| c == b'/').map(Cow::Borrowed).collect()
 }
 
-/// Segments after percent-decoding (once), with `\` as a separator, empty and `.` segments dropped and
-/// `..` resolved (never above the root).
-fn normalised_segments(path: &[u8]) -> Vec<Cow<'_, [u8]>> {
-    let decoded = percent_decode(path);
-    let mut out: Vec<Cow<'_, [u8]>> = Vec::new();
-    for seg in decoded.split(|&c| c == b'/' || c == b'\\') {
+/// Segments with `\` as a separator, empty and `.` segments dropped and `..` resolved (never above
+/// the root).
+fn resolved_segments(path: &[u8]) -> Segments<'static> {
+    let mut out: Segments<'static> = Vec::new();
+    for seg in path.split(|&c| c == b'/' || c == b'\\') {
         match seg {
             b"" | b"." => {}
             b".." => {
@@ -159,6 +238,30 @@ fn normalised_segments(path: &[u8]) -> Vec<Cow<'_, [u8]>> {
         }
     }
     out
+}
+
+/// Removes every segment's parameters: from a `;` to the end of its segment (`/a;x=1/..;/b` is
+/// `/a/../b`).
+fn strip_parameters(path: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.len());
+    let mut in_parameters = false;
+    for &c in path {
+        match c {
+            b'/' => {
+                in_parameters = false;
+                out.push(c);
+            }
+            b';' => in_parameters = true,
+            _ if !in_parameters => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// True if `input` holds a valid `%XX` escape.
+fn has_escape(input: &[u8]) -> bool {
+    input.windows(3).any(|w| matches!(w, [b'%', h, l] if hex_value(*h).is_some() && hex_value(*l).is_some()))
 }
 
 /// Decodes every valid `%XX` once; a `%` not followed by two hex digits stays as it is.
@@ -198,31 +301,36 @@ mod tests {
         views.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect()
     }
 
+    fn readings(path: &str) -> Vec<Vec<String>> {
+        PathViews::of(path.as_bytes()).all().map(segs).collect()
+    }
+
     fn normalised(path: &str) -> Vec<String> {
-        segs(&PathViews::of(path.as_bytes()).normalised)
+        segs(PathViews::of(path.as_bytes()).normalised())
+    }
+
+    fn owned(segments: &[&str]) -> Vec<String> {
+        segments.iter().map(|s| s.to_string()).collect()
     }
 
     #[test]
     fn plain_path_has_one_reading() {
-        let v = PathViews::of(b"/v1/venues/v_7/treatments?x=1");
-        assert_eq!(segs(&v.normalised), ["v1", "venues", "v_7", "treatments"]);
-        assert!(v.literal.is_none());
+        assert_eq!(readings("/v1/venues/v_7/treatments?x=1"), [owned(&["v1", "venues", "v_7", "treatments"])]);
     }
 
     #[test]
     fn trailing_slash_is_the_same_path() {
-        let v = PathViews::of(b"/v1/venues/");
-        assert_eq!(segs(&v.normalised), ["v1", "venues"]);
-        assert!(v.literal.is_none());
-        assert!(PathViews::of(b"/").normalised.is_empty());
-        assert!(PathViews::of(b"").normalised.is_empty());
+        assert_eq!(readings("/v1/venues/"), [owned(&["v1", "venues"])]);
+        assert!(PathViews::of(b"/").normalised().is_empty());
+        assert!(PathViews::of(b"").normalised().is_empty());
     }
 
     #[test]
     fn dot_segments_are_resolved_and_the_literal_reading_kept() {
-        let v = PathViews::of(b"/v1/venues/v_7/../v_8/treatments");
-        assert_eq!(segs(&v.normalised), ["v1", "venues", "v_8", "treatments"]);
-        assert_eq!(segs(v.literal.as_deref().unwrap_or_default()), ["v1", "venues", "v_7", "..", "v_8", "treatments"]);
+        assert_eq!(
+            readings("/v1/venues/v_7/../v_8/treatments"),
+            [owned(&["v1", "venues", "v_8", "treatments"]), owned(&["v1", "venues", "v_7", "..", "v_8", "treatments"])]
+        );
         assert_eq!(normalised("/../../etc"), ["etc"]);
         assert_eq!(normalised("/a/./b/."), ["a", "b"]);
     }
@@ -234,49 +342,93 @@ mod tests {
         assert_eq!(normalised("/v1/venues\\v_8%5Ctreatments"), ["v1", "venues", "v_8", "treatments"]);
         assert_eq!(normalised("/v1/%76enues"), ["v1", "venues"]);
         assert_eq!(normalised("/a%2/b%zz%"), ["a%2", "b%zz%"]);
-        assert_eq!(normalised("/a/%252F"), ["a", "%2F"], "decoded once only");
+        assert_eq!(normalised("/a/%252F"), ["a", "%2F"], "the normal form decodes once");
     }
 
     #[test]
     fn empty_segments_are_dropped_when_normalised() {
-        let v = PathViews::of(b"//v1//venues");
-        assert_eq!(segs(&v.normalised), ["v1", "venues"]);
-        assert_eq!(segs(v.literal.as_deref().unwrap_or_default()), ["", "v1", "", "venues"]);
+        assert_eq!(readings("//v1//venues"), [owned(&["v1", "venues"]), owned(&["", "v1", "", "venues"])]);
+    }
+
+    #[test]
+    fn path_parameters_are_stripped_in_a_reading_of_their_own() {
+        assert_eq!(
+            readings("/docs/..;/v1/venues/v_8/treatments"),
+            [
+                owned(&["docs", "..;", "v1", "venues", "v_8", "treatments"]),
+                owned(&["v1", "venues", "v_8", "treatments"])
+            ]
+        );
+        let target = owned(&["v1", "venues", "v_8", "x"]);
+        for path in ["/v1/venues/v_7/..;/v_8/x", "/v1/venues;x=1/v_8/x;y=2", "/v1/venues/v_7/.;/..;a=b/v_8/x"] {
+            assert!(readings(path).contains(&target), "{path}: {:?}", readings(path));
+        }
+        assert!(readings("/v1/venues%3Bx/v_8/x").contains(&target), "an encoded ';' too");
+    }
+
+    #[test]
+    fn a_second_decoding_is_a_reading_too() {
+        let all = readings("/v1/venues/v_7/%252e%252e/v_8/x");
+        assert_eq!(all.first(), Some(&owned(&["v1", "venues", "v_7", "%2e%2e", "v_8", "x"])));
+        assert!(all.contains(&owned(&["v1", "venues", "v_8", "x"])), "{all:?}");
+    }
+
+    #[test]
+    fn readings_are_not_repeated() {
+        assert_eq!(readings("/a/%62"), [owned(&["a", "b"]), owned(&["a", "%62"])]);
+        assert_eq!(readings("/a;/b"), [owned(&["a;", "b"]), owned(&["a", "b"])]);
     }
 
     #[test]
     fn pattern_captures_and_rest() {
         let p = PathPattern::parse("/v1/venues/{venue_id}/treatments").unwrap();
         let v = PathViews::of(b"/v1/venues/v_7/treatments");
-        let caps = p.matches(&v.normalised).unwrap();
+        let caps = p.matches(v.normalised(), Case::Exact).unwrap();
         assert_eq!(caps, vec![("venue_id", &b"v_7"[..])]);
-        assert!(p.matches(&PathViews::of(b"/v1/venues/v_7").normalised).is_none());
-        assert!(p.matches(&PathViews::of(b"/v1/venues/v_7/treatments/x").normalised).is_none());
+        assert!(p.matches(PathViews::of(b"/v1/venues/v_7").normalised(), Case::Exact).is_none());
+        assert!(p.matches(PathViews::of(b"/v1/venues/v_7/treatments/x").normalised(), Case::Exact).is_none());
 
         let rest = PathPattern::parse("/admin/**").unwrap();
-        assert!(rest.matches(&PathViews::of(b"/admin").normalised).is_some());
-        assert!(rest.matches(&PathViews::of(b"/admin/a/b").normalised).is_some());
-        assert!(rest.matches(&PathViews::of(b"/administrator").normalised).is_none());
-        assert!(PathPattern::parse("/**").unwrap().matches(&[]).is_some());
-        assert!(PathPattern::parse("/").unwrap().matches(&[]).is_some());
+        assert!(rest.matches(PathViews::of(b"/admin").normalised(), Case::Exact).is_some());
+        assert!(rest.matches(PathViews::of(b"/admin/a/b").normalised(), Case::Exact).is_some());
+        assert!(rest.matches(PathViews::of(b"/administrator").normalised(), Case::Exact).is_none());
+        assert!(PathPattern::parse("/**").unwrap().matches(&[], Case::Exact).is_some());
+        assert!(PathPattern::parse("/").unwrap().matches(&[], Case::Exact).is_some());
     }
 
     #[test]
     fn capture_needs_a_non_empty_segment() {
         let p = PathPattern::parse("/v1/{id}/x").unwrap();
         let v = PathViews::of(b"/v1//x");
-        assert!(p.matches(v.literal.as_deref().unwrap_or_default()).is_none());
+        assert!(v.all().skip(1).all(|reading| p.matches(reading, Case::Exact).is_none()));
     }
 
     #[test]
-    fn literal_segments_are_case_sensitive() {
-        let p = PathPattern::parse("/v1/venues").unwrap();
-        assert!(p.matches(&PathViews::of(b"/V1/venues").normalised).is_none());
+    fn literal_segments_match_exactly_or_folded() {
+        let p = PathPattern::parse("/v1/venues/{id}").unwrap();
+        let v = PathViews::of(b"/V1/VENUES/V_8");
+        assert!(p.matches(v.normalised(), Case::Exact).is_none());
+        assert_eq!(p.matches(v.normalised(), Case::Folded), Some(vec![("id", &b"V_8"[..])]), "captures as sent");
+        // U+017F (long s) upper-cases to S; U+0131 (dotless i) to I; U+212A (Kelvin) lower-cases to k.
+        for spelled in ["/v1/venue\u{17f}/x", "/V1/VENUE\u{17f}/x", "/v1/venue%C5%BF/x"] {
+            let v = PathViews::of(spelled.as_bytes());
+            assert!(p.matches(v.normalised(), Case::Folded).is_some(), "{spelled}");
+            assert!(p.matches(v.normalised(), Case::Exact).is_none(), "{spelled}");
+        }
+        let dotless = PathPattern::parse("/admin").unwrap();
+        assert!(dotless.matches(PathViews::of("/adm\u{131}n".as_bytes()).normalised(), Case::Folded).is_some());
+        let kelvin = PathPattern::parse("/kv").unwrap();
+        assert!(kelvin.matches(PathViews::of("/\u{212a}V".as_bytes()).normalised(), Case::Folded).is_some());
+        assert!(p.matches(PathViews::of(b"/v1/venuesx/x").normalised(), Case::Folded).is_none());
+        assert!(p.matches(PathViews::of(b"/v1/venue/x").normalised(), Case::Folded).is_none());
+        assert!(p.literals_are_lower_ascii());
+        assert!(!PathPattern::parse("/v1/Venues").unwrap().literals_are_lower_ascii());
     }
 
     #[test]
     fn bad_patterns_are_rejected() {
-        for bad in ["v1", "/v1//x", "/v1/../x", "/**/x", "/v{id}", "/{}", "/{a-b}", "/{a}/{a}", "/a%2F", "/a/*"] {
+        for bad in ["v1", "/v1//x", "/v1/../x", "/**/x", "/v{id}", "/{}", "/{a-b}", "/{a}/{a}", "/a%2F", "/a/*", "/a;b"]
+        {
             assert!(PathPattern::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
