@@ -5,7 +5,7 @@
 use crate::credential::{CredentialHeader, KeyFormat};
 use crate::keys::{Key, KeyHash, KeySet};
 use crate::live::{KeySetConfig, RawKeySet};
-use crate::policy::{Policy, Route, Upstream};
+use crate::policy::{same_to_cgi, Policy, Route, Upstream};
 use crate::reply::{BodyTemplate, DenyKind, Replies, ReplySpec, Template};
 use crate::routes::PathPattern;
 use crate::scopes::ScopeRules;
@@ -51,7 +51,7 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(default)]
     pub unmatched: Unmatched,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_names")]
     pub scope_implies: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     pub upstream: RawUpstream,
@@ -79,7 +79,7 @@ pub struct RawKey {
     pub name: Option<String>,
     #[serde(default)]
     pub scopes: Vec<String>,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", deserialize_with = "unique_names")]
     pub attributes: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Expiry>,
@@ -102,7 +102,7 @@ pub struct RawRoute {
     pub path: String,
     #[serde(default)]
     pub scopes: Vec<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_names")]
     pub bind: BTreeMap<String, String>,
     #[serde(default)]
     pub public: bool,
@@ -129,8 +129,35 @@ pub struct RawUpstream {
     pub key_id_header: HeaderSetting,
     #[serde(default, deserialize_with = "present")]
     pub scopes_header: HeaderSetting,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_names")]
     pub attribute_headers: BTreeMap<String, Option<String>>,
+}
+
+/// A JSON object read into a map, refusing a name given twice (serde would keep the last).
+fn unique_names<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Names<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Names<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(name) = map.next_key::<String>()? {
+                if out.contains_key(&name) {
+                    return Err(serde::de::Error::custom(format!("repeated name {name:?}: each name may appear once")));
+                }
+                let value = map.next_value()?;
+                out.insert(name, value);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Names(std::marker::PhantomData))
 }
 
 /// Tells a field given as `null` (`Some(None)`) from a field left out (`None`).
@@ -523,10 +550,16 @@ fn compile_upstream(raw: &RawUpstream, credentials: &[CredentialHeader]) -> Resu
         .filter_map(|(f, h)| h.as_ref().map(|h| (f.to_string(), h.clone())))
         .chain(attribute_headers.iter().map(|(a, h)| (format!("upstream.attribute_headers.{a}"), h.clone())));
     for (field, name) in all {
-        if credentials.iter().any(|c| c.name == name) {
-            return Err(ConfigError::new(field, format!("{name:?} is also a credential header")));
+        // `x_org_id` and `x-org-id` are one header to CGI-style servers.
+        if let Some(c) = credentials.iter().find(|c| same_to_cgi(&c.name, &name)) {
+            let message = if c.name == name {
+                format!("{name:?} is also a credential header")
+            } else {
+                format!("{name:?} is also a credential header, {:?}, to servers that read '_' as '-'", c.name)
+            };
+            return Err(ConfigError::new(field, message));
         }
-        if let Some((other, _)) = named.iter().find(|(_, n)| *n == name) {
+        if let Some((other, _)) = named.iter().find(|(_, n)| same_to_cgi(n, &name)) {
             return Err(ConfigError::new(field, format!("{name:?} is already used by {other}")));
         }
         named.push((field, name));

@@ -174,3 +174,42 @@ fn error_messages_never_quote_a_hash() {
     let error = error_of(json!({"keys": [key("a", HASH), key("b", HASH)]}));
     assert!(!error.contains(HASH), "{error}");
 }
+
+#[test]
+fn a_name_repeated_inside_an_object_is_rejected_naming_it() {
+    let key =
+        format!(r#"{{"id": "a", "hash": "{HASH}", "org": "o", "attributes": {{"venue": "v_7", "venue": "v_8"}}}}"#);
+    for (text, expected) in [
+        (format!(r#"{{"keys": [{key}]}}"#), "keys[0].attributes.venue: repeated name \"venue\""),
+        (
+            r#"{"routes": [{"path": "/v/{venue_id}", "bind": {"venue_id": "venue", "venue_id": "none"}}]}"#.to_string(),
+            "routes[0].bind.venue_id: repeated name \"venue_id\"",
+        ),
+        (r#"{"scope_implies": {"rw": ["read"], "rw": []}}"#.to_string(), "scope_implies.rw: repeated name \"rw\""),
+        (
+            r#"{"upstream": {"attribute_headers": {"venue": "x-venue-id", "venue": null}}}"#.to_string(),
+            "upstream.attribute_headers.venue: repeated name \"venue\"",
+        ),
+    ] {
+        let error = Policy::from_json(text.as_bytes()).unwrap_err().to_string();
+        assert!(error.starts_with(expected), "{text}\n  got:      {error}\n  expected: {expected}…");
+    }
+}
+
+#[test]
+fn a_placeholder_in_a_body_object_key_is_rejected() {
+    for body in [json!({"{code}": "x"}), json!({"{nope}": "x"}), json!({"a": {"{status}": 1}})] {
+        let error = error_of(json!({"errors": {"body": body}}));
+        assert!(error.starts_with("errors.body: object key"), "{error}");
+    }
+    let error = error_of(json!({"errors": {"forbidden": {"body": {"x{request_id}": 1}}}}));
+    assert!(error.starts_with("errors.forbidden.body: object key \"x{request_id}\""), "{error}");
+}
+
+#[test]
+fn identity_headers_that_differ_only_by_underscores_are_rejected() {
+    let error = error_of(json!({"upstream": {"org_header": "x_api_key_id"}}));
+    assert_eq!(error, "upstream.key_id_header: \"x-api-key-id\" is already used by upstream.org_header");
+    let error = error_of(json!({"credential": {"headers": ["x-api-key"]}, "upstream": {"org_header": "x_api_key"}}));
+    assert_eq!(error, "upstream.org_header: \"x_api_key\" is also a credential header, \"x-api-key\", to servers that read '_' as '-'");
+}

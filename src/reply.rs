@@ -207,6 +207,11 @@ fn compile_value(value: &Value, pieces: &mut Vec<BodyPiece>, json: &mut String) 
         Value::Object(map) => {
             json.push('{');
             for (i, (k, v)) in map.iter().enumerate() {
+                if k.contains(['{', '}']) {
+                    return Err(format!(
+                        "object key {k:?}: keys are sent as written; placeholders are replaced in string values only"
+                    ));
+                }
                 if i > 0 {
                     json.push(',');
                 }
