@@ -35,9 +35,9 @@ pub type Captures<'p, 'r> = Vec<(&'p str, &'r [u8])>;
 pub enum Case {
     /// Byte for byte.
     Exact,
-    /// Ignoring case, as a case-insensitive router does (ASCII, and Unicode's simple case mappings,
-    /// so `ſ` is `s` and `ı` is `i`, as .NET's `OrdinalIgnoreCase` reads them). Captures are kept as
-    /// sent.
+    /// Ignoring case, as a case-insensitive router does: ASCII letters, and the three characters
+    /// outside ASCII that Unicode's simple case mappings take to ASCII letters (`ſ` is `s`, `ı` is
+    /// `i`, `K` is `k`, as .NET's `OrdinalIgnoreCase` reads them). Captures are kept as sent.
     Folded,
 }
 
@@ -112,23 +112,26 @@ fn literal_eq(lit: &str, seg: &[u8], case: Case) -> bool {
     if case == Case::Exact {
         return false;
     }
-    if lit.is_ascii() && seg.is_ascii() {
+    if seg.is_ascii() {
         return lit.as_bytes().eq_ignore_ascii_case(seg);
     }
+    // Literals are ASCII (see `parse_segment`); three characters outside ASCII fold onto ASCII
+    // letters.
     let Ok(seg) = std::str::from_utf8(seg) else { return false };
-    let (mut a, mut b) = (lit.chars(), seg.chars());
-    loop {
-        match (a.next(), b.next()) {
-            (None, None) => return true,
-            (Some(x), Some(y)) if chars_fold_eq(x, y) => {}
+    let mut lit = lit.bytes();
+    for c in seg.chars() {
+        let ascii = match c {
+            '\u{17f}' => b's',  // LATIN SMALL LETTER LONG S, upper-cased to S
+            '\u{131}' => b'i',  // LATIN SMALL LETTER DOTLESS I, upper-cased to I
+            '\u{212a}' => b'k', // KELVIN SIGN, lower-cased to k
+            c if c.is_ascii() => c as u8,
             _ => return false,
+        };
+        if !lit.next().is_some_and(|l| l.eq_ignore_ascii_case(&ascii)) {
+            return false;
         }
     }
-}
-
-/// Two characters a case-insensitive comparison takes as one: equal upper-cased or lower-cased.
-fn chars_fold_eq(x: char, y: char) -> bool {
-    x == y || x.to_uppercase().eq(y.to_uppercase()) || x.to_lowercase().eq(y.to_lowercase())
+    lit.next().is_none()
 }
 
 fn parse_segment(seg: &str, pattern: &str) -> Result<Part, String> {
@@ -147,6 +150,10 @@ fn parse_segment(seg: &str, pattern: &str) -> Result<Part, String> {
     }
     if seg.contains(['{', '}', '*', '%', '\\', '?', '#', ';']) {
         return Err(format!("segment {seg:?} must be plain text or a whole {{name}}, in {pattern:?}"));
+    }
+    if !seg.bytes().all(|c| c.is_ascii_graphic()) {
+        // A case-insensitive router folds letters outside ASCII in ways keygate does not follow.
+        return Err(format!("segment {seg:?} must be visible ASCII, in {pattern:?}"));
     }
     Ok(Part::Literal(seg.to_string()))
 }
@@ -427,8 +434,21 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_rejected() {
-        for bad in ["v1", "/v1//x", "/v1/../x", "/**/x", "/v{id}", "/{}", "/{a-b}", "/{a}/{a}", "/a%2F", "/a/*", "/a;b"]
-        {
+        for bad in [
+            "v1",
+            "/v1//x",
+            "/v1/../x",
+            "/**/x",
+            "/v{id}",
+            "/{}",
+            "/{a-b}",
+            "/{a}/{a}",
+            "/a%2F",
+            "/a/*",
+            "/a;b",
+            "/caf\u{e9}",
+            "/a b",
+        ] {
             assert!(PathPattern::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }

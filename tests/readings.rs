@@ -1,0 +1,275 @@
+//! The readings an upstream takes of a request, against a real Envoy, over HTTP/1.1 and HTTP/2, with
+//! Envoy's `normalize_path` on and off: a method in another case, path parameters (`;`, `..;`), the
+//! case of literal segments, a joined `Authorization`, and underscore spellings of identity headers.
+//! Each request must get what the strictest reading needs; on a refusal nothing reaches the upstream,
+//! and on an allowed request no credential or forged identity does, in any spelling.
+
+// Test code: helpers outside #[test] functions fail the same way the tests do, by panicking.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use common::{Envoy, EnvoyOptions, Proto, Recorded, Response, Upstream};
+use keygate::keys::hash_key;
+use serde_json::{json, Value};
+
+const VENUE: &str = "sk_live_0000aaaa_1111111111111111111111111111111111111111111111111111111111111111";
+const PLATFORM: &str = "sk_live_0000bbbb_2222222222222222222222222222222222222222222222222222222222222222";
+
+fn hash(key: &str) -> String {
+    hex::encode(hash_key(key.as_bytes()))
+}
+
+/// `/docs/**` is public; the treatments route is GET-only and needs more than the venue catch-all.
+/// `x-api-key` is read before `Authorization`, so a joined `Authorization` can sit beside the
+/// deciding header.
+fn config() -> String {
+    json!({
+        "credential": {"headers": ["x-api-key", "authorization"], "prefixes": ["sk_live_"]},
+        "keys": [
+            {"id": "0000aaaa", "hash": hash(VENUE), "org": "org_42", "scopes": ["venues:read", "treatments:read"],
+             "attributes": {"venue": "v_7"}},
+            {"id": "0000bbbb", "hash": hash(PLATFORM), "org": "org_42", "scopes": ["venues:read"]}
+        ],
+        "routes": [
+            {"path": "/healthz", "public": true},
+            {"path": "/docs/**", "public": true},
+            {"methods": ["GET"], "path": "/v1/venues/{venue_id}/treatments", "scopes": ["treatments:read"],
+             "bind": {"venue_id": "venue"}},
+            {"path": "/v1/venues/{venue_id}/**", "scopes": ["venues:read"], "bind": {"venue_id": "venue"}}
+        ],
+        "upstream": {"attribute_headers": {"venue": "x-venue-id"}}
+    })
+    .to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Forwarded, with this key id in `x-api-key-id` (or none, on a public route).
+    Allowed(Option<&'static str>),
+    /// Refused with this status and body `error` code; nothing forwarded.
+    Refused(u16, &'static str),
+}
+
+use Outcome::{Allowed, Refused};
+
+struct Gateway {
+    upstream: Upstream,
+    envoy: Envoy,
+}
+
+impl Gateway {
+    fn start(normalize_path: bool) -> Gateway {
+        let upstream = Upstream::start();
+        let mut opts = EnvoyOptions::new(Some(&config()), upstream.port());
+        opts.normalize_path = normalize_path;
+        let envoy = Envoy::start(&opts);
+        Gateway { upstream, envoy }
+    }
+
+    /// Checks `reply` and what the upstream saw; returns the forwarded request, if any.
+    fn check(&self, what: &str, reply: &Response, expected: Outcome) -> Option<Recorded> {
+        let seen = self.upstream.requests();
+        self.upstream.clear();
+        match expected {
+            Allowed(id) => {
+                assert_eq!(reply.status, 200, "{what}: {}", reply.body);
+                let [req] = seen.as_slice() else { panic!("{what}: upstream saw {seen:#?}") };
+                let ids: Vec<String> = id.iter().map(|s| s.to_string()).collect();
+                assert_eq!(req.header_values("x-api-key-id"), ids, "{what}");
+                assert_no_credential_or_forgery(what, req);
+                Some(req.clone())
+            }
+            Refused(status, code) => {
+                assert_eq!(reply.status, status, "{what}: {}", reply.body);
+                let body: Value =
+                    serde_json::from_str(&reply.body).unwrap_or_else(|e| panic!("{what}: {e}: {}", reply.body));
+                assert_eq!(body["error"], code, "{what}");
+                assert!(seen.is_empty(), "{what}: the upstream received {seen:#?}");
+                None
+            }
+        }
+    }
+
+    fn expect(&self, proto: Proto, method: &str, path: &str, headers: &[(&str, &str)], expected: Outcome) {
+        let reply = common::send(self.envoy.port(), proto, method, path, headers);
+        let normalize = self.envoy_normalizes();
+        self.check(&format!("{proto:?} normalize_path={normalize} {method} {path} {headers:?}"), &reply, expected);
+    }
+
+    fn envoy_normalizes(&self) -> bool {
+        self.envoy.dir().join("normalized").exists()
+    }
+}
+
+/// A name as CGI, WSGI and Rack read it (`x_org_id` and `X-Org-Id` are both `HTTP_X_ORG_ID`).
+fn cgi(name: &str) -> String {
+    format!("HTTP_{}", name.to_ascii_uppercase().replace('-', "_"))
+}
+
+/// No header that a CGI-style reader takes for a credential carries a key, and each identity header
+/// comes once, as keygate set it, in its own spelling only.
+fn assert_no_credential_or_forgery(what: &str, req: &Recorded) {
+    for (name, value) in &req.headers {
+        let as_cgi = cgi(name);
+        if as_cgi == cgi("authorization") || as_cgi == cgi("x-api-key") {
+            assert!(!value.contains("sk_live_"), "{what}: {name} reaches the upstream with a key");
+        }
+    }
+    for identity in ["x-org-id", "x-api-key-id", "x-api-key-scopes", "x-venue-id"] {
+        let copies: Vec<&(String, String)> = req.headers.iter().filter(|(n, _)| cgi(n) == cgi(identity)).collect();
+        assert!(copies.len() <= 1, "{what}: {identity} arrives as {copies:?}");
+        if let Some((name, value)) = copies.first() {
+            assert_eq!(name, identity, "{what}: {identity} spelled {name}");
+            assert!(!value.contains("evil"), "{what}: a forged {identity}: {value}");
+        }
+    }
+}
+
+fn for_each_gateway(test: impl Fn(&Gateway, Proto)) {
+    for normalize in [false, true] {
+        let g = Gateway::start(normalize);
+        if normalize {
+            std::fs::write(g.envoy.dir().join("normalized"), b"").unwrap();
+        }
+        for proto in Proto::ALL {
+            test(&g, proto);
+        }
+    }
+}
+
+#[test]
+fn a_method_in_any_case_needs_what_its_upper_case_route_needs() {
+    let g = Gateway::start(false);
+    // HTTP/2 carries `:method` as sent; Werkzeug and Django upper-case it and serve their GET handler.
+    for method in ["get", "GeT", "gET"] {
+        g.expect(
+            Proto::Http2,
+            method,
+            "/v1/venues/v_7/treatments",
+            &[("x-api-key", PLATFORM)],
+            Refused(403, "insufficient_scope"),
+        );
+        g.expect(Proto::Http2, method, "/v1/venues/v_8/treatments", &[("x-api-key", VENUE)], Refused(403, "forbidden"));
+        g.expect(Proto::Http2, method, "/v1/venues/v_7/treatments", &[("x-api-key", VENUE)], Allowed(Some("0000aaaa")));
+    }
+    // HTTP/1.1: Envoy either refuses a lower-case method itself or hands it to keygate as sent.
+    for method in ["get", "GeT"] {
+        let reply =
+            common::send(g.envoy.port(), Proto::Http1, method, "/v1/venues/v_7/treatments", &[("x-api-key", PLATFORM)]);
+        if reply.status == 400 {
+            assert!(g.upstream.requests().is_empty(), "HTTP/1.1 {method}");
+        } else {
+            g.check(&format!("HTTP/1.1 {method}"), &reply, Refused(403, "insufficient_scope"));
+        }
+    }
+}
+
+#[test]
+fn path_parameters_reach_no_route_with_less_than_it_needs() {
+    for_each_gateway(|g, proto| {
+        // Tomcat, Jetty and Spring strip `;…` from every segment and read `..;` as `..`.
+        for path in ["/docs/..;/v1/venues/v_8/treatments", "/docs/a/..;x=1/..;/v1/venues/v_8/treatments"] {
+            g.expect(proto, "GET", path, &[], Refused(401, "missing_api_key"));
+            g.expect(proto, "GET", path, &[("x-api-key", VENUE)], Refused(403, "forbidden"));
+        }
+        for path in [
+            "/v1/venues/v_7/..;/v_8/x",
+            "/v1/venues;x=1/v_8/treatments",
+            "/v1/venues/v_8;x=1/treatments",
+            "/v1/venues/v_7/.;/..;/v_8/treatments",
+            "/v1/venues/v_7%3B/..%3B/v_8/x",
+        ] {
+            g.expect(proto, "GET", path, &[("x-api-key", VENUE)], Refused(403, "forbidden"));
+        }
+        for path in ["/v1/venues/v_7/treatments;x=1", "/v1/venues;/v_7/treatments", "/v1/venues/v_7/x/..;/treatments"] {
+            g.expect(proto, "GET", path, &[("x-api-key", PLATFORM)], Refused(403, "insufficient_scope"));
+        }
+        g.expect(
+            proto,
+            "GET",
+            "/v1/venues/v_7/treatments;jsessionid=1",
+            &[("x-api-key", VENUE)],
+            Allowed(Some("0000aaaa")),
+        );
+        g.expect(proto, "GET", "/docs/a;v=1/b", &[], Allowed(None));
+    });
+}
+
+#[test]
+fn a_case_variant_of_a_path_needs_what_the_path_needs() {
+    for_each_gateway(|g, proto| {
+        // Express and ASP.NET Core route `/V1/venues` to the `/v1/venues` handler.
+        for path in ["/V1/venues/v_8/treatments", "/v1/VENUES/v_8/Treatments", "/v1/venue%C5%BF/v_8/treatments"] {
+            g.expect(proto, "GET", path, &[("x-api-key", VENUE)], Refused(403, "forbidden"));
+            g.expect(proto, "GET", path, &[("x-api-key", PLATFORM)], Refused(403, "insufficient_scope"));
+        }
+        // A captured value is compared as sent.
+        g.expect(proto, "GET", "/v1/venues/V_7/treatments", &[("x-api-key", VENUE)], Refused(403, "forbidden"));
+        g.expect(proto, "GET", "/V1/Venues/v_7/Treatments", &[("x-api-key", VENUE)], Allowed(Some("0000aaaa")));
+        // `/DOCS/x` is not `/docs/x` to a case-sensitive upstream: it is no public route.
+        g.expect(proto, "GET", "/DOCS/x", &[], Refused(401, "missing_api_key"));
+    });
+}
+
+#[test]
+fn a_joined_authorization_never_carries_a_key_upstream() {
+    for_each_gateway(|g, proto| {
+        let joined = format!("Basic eA==, Bearer {VENUE}");
+        let joined_after = format!("Bearer {VENUE}, Basic eA==");
+        for value in [&joined, &joined_after] {
+            // The deciding header: a list with a Bearer key in it is no usable credential.
+            g.expect(proto, "GET", "/v1/venues/v_7/x", &[("authorization", value)], Refused(401, "invalid_api_key"));
+            // Public route: stripped.
+            g.expect(proto, "GET", "/docs/x", &[("authorization", value)], Allowed(None));
+            // X-API-Key decides: the joined Authorization is stripped all the same.
+            g.expect(
+                proto,
+                "GET",
+                "/v1/venues/v_7/x",
+                &[("x-api-key", PLATFORM), ("authorization", value)],
+                Allowed(Some("0000bbbb")),
+            );
+        }
+        // Two copies, as a client sends them (Envoy may join them before keygate sees them).
+        let two = [("authorization", "Basic eA=="), ("authorization", &*format!("Bearer {VENUE}"))];
+        let reply = common::send(g.envoy.port(), proto, "GET", "/docs/x", &two);
+        g.check(&format!("{proto:?} two Authorization copies on a public route"), &reply, Allowed(None));
+    });
+}
+
+#[test]
+fn underscore_spellings_of_identity_headers_never_reach_the_upstream() {
+    for_each_gateway(|g, proto| {
+        let forged = [
+            ("x_org_id", "evil"),
+            ("X_Org_Id", "evil_2"),
+            ("x_api_key_id", "evil_root"),
+            ("x-api_key-scopes", "evil *"),
+            ("x_venue_id", "evil_v_1"),
+            ("x_api_key", "sk_live_evil"),
+        ];
+        for (path, key, id) in [
+            ("/docs/x", None, None),
+            ("/v1/venues/v_7/x", Some(PLATFORM), Some("0000bbbb")),
+            ("/v1/venues/v_7/treatments", Some(VENUE), Some("0000aaaa")),
+        ] {
+            let mut headers: Vec<(&str, &str)> = forged.to_vec();
+            if let Some(key) = key {
+                headers.push(("x-api-key", key));
+            }
+            let reply = common::get(g.envoy.port(), proto, path, &headers);
+            let req = g.check(&format!("{proto:?} {path} with underscore twins"), &reply, Allowed(id)).unwrap();
+            for (name, _) in &req.headers {
+                assert!(!name.contains('_'), "{proto:?} {path}: {name} reached the upstream");
+            }
+            if key.is_some() {
+                assert_eq!(req.header_values("x-org-id"), ["org_42"], "{proto:?} {path}");
+            }
+        }
+        // Other underscore headers are not keygate's to remove.
+        let reply = common::get(g.envoy.port(), proto, "/docs/x", &[("x_trace_id", "1")]);
+        let req = g.check("an unrelated underscore header", &reply, Allowed(None)).unwrap();
+        assert_eq!(req.header_values("x_trace_id"), ["1"]);
+    });
+}
