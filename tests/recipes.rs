@@ -24,7 +24,11 @@ impl Recipe {
     /// Sends one request over `proto`; returns the reply and what the upstream received of it.
     fn send(&self, proto: Proto, method: &str, path: &str, headers: &[(&str, &str)]) -> (Response, Vec<Recorded>) {
         self.upstream.clear();
-        let reply = common::send(self.envoy.port(), proto, method, path, headers);
+        // Every recipe sets `headers_with_underscores_action: DROP_HEADER`: no header spelled with an
+        // underscore (`x_org_id`, which CGI-style servers read as `x-org-id`) reaches the upstream.
+        let mut headers = headers.to_vec();
+        headers.push(("x_underscore_probe", "1"));
+        let reply = common::send(self.envoy.port(), proto, method, path, &headers);
         (reply, self.upstream.requests())
     }
 
@@ -47,6 +51,10 @@ impl Recipe {
             assert_eq!(reply.status, 200, "{proto:?} {method} {path}: {}", reply.body);
             let [req] = seen.as_slice() else { panic!("{proto:?} {method} {path}: upstream saw {seen:#?}") };
             assert!(!req.has_header("authorization") && !req.has_header("x-api-key"), "the key reached the upstream");
+            assert!(
+                !req.has_header("x_underscore_probe"),
+                "{proto:?} {method} {path}: an underscore header was forwarded"
+            );
             last = Some(req.clone());
         }
         last.unwrap_or_else(|| unreachable!())
