@@ -3,7 +3,7 @@
 use crate::credential::{carries_credential, extract, Credential, CredentialHeader, KeyFormat};
 use crate::keys::{hash_key, Key, KeyRef, KeySet, KeySource, Lookup};
 use crate::reply::{DenyKind, Replies};
-use crate::routes::{Case, PathPattern, PathViews};
+use crate::routes::{percent_decode, Case, PathPattern, PathViews};
 use crate::scopes::ScopeRules;
 use std::borrow::Cow;
 
@@ -125,7 +125,7 @@ impl Policy {
         // path have a letter whose case could matter, that reading is the exact one.
         let folded = !(self.routes_lower_ascii && views.all_lower_ascii());
         let mut rules: Vec<Rule<'p, '_>> = Vec::new();
-        for method in method_readings(request.method) {
+        for method in method_readings(request) {
             for segments in views.all() {
                 rules.push(self.rule_for(&method, segments, Case::Exact));
                 if folded {
@@ -271,11 +271,40 @@ impl Policy {
     }
 }
 
-/// The methods a request may mean: as sent, and upper-cased (Werkzeug and Django upper-case it; Go's
-/// router and Envoy's route matching do not).
-fn method_readings(method: &[u8]) -> impl Iterator<Item = Cow<'_, [u8]>> {
-    let upper = method.iter().any(u8::is_ascii_lowercase).then(|| Cow::Owned(method.to_ascii_uppercase()));
-    std::iter::once(Cow::Borrowed(method)).chain(upper)
+/// Headers through which a framework lets a client choose the method its router sees (Express's
+/// `method-override`, Symfony, Laravel, Google's APIs).
+const METHOD_OVERRIDE_HEADERS: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+/// The methods a request may mean, without repeats: as sent; upper-cased (Werkzeug and Django
+/// upper-case it; Go's router and Envoy's route matching do not); and any method a method-override
+/// header or a `_method` query parameter names (Symfony and Laravel read it from the query too).
+fn method_readings<'a>(request: &RequestView<'a>) -> Vec<Cow<'a, [u8]>> {
+    let mut out = vec![Cow::Borrowed(request.method)];
+    let mut add = |method: Cow<'a, [u8]>| {
+        if !method.is_empty() && !out.contains(&method) {
+            out.push(method);
+        }
+    };
+    if request.method.iter().any(u8::is_ascii_lowercase) {
+        add(Cow::Owned(request.method.to_ascii_uppercase()));
+    }
+    for (name, value) in request.headers {
+        if METHOD_OVERRIDE_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+            for element in value.split(|&c| c == b',') {
+                add(Cow::Owned(element.trim_ascii().to_ascii_uppercase()));
+            }
+        }
+    }
+    if let Some(query) = request.path.iter().position(|&c| c == b'?').and_then(|at| request.path.get(at + 1..)) {
+        for pair in query.split(|&c| c == b'&' || c == b';') {
+            let (name, value) = pair.split_at(pair.iter().position(|&c| c == b'=').unwrap_or(pair.len()));
+            if percent_decode(name).eq_ignore_ascii_case(b"_method") {
+                let value = percent_decode(value.get(1..).unwrap_or_default());
+                add(Cow::Owned(value.trim_ascii().to_ascii_uppercase()));
+            }
+        }
+    }
+    out
 }
 
 /// True if a CGI-style server reads the two header names as one: equal ignoring case, with `_` and `-`

@@ -502,3 +502,25 @@ fn underscore_spellings_of_identity_and_credential_headers_are_removed() {
     assert!(same_to_cgi("X_Org-ID", "x-org-id"));
     assert!(!same_to_cgi("x-org-idx", "x-org-id"));
 }
+
+#[test]
+fn a_method_override_needs_what_the_method_it_names_needs() {
+    let p = policy_from(config());
+    // PLATFORM may POST nowhere that needs write:bookings; an override to GET on a GET-only route
+    // needs the GET route's scope.
+    for (extra, path) in [
+        (vec![("x-http-method-override", "GET")], "/v1/venues/v_7/treatments"),
+        (vec![("X-HTTP-Method", "get")], "/v1/venues/v_7/treatments"),
+        (vec![("x-method-override", " GET ")], "/v1/venues/v_7/treatments"),
+        (vec![], "/v1/venues/v_7/treatments?_method=GET"),
+        (vec![], "/v1/venues/v_7/treatments?a=1&%5Fmethod=get"),
+    ] {
+        let mut headers = extra.clone();
+        headers.push(("x-api-key", PLATFORM));
+        let d = decide(&p, "POST", path, &headers);
+        assert_eq!(kind(&d), Some(DenyKind::InsufficientScope), "{extra:?} {path}");
+    }
+    let d = decide(&p, "GET", "/v1/bookings", &[("x-http-method-override", "POST"), ("x-api-key", READER)]);
+    assert_eq!(kind(&d), Some(DenyKind::InsufficientScope), "GET overridden to POST needs write:bookings");
+    assert_eq!(kind(&decide(&p, "POST", "/v1/venues/v_7/x?_method_x=GET", &[("x-api-key", PLATFORM)])), None);
+}

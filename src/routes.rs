@@ -191,6 +191,10 @@ impl<'a> PathViews<'a> {
             // Parameters stripped after decoding (`%3B` too).
             views.add(resolved_segments(&strip_parameters(&decoded)));
         }
+        if let Some(nul) = decoded.iter().position(|&c| c == 0) {
+            // C string handling ends the path at a decoded NUL.
+            views.add(resolved_segments(decoded.get(..nul).unwrap_or_default()));
+        }
         if has_escape(&decoded) {
             // A proxy that decodes before forwarding, then an application that decodes again.
             views.add(resolved_segments(&percent_decode(&decoded)));
@@ -272,7 +276,7 @@ fn has_escape(input: &[u8]) -> bool {
 }
 
 /// Decodes every valid `%XX` once; a `%` not followed by two hex digits stays as it is.
-fn percent_decode(input: &[u8]) -> Vec<u8> {
+pub fn percent_decode(input: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(input.len());
     let mut i = 0;
     while let Some(&c) = input.get(i) {
@@ -378,6 +382,16 @@ mod tests {
         let all = readings("/v1/venues/v_7/%252e%252e/v_8/x");
         assert_eq!(all.first(), Some(&owned(&["v1", "venues", "v_7", "%2e%2e", "v_8", "x"])));
         assert!(all.contains(&owned(&["v1", "venues", "v_8", "x"])), "{all:?}");
+    }
+
+    #[test]
+    fn a_decoded_nul_ends_a_reading() {
+        assert!(readings("/v1/venues/v_7/treatments%00/../../../../docs").contains(&owned(&[
+            "v1",
+            "venues",
+            "v_7",
+            "treatments"
+        ])));
     }
 
     #[test]
