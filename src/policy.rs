@@ -120,16 +120,25 @@ impl Policy {
         request: &RequestView<'_>,
         now_ms: &dyn Fn() -> Option<i64>,
     ) -> Decision<'p> {
-        let views = PathViews::of(request.path);
-        // A case-insensitive router reads `/V1/venues` as `/v1/venues`; when neither the routes nor the
-        // path have a letter whose case could matter, that reading is the exact one.
-        let folded = !(self.routes_lower_ascii && views.all_lower_ascii());
+        let mut views = vec![PathViews::of(request.path)];
+        // IIS's URL Rewrite, Symfony and Zend route by these headers when a client sends them.
+        for (name, value) in request.headers {
+            if URL_OVERRIDE_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+                views.push(PathViews::of(value));
+            }
+        }
+        let methods = method_readings(request);
         let mut rules: Vec<Rule<'p, '_>> = Vec::new();
-        for method in method_readings(request) {
-            for segments in views.all() {
-                rules.push(self.rule_for(&method, segments, Case::Exact));
-                if folded {
-                    rules.push(self.rule_for(&method, segments, Case::Folded));
+        for views in &views {
+            // A case-insensitive router reads `/V1/venues` as `/v1/venues`; when neither the routes nor
+            // the path have a letter whose case could matter, that reading is the exact one.
+            let folded = !(self.routes_lower_ascii && views.all_lower_ascii());
+            for method in &methods {
+                for segments in views.all() {
+                    rules.push(self.rule_for(method, segments, Case::Exact));
+                    if folded {
+                        rules.push(self.rule_for(method, segments, Case::Folded));
+                    }
                 }
             }
         }
@@ -270,6 +279,9 @@ impl Policy {
         HeaderEdits { remove, set }
     }
 }
+
+/// Headers through which a server lets a client choose the path its router sees.
+const URL_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 
 /// Headers through which a framework lets a client choose the method its router sees (Express's
 /// `method-override`, Symfony, Laravel, Google's APIs).

@@ -524,3 +524,14 @@ fn a_method_override_needs_what_the_method_it_names_needs() {
     assert_eq!(kind(&d), Some(DenyKind::InsufficientScope), "GET overridden to POST needs write:bookings");
     assert_eq!(kind(&decide(&p, "POST", "/v1/venues/v_7/x?_method_x=GET", &[("x-api-key", PLATFORM)])), None);
 }
+
+#[test]
+fn a_url_override_header_needs_what_the_path_it_names_needs() {
+    let p = policy_from(config_with_docs());
+    for name in ["x-original-url", "X-Rewrite-URL"] {
+        let d = decide(&p, "GET", "/docs/x", &[(name, "/v1/venues/v_8/treatments")]);
+        assert_eq!(kind(&d), Some(DenyKind::MissingKey), "{name}");
+        let d = decide(&p, "GET", "/v1/venues/v_7/x", &[(name, "/v1/venues/v_8/x?a=1"), ("x-api-key", READER)]);
+        assert_eq!(kind(&d), Some(DenyKind::Forbidden), "{name}");
+    }
+}

@@ -273,7 +273,7 @@ fn underscore_spellings_of_identity_headers_never_reach_the_upstream() {
 }
 
 #[test]
-fn a_method_override_or_a_nul_byte_reaches_no_route_with_less_than_it_needs() {
+fn a_method_override_a_url_override_or_a_nul_byte_reaches_no_route_with_less_than_it_needs() {
     for_each_gateway(|g, proto| {
         // Express's method-override, Symfony and Laravel serve a POST with an override as that method.
         for (headers, path) in [
@@ -285,6 +285,21 @@ fn a_method_override_or_a_nul_byte_reaches_no_route_with_less_than_it_needs() {
             headers.push(("x-api-key", PLATFORM));
             g.expect(proto, "POST", path, &headers, Refused(403, "insufficient_scope"));
         }
+        // IIS's URL Rewrite and Symfony route by X-Original-URL / X-Rewrite-URL.
+        g.expect(
+            proto,
+            "GET",
+            "/docs/x",
+            &[("x-original-url", "/v1/venues/v_8/treatments")],
+            Refused(401, "missing_api_key"),
+        );
+        g.expect(
+            proto,
+            "GET",
+            "/v1/venues/v_7/x",
+            &[("x-rewrite-url", "/v1/venues/v_8/x"), ("x-api-key", VENUE)],
+            Refused(403, "forbidden"),
+        );
         // A server that ends the path at a decoded NUL reads the treatments route. Envoy's own
         // normalisation refuses `%00` with a 400 before keygate runs.
         let path = "/v1/venues/v_7/treatments%00/../../../../docs/x";
