@@ -84,6 +84,13 @@ impl KeyFormat {
     }
 }
 
+impl KeyFormat {
+    /// True if one of the configured prefixes appears anywhere in `value`.
+    pub fn has_prefix_within(&self, value: &[u8]) -> bool {
+        self.prefixes.iter().any(|p| !p.is_empty() && value.windows(p.len()).any(|w| w == p.as_bytes()))
+    }
+}
+
 /// Finds the credential: the first configured header, in order, that carries one decides. A header
 /// that carries two (repeated, or two values in one) is `Malformed`.
 pub fn extract<'a>(configured: &[CredentialHeader], headers: &'a [(String, Vec<u8>)]) -> Credential<'a> {

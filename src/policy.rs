@@ -251,10 +251,11 @@ impl Policy {
         let mut remove: Vec<Cow<'p, str>> = Vec::new();
         if up.strip_credentials {
             for header in &self.credential_headers {
-                let carried = request
-                    .headers
-                    .iter()
-                    .any(|(n, v)| n.eq_ignore_ascii_case(&header.name) && carries_credential(header, v));
+                // Also a key under another scheme (`Token sk_live_…`), which some upstream may accept.
+                let carried = request.headers.iter().any(|(n, v)| {
+                    n.eq_ignore_ascii_case(&header.name)
+                        && (carries_credential(header, v) || self.format.has_prefix_within(v))
+                });
                 if carried {
                     remove.push(Cow::Borrowed(&header.name));
                 }

@@ -348,7 +348,7 @@ fn cgi(name: &str) -> String {
 /// How a credential is presented: alone, beside another scheme (repeated or joined), or twice.
 fn presented(key: &'static str) -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
     let h = |n: &str, v: String| (n.to_string(), v.into_bytes());
-    prop::sample::select(vec![0u8, 1, 2, 3, 4, 5, 6, 7]).prop_map(move |form| match form {
+    prop::sample::select(vec![0u8, 1, 2, 3, 4, 5, 6, 7, 8]).prop_map(move |form| match form {
         0 => vec![h("authorization", format!("Bearer {key}"))],
         1 => vec![h("authorization", "Basic eA==".into()), h("authorization", format!("Bearer {key}"))],
         2 => vec![h("authorization", format!("Basic eA==, Bearer {key}"))],
@@ -356,6 +356,7 @@ fn presented(key: &'static str) -> impl Strategy<Value = Vec<(String, Vec<u8>)>>
         4 => vec![h("x-api-key", key.into())],
         5 => vec![h("x-api-key", format!("{key}, {key}"))],
         6 => vec![h("x_api_key", key.into()), h("authorization", format!("Bearer {key}"))],
+        7 => vec![h("authorization", format!("Token {key}"))],
         _ => vec![h("x-api-key", key.into()), h("X_API_KEY", key.into())],
     })
 }

@@ -535,3 +535,16 @@ fn a_url_override_header_needs_what_the_path_it_names_needs() {
         assert_eq!(kind(&d), Some(DenyKind::Forbidden), "{name}");
     }
 }
+
+#[test]
+fn a_key_under_another_scheme_is_not_accepted_but_stripped() {
+    let p = policy_from(config_with_docs());
+    let token = format!("Token {READER}");
+    assert_eq!(kind(&decide(&p, "GET", "/v1/venues", &[("authorization", &token)])), Some(DenyKind::MissingKey));
+    let Decision::Allow { edits, .. } = decide(&p, "GET", "/docs/x", &[("authorization", &token)]) else { panic!() };
+    assert_eq!(edits.remove, vec!["authorization"]);
+    let Decision::Allow { edits, .. } = decide(&p, "GET", "/docs/x", &[("authorization", "Basic eA==")]) else {
+        panic!()
+    };
+    assert!(edits.remove.is_empty(), "another scheme without a key is the upstream's");
+}
