@@ -123,11 +123,15 @@ impl Policy {
         let mut views = vec![PathViews::of(request.path)];
         // IIS's URL Rewrite, Symfony and Zend route by these headers when a client sends them.
         for (name, value) in request.headers {
-            if URL_OVERRIDE_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+            if URL_OVERRIDE_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) && views.len() <= MAX_URLS {
                 views.push(PathViews::of(value));
             }
         }
         let methods = method_readings(request);
+        if methods.len() > MAX_METHODS || views.len() > MAX_URLS {
+            // Only a hostile request names that many; refusing it bounds the work.
+            return Decision::Deny(Denial::new(DenyKind::Forbidden));
+        }
         let mut rules: Vec<Rule<'p, '_>> = Vec::new();
         for views in &views {
             // A case-insensitive router reads `/V1/venues` as `/v1/venues`; when neither the routes nor
@@ -281,6 +285,11 @@ impl Policy {
     }
 }
 
+/// Most methods (as sent, upper-cased, overrides) and paths (`:path` and URL-override headers) one
+/// request may be read as; a request that names more is refused as `forbidden`.
+const MAX_METHODS: usize = 8;
+const MAX_URLS: usize = 4;
+
 /// Headers through which a server lets a client choose the path its router sees.
 const URL_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 
@@ -294,7 +303,8 @@ const METHOD_OVERRIDE_HEADERS: [&str; 3] = ["x-http-method-override", "x-http-me
 fn method_readings<'a>(request: &RequestView<'a>) -> Vec<Cow<'a, [u8]>> {
     let mut out = vec![Cow::Borrowed(request.method)];
     let mut add = |method: Cow<'a, [u8]>| {
-        if !method.is_empty() && !out.contains(&method) {
+        // One past the limit is enough for the caller to refuse, and keeps this loop short.
+        if out.len() <= MAX_METHODS && !method.is_empty() && !out.contains(&method) {
             out.push(method);
         }
     };

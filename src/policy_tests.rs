@@ -548,3 +548,16 @@ fn a_key_under_another_scheme_is_not_accepted_but_stripped() {
     };
     assert!(edits.remove.is_empty(), "another scheme without a key is the upstream's");
 }
+
+#[test]
+fn a_request_naming_too_many_methods_or_paths_is_refused() {
+    let p = policy_from(config_with_docs());
+    let many: String = (0..9).map(|i| format!("_method=M{i}&")).collect();
+    let d = decide(&p, "GET", &format!("/docs/x?{many}"), &[]);
+    assert_eq!(kind(&d), Some(DenyKind::Forbidden));
+    let few: String = (0..7).map(|i| format!("_method=M{i}&")).collect();
+    assert_eq!(kind(&decide(&p, "GET", &format!("/docs/x?{few}"), &[])), None);
+    let urls = [("x-original-url", "/docs/a"); 4];
+    assert_eq!(kind(&decide(&p, "GET", "/docs/x", &urls)), Some(DenyKind::Forbidden));
+    assert_eq!(kind(&decide(&p, "GET", "/docs/x", &urls[..3])), None);
+}
