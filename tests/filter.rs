@@ -336,6 +336,8 @@ fn refused_config_log(config: &str) -> String {
 fn invalid_configuration_makes_envoy_refuse_to_start() {
     let mut duplicate = config();
     duplicate["keys"][1]["id"] = json!("0000aaaa");
+    let repeated_attribute = config().to_string().replacen(r#""venue":"v_7""#, r#""venue":"v_7","venue":"v_8""#, 1);
+    assert!(repeated_attribute.contains(r#""venue":"v_8""#), "the fixture has a venue attribute");
     let mut bad_template = config();
     bad_template["errors"]["forbidden"]["message"] = json!("{whoops}");
     let cases = [
@@ -349,11 +351,32 @@ fn invalid_configuration_makes_envoy_refuse_to_start() {
             r#"{"keys": [{"id": "a", "hash": "abc", "org": "o"}]}"#,
             "keygate: invalid configuration: keys[0].hash: expected 64 hex characters",
         ),
+        (&repeated_attribute, "keygate: invalid configuration: keys[0].attributes.venue: repeated name \"venue\""),
         (
             &bad_template.to_string(),
             "keygate: invalid configuration: errors.forbidden.message: unknown placeholder {whoops}",
         ),
         (r#"{"errors": {"teapot": {}}}"#, "keygate: invalid configuration: errors.teapot: unknown field `teapot`"),
+        (
+            r#"{"routes": [{"path": "/v/{venue_id}/x", "bind": {"venue_id": "venue", "venue_id": "nothing"}}]}"#,
+            "keygate: invalid configuration: routes[0].bind.venue_id: repeated name \"venue_id\"",
+        ),
+        (
+            r#"{"scope_implies": {"rw": ["read"], "rw": []}}"#,
+            "keygate: invalid configuration: scope_implies.rw: repeated name \"rw\"",
+        ),
+        (
+            r#"{"upstream": {"attribute_headers": {"venue": "x-venue-id", "venue": null}}}"#,
+            "keygate: invalid configuration: upstream.attribute_headers.venue: repeated name \"venue\"",
+        ),
+        (
+            r#"{"errors": {"body": {"{nope}": "{code}"}}}"#,
+            "keygate: invalid configuration: errors.body: object key \"{nope}\"",
+        ),
+        (
+            r#"{"upstream": {"org_header": "x_api_key_id"}}"#,
+            "keygate: invalid configuration: upstream.key_id_header: \"x-api-key-id\" is already used by upstream.org_header",
+        ),
     ];
     for (config, expected) in cases {
         let log = refused_config_log(config);
