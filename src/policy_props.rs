@@ -287,11 +287,12 @@ fn plain(segments: &[String]) -> Option<String> {
 fn reading_spelling(path: &'static str) -> impl Strategy<Value = String> {
     let segments: Vec<&'static str> = path.trim_start_matches('/').split('/').collect();
     let n = segments.len();
-    (prop::collection::vec(0u8..14, n), any::<bool>(), 0u8..4).prop_map(move |(tricks, trailing, prefix)| {
+    (prop::collection::vec(0u8..16, n), any::<bool>(), 0u8..5).prop_map(move |(tricks, trailing, prefix)| {
         let mut out = match prefix {
             0 => String::new(),
             1 => "/docs/..;".to_string(),
             2 => "/docs/x/..;/..;".to_string(),
+            3 => "/docs/..".to_string(),
             _ => "/healthz/%2e%2e;".to_string(),
         };
         for (seg, trick) in segments.iter().zip(tricks) {
@@ -309,6 +310,9 @@ fn reading_spelling(path: &'static str) -> impl Strategy<Value = String> {
                 10 => out.push_str(&format!("//{seg}")),
                 11 => out.push_str(&format!("\\{seg}")),
                 12 => out.push_str(&format!("/{}", seg.replace('e', "%65"))),
+                // `\` is a separator to some readers only: these walk back into /docs/** for them.
+                13 => out.push_str(&format!("/{seg}/q\\..\\..\\..\\..\\..\\..\\docs\\a\\b/..")),
+                14 => out.push_str(&format!("/{seg}/q%5C..%5C..%5C..%5C..%5C..%5C..%5Cdocs%5Ca%5Cb/..")),
                 _ => {
                     let mut first = true;
                     out.push('/');

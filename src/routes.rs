@@ -35,9 +35,10 @@ pub type Captures<'p, 'r> = Vec<(&'p str, &'r [u8])>;
 pub enum Case {
     /// Byte for byte.
     Exact,
-    /// Ignoring case, as a case-insensitive router does: ASCII letters, and the three characters
-    /// outside ASCII that Unicode's simple case mappings take to ASCII letters (`ſ` is `s`, `ı` is
-    /// `i`, `K` is `k`, as .NET's `OrdinalIgnoreCase` reads them). Captures are kept as sent.
+    /// Ignoring case, as a case-insensitive router does: ASCII letters, and the four characters
+    /// outside ASCII that Unicode's simple case mappings take to ASCII letters (`ſ` is `s`, `ı` and `İ`
+    /// are `i`, `K` is `k`, as .NET's `OrdinalIgnoreCase` and Java's `equalsIgnoreCase` read them).
+    /// Captures are kept as sent.
     Folded,
 }
 
@@ -115,7 +116,7 @@ fn literal_eq(lit: &str, seg: &[u8], case: Case) -> bool {
     if seg.is_ascii() {
         return lit.as_bytes().eq_ignore_ascii_case(seg);
     }
-    // Literals are ASCII (see `parse_segment`); three characters outside ASCII fold onto ASCII
+    // Literals are ASCII (see `parse_segment`); four characters outside ASCII fold onto ASCII
     // letters.
     let Ok(seg) = std::str::from_utf8(seg) else { return false };
     let mut lit = lit.bytes();
@@ -123,6 +124,7 @@ fn literal_eq(lit: &str, seg: &[u8], case: Case) -> bool {
         let ascii = match c {
             '\u{17f}' => b's',  // LATIN SMALL LETTER LONG S, upper-cased to S
             '\u{131}' => b'i',  // LATIN SMALL LETTER DOTLESS I, upper-cased to I
+            '\u{130}' => b'i',  // LATIN CAPITAL LETTER I WITH DOT ABOVE, lower-cased to i (Java)
             '\u{212a}' => b'k', // KELVIN SIGN, lower-cased to k
             c if c.is_ascii() => c as u8,
             _ => return false,
@@ -180,26 +182,39 @@ impl<'a> PathViews<'a> {
         if !needs_work {
             return PathViews { readings: vec![literal] };
         }
-        let decoded = percent_decode(path);
-        let mut views = PathViews { readings: vec![resolved_segments(&decoded)] };
+        let once = percent_decode(path);
+        let mut views = PathViews { readings: Vec::with_capacity(4) };
+        views.add_resolved(&once);
         views.add(literal);
         if path.contains(&b';') {
             // Tomcat, Jetty, Spring: parameters stripped from the path as sent, then decoded.
-            views.add(resolved_segments(&percent_decode(&strip_parameters(path))));
+            views.add_resolved(&percent_decode(&strip_parameters(path)));
         }
-        if decoded.contains(&b';') {
-            // Parameters stripped after decoding (`%3B` too).
-            views.add(resolved_segments(&strip_parameters(&decoded)));
+        // A second decoding: an application behind a proxy that decoded before forwarding.
+        let twice = has_escape(&once).then(|| percent_decode(&once));
+        if let Some(twice) = &twice {
+            views.add_resolved(twice);
         }
-        if let Some(nul) = decoded.iter().position(|&c| c == 0) {
-            // C string handling ends the path at a decoded NUL.
-            views.add(resolved_segments(decoded.get(..nul).unwrap_or_default()));
-        }
-        if has_escape(&decoded) {
-            // A proxy that decodes before forwarding, then an application that decodes again.
-            views.add(resolved_segments(&percent_decode(&decoded)));
+        for decoded in std::iter::once(&once).chain(twice.as_ref()) {
+            if decoded.contains(&b';') {
+                // Parameters stripped after decoding (`%3B` too).
+                views.add_resolved(&strip_parameters(decoded));
+            }
+            if let Some(nul) = decoded.iter().position(|&c| c == 0) {
+                // C string handling ends the path at a decoded NUL.
+                views.add_resolved(decoded.get(..nul).unwrap_or_default());
+            }
         }
         views
+    }
+
+    /// Adds `path` with dot segments resolved, `\` taken as a separator (Windows servers, Envoy's
+    /// normalisation) and, if it holds one, also not (nginx, Apache, Jetty, Go split on `/` alone).
+    fn add_resolved(&mut self, path: &[u8]) {
+        self.add(resolved_segments(path, true));
+        if path.contains(&b'\\') {
+            self.add(resolved_segments(path, false));
+        }
     }
 
     fn add(&mut self, reading: Segments<'a>) {
@@ -235,11 +250,11 @@ fn literal_segments(path: &[u8]) -> Segments<'_> {
     path.split(|&c| c == b'/').map(Cow::Borrowed).collect()
 }
 
-/// Segments with `\` as a separator, empty and `.` segments dropped and `..` resolved (never above
-/// the root).
-fn resolved_segments(path: &[u8]) -> Segments<'static> {
+/// Segments split on `/` (and `\` when `backslash`), empty and `.` segments dropped and `..` resolved
+/// (never above the root).
+fn resolved_segments(path: &[u8], backslash: bool) -> Segments<'static> {
     let mut out: Segments<'static> = Vec::new();
-    for seg in path.split(|&c| c == b'/' || c == b'\\') {
+    for seg in path.split(|&c| c == b'/' || (backslash && c == b'\\')) {
         match seg {
             b"" | b"." => {}
             b".." => {
@@ -385,6 +400,15 @@ mod tests {
     }
 
     #[test]
+    fn a_backslash_is_read_as_a_separator_and_as_a_character() {
+        let all = readings("/docs/../v1/venues/v_8/y\\..\\..\\..\\..\\docs\\a\\b/../treatments");
+        assert!(all.contains(&owned(&["v1", "venues", "v_8", "treatments"])), "{all:?}");
+        assert!(all.contains(&owned(&["docs", "a", "treatments"])), "{all:?}");
+        let all = readings("/docs/../v1/venues/v_8/y%5C..%5C..%5C..%5C..%5Cdocs/../treatments");
+        assert!(all.contains(&owned(&["v1", "venues", "v_8", "treatments"])), "{all:?}");
+    }
+
+    #[test]
     fn a_decoded_nul_ends_a_reading() {
         assert!(readings("/v1/venues/v_7/treatments%00/../../../../docs").contains(&owned(&[
             "v1",
@@ -436,8 +460,10 @@ mod tests {
             assert!(p.matches(v.normalised(), Case::Folded).is_some(), "{spelled}");
             assert!(p.matches(v.normalised(), Case::Exact).is_none(), "{spelled}");
         }
-        let dotless = PathPattern::parse("/admin").unwrap();
-        assert!(dotless.matches(PathViews::of("/adm\u{131}n".as_bytes()).normalised(), Case::Folded).is_some());
+        let admin = PathPattern::parse("/admin").unwrap();
+        for dotted in ["/adm\u{131}n", "/adm\u{130}n", "/adm%C4%B0n"] {
+            assert!(admin.matches(PathViews::of(dotted.as_bytes()).normalised(), Case::Folded).is_some(), "{dotted}");
+        }
         let kelvin = PathPattern::parse("/kv").unwrap();
         assert!(kelvin.matches(PathViews::of("/\u{212a}V".as_bytes()).normalised(), Case::Folded).is_some());
         assert!(p.matches(PathViews::of(b"/v1/venuesx/x").normalised(), Case::Folded).is_none());
