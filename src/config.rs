@@ -257,6 +257,7 @@ pub fn compile(raw: RawConfig) -> Result<Policy, ConfigError> {
         .enumerate()
         .map(|(i, r)| compile_route(r, &format!("routes[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
+    check_no_route_shadowed(&routes)?;
     for (scope, implied) in &raw.scope_implies {
         check_scope(scope, &format!("scope_implies.{scope}"))?;
         for (i, s) in implied.iter().enumerate() {
@@ -516,6 +517,28 @@ fn compile_route(raw: &RawRoute, field: &str) -> Result<Route, ConfigError> {
         ));
     }
     Ok(Route { methods, pattern, scopes: raw.scopes.clone(), bind, public: raw.public })
+}
+
+/// Refuses a route that an earlier one leaves nothing to match: the first match wins, so its scopes
+/// and bindings would never apply.
+fn check_no_route_shadowed(routes: &[Route]) -> Result<(), ConfigError> {
+    for (j, later) in routes.iter().enumerate() {
+        let shadowing = routes.iter().take(j).position(|earlier| {
+            let methods = match (&earlier.methods, &later.methods) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some(e), Some(l)) => l.iter().all(|m| e.contains(m)),
+            };
+            methods && earlier.pattern.covers(&later.pattern)
+        });
+        if let Some(i) = shadowing {
+            return Err(ConfigError::new(
+                format!("routes[{j}]"),
+                format!("never matches: routes[{i}] comes first and matches every request it would (the first match wins; list the narrower route first)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn compile_upstream(raw: &RawUpstream, credentials: &[CredentialHeader]) -> Result<Upstream, ConfigError> {

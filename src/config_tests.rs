@@ -213,3 +213,23 @@ fn identity_headers_that_differ_only_by_underscores_are_rejected() {
     let error = error_of(json!({"credential": {"headers": ["x-api-key"]}, "upstream": {"org_header": "x_api_key"}}));
     assert_eq!(error, "upstream.org_header: \"x_api_key\" is also a credential header, \"x-api-key\", to servers that read '_' as '-'");
 }
+
+#[test]
+fn a_route_an_earlier_route_leaves_nothing_to_match_is_rejected() {
+    let error = error_of(json!({"routes": [
+        {"path": "/healthz", "public": true},
+        {"path": "/v1/venues/{venue_id}/**", "scopes": ["venues:read"]},
+        {"methods": ["POST"], "path": "/v1/venues/{v}/bookings", "scopes": ["bookings:write"]}
+    ]}));
+    assert!(error.starts_with("routes[2]: never matches: routes[1] comes first"), "{error}");
+    let error = error_of(json!({"routes": [{"path": "/v1/{x}"}, {"methods": ["GET"], "path": "/V1/venues"}]}));
+    assert!(error.starts_with("routes[1]: never matches: routes[0]"), "{error}");
+    // Narrower first, or a method the earlier route does not cover: fine.
+    for ok in [
+        json!({"routes": [{"methods": ["POST"], "path": "/v1/venues/{v}/bookings"}, {"path": "/v1/venues/{v}/**"}]}),
+        json!({"routes": [{"methods": ["GET"], "path": "/v1/venues/{v}/**"}, {"methods": ["POST"], "path": "/v1/venues/{v}/x"}]}),
+        json!({"routes": [{"methods": ["GET"], "path": "/v1/venues/{v}/**"}, {"path": "/v1/venues/{v}/x"}]}),
+    ] {
+        assert!(Policy::from_json(ok.to_string().as_bytes()).is_ok(), "{ok}");
+    }
+}

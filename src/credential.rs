@@ -35,7 +35,9 @@ impl CredentialHeader {
 /// The Bearer credential of one `Authorization` value (RFC 6750 section 2.1).
 fn bearer(value: &[u8]) -> Option<Carried<'_>> {
     let value = trim(value);
-    let scheme_end = value.iter().position(|&c| c == b' ' || c == b'\t').unwrap_or(value.len());
+    // The scheme is a token; whatever ends it (a space, a tab, a byte such as 0xA0 that Python's
+    // `str.split` takes for a space) ends `Bearer` too.
+    let scheme_end = value.iter().position(|&c| !is_token_char(c)).unwrap_or(value.len());
     let (scheme, rest) = value.split_at(scheme_end);
     if !scheme.eq_ignore_ascii_case(b"bearer") {
         return None; // Basic, Digest…: not a keygate credential, left alone.
@@ -45,9 +47,14 @@ fn bearer(value: &[u8]) -> Option<Carried<'_>> {
     }
     let key = trim_start_spaces(rest);
     if rest.first() != Some(&b' ') || key.is_empty() {
-        return Some(Carried::Malformed); // a tab, or spaces and nothing
+        return Some(Carried::Malformed); // a tab or another separator, or spaces and nothing
     }
     Some(Carried::Key(key))
+}
+
+/// A `tchar` of RFC 9110 section 5.6.2.
+fn is_token_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
 }
 
 enum Carried<'v> {
@@ -166,9 +173,11 @@ mod tests {
     }
 
     #[test]
-    fn a_tab_after_bearer_is_malformed() {
-        let h = hdrs(&[("authorization", "Bearer\tk1")]);
-        assert_eq!(extract(&configured(&["authorization"]), &h), Credential::Malformed);
+    fn a_tab_or_another_separator_after_bearer_is_malformed() {
+        for value in [&b"Bearer\tk1"[..], b"bearer\xa0k1", b"Bearer\x0bk1", b"Bearer/k1", b"Bearer:k1"] {
+            let h = vec![("authorization".to_string(), value.to_vec())];
+            assert_eq!(extract(&configured(&["authorization"]), &h), Credential::Malformed, "{value:?}");
+        }
     }
 
     #[test]

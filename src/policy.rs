@@ -271,9 +271,11 @@ impl Policy {
                 remove.push(Cow::Borrowed(name));
             }
         }
-        // CGI, WSGI and Rack read `x_org_id` as `x-org-id` (both are HTTP_X_ORG_ID): a spelling with an
-        // underscore of an identity or credential header is never what keygate set or checked.
-        for (name, _) in request.headers.iter().filter(|(n, _)| n.contains('_')) {
+        // CGI, WSGI and Rack read `x_org_id` as `x-org-id` (both are HTTP_X_ORG_ID), and lighttpd maps
+        // every character that is not a letter or digit to `_` (`x.org.id` too): such a spelling of an
+        // identity or credential header is never what keygate set or checked.
+        let odd = |n: &str| n.bytes().any(|c| c != b'-' && !c.is_ascii_alphanumeric());
+        for (name, _) in request.headers.iter().filter(|(n, _)| odd(n)) {
             let twin = |managed: &str| same_to_cgi(name, managed);
             let managed =
                 up.identity_headers.iter().any(|h| twin(h)) || self.credential_headers.iter().any(|h| twin(&h.name));
@@ -330,10 +332,11 @@ fn method_readings<'a>(request: &RequestView<'a>) -> Vec<Cow<'a, [u8]>> {
     out
 }
 
-/// True if a CGI-style server reads the two header names as one: equal ignoring case, with `_` and `-`
-/// taken as the same character.
+/// True if a CGI-style server reads the two header names as one: equal ignoring case, with every
+/// character other than a letter or digit taken as the same (`_` and `-` for most, `.` or `~` too for
+/// lighttpd).
 pub fn same_to_cgi(a: &str, b: &str) -> bool {
-    let fold = |c: u8| if c == b'_' { b'-' } else { c.to_ascii_lowercase() };
+    let fold = |c: u8| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { b'-' };
     a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 

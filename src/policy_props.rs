@@ -79,6 +79,8 @@ fn noise_header() -> impl Strategy<Value = (String, Vec<u8>)> {
         "X_Api_Key_Id",
         "x-api_key-scopes",
         "x_venue_id",
+        "x.org.id",
+        "x~api~key~id",
         "cookie",
         "x-forwarded-for",
         "x-request-id",
@@ -344,15 +346,17 @@ fn allowed(p: &Policy, method: &str, path: &str, key: Option<&str>) -> bool {
     decide_on(p, &request(method, path, &extra)).is_none()
 }
 
-/// A name as CGI, WSGI and Rack read it.
+/// A name as CGI, WSGI and Rack read it, and lighttpd (every character but letters and digits as `_`).
 fn cgi(name: &str) -> String {
-    format!("HTTP_{}", name.to_ascii_uppercase().replace('-', "_"))
+    let upper: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    format!("HTTP_{upper}")
 }
 
 /// How a credential is presented: alone, beside another scheme (repeated or joined), or twice.
 fn presented(key: &'static str) -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
     let h = |n: &str, v: String| (n.to_string(), v.into_bytes());
-    prop::sample::select(vec![0u8, 1, 2, 3, 4, 5, 6, 7, 8]).prop_map(move |form| match form {
+    prop::sample::select(vec![0u8, 1, 2, 3, 4, 5, 6, 7, 8, 9]).prop_map(move |form| match form {
         0 => vec![h("authorization", format!("Bearer {key}"))],
         1 => vec![h("authorization", "Basic eA==".into()), h("authorization", format!("Bearer {key}"))],
         2 => vec![h("authorization", format!("Basic eA==, Bearer {key}"))],
@@ -361,6 +365,7 @@ fn presented(key: &'static str) -> impl Strategy<Value = Vec<(String, Vec<u8>)>>
         5 => vec![h("x-api-key", format!("{key}, {key}"))],
         6 => vec![h("x_api_key", key.into()), h("authorization", format!("Bearer {key}"))],
         7 => vec![h("authorization", format!("Token {key}"))],
+        8 => vec![h("x.api.key", key.into()), h("x-api-key", key.into())],
         _ => vec![h("x-api-key", key.into()), h("X_API_KEY", key.into())],
     })
 }

@@ -486,6 +486,9 @@ fn underscore_spellings_of_identity_and_credential_headers_are_removed() {
         ("x-api_key-scopes", "*"),
         ("x_venue_id", "v_1"),
         ("x_api_key", "sk_live_other"),
+        ("x.org.id", "evil_dot"),
+        ("x~venue~id", "evil_tilde"),
+        ("x!api!key", "sk_live_bang"),
     ];
     let auth = bearer(READER);
     let mut with_key = twins.to_vec();
@@ -500,6 +503,7 @@ fn underscore_spellings_of_identity_and_credential_headers_are_removed() {
     let Decision::Allow { edits, .. } = decide(&p, "GET", "/docs/x", &[("x_trace_id", "1")]) else { panic!() };
     assert!(edits.remove.is_empty());
     assert!(same_to_cgi("X_Org-ID", "x-org-id"));
+    assert!(same_to_cgi("x.org~id", "x-org-id"));
     assert!(!same_to_cgi("x-org-idx", "x-org-id"));
 }
 

@@ -89,6 +89,22 @@ impl PathPattern {
         })
     }
 
+    /// True if this pattern matches every path `other` matches, in either case (so a route with it,
+    /// listed first, leaves `other` nothing to match).
+    pub fn covers(&self, other: &PathPattern) -> bool {
+        let lengths_ok = if self.rest {
+            other.parts.len() >= self.parts.len()
+        } else {
+            !other.rest && other.parts.len() == self.parts.len()
+        };
+        lengths_ok
+            && self.parts.iter().zip(&other.parts).all(|pair| match pair {
+                (Part::Capture(_), _) => true,
+                (Part::Literal(a), Part::Literal(b)) => a.eq_ignore_ascii_case(b),
+                (Part::Literal(_), Part::Capture(_)) => false,
+            })
+    }
+
     /// Matches the segments of one reading of a path; returns the captures.
     pub fn matches<'p, 'r>(&'p self, segments: &'r [Cow<'r, [u8]>], case: Case) -> Option<Captures<'p, 'r>> {
         if segments.len() < self.parts.len() || (!self.rest && segments.len() != self.parts.len()) {
@@ -470,6 +486,20 @@ mod tests {
         assert!(p.matches(PathViews::of(b"/v1/venue/x").normalised(), Case::Folded).is_none());
         assert!(p.literals_are_lower_ascii());
         assert!(!PathPattern::parse("/v1/Venues").unwrap().literals_are_lower_ascii());
+    }
+
+    #[test]
+    fn a_pattern_covers_the_patterns_it_leaves_nothing_to() {
+        let p = |s: &str| PathPattern::parse(s).unwrap();
+        assert!(p("/v1/venues/{id}/**").covers(&p("/v1/venues/{v}/bookings")));
+        assert!(p("/v1/venues/{id}/**").covers(&p("/v1/venues/{v}")));
+        assert!(p("/v1/{a}").covers(&p("/V1/x")));
+        assert!(p("/**").covers(&p("/")));
+        assert!(p("/a/b").covers(&p("/A/B")));
+        assert!(!p("/v1/venues/{id}").covers(&p("/v1/venues/{v}/bookings")));
+        assert!(!p("/v1/venues/x").covers(&p("/v1/venues/{v}")));
+        assert!(!p("/v1/venues/{id}").covers(&p("/v1/venues/{v}/**")));
+        assert!(!p("/v1/venues/{id}/bookings").covers(&p("/v1/venues/{v}/**")));
     }
 
     #[test]
