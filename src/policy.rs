@@ -120,24 +120,42 @@ impl Policy {
         request: &RequestView<'_>,
         now_ms: &dyn Fn() -> Option<i64>,
     ) -> Decision<'p> {
-        let mut views = vec![PathViews::of(request.path)];
+        let path = PathViews::of(request.path);
         // IIS's URL Rewrite, Symfony and Zend route by these headers when a client sends them.
-        for (name, value) in request.headers {
-            if URL_OVERRIDE_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) && views.len() <= MAX_URLS {
-                views.push(PathViews::of(value));
+        let mut url_overrides: Vec<PathViews<'_>> = Vec::new();
+        let mut method_overridden = false;
+        // Every override header starts `x-`: one byte tells most headers apart.
+        for (name, value) in
+            request.headers.iter().filter(|(n, _)| n.as_bytes().first().is_some_and(|c| c | 0x20 == b'x'))
+        {
+            if URL_OVERRIDE_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) && url_overrides.len() <= MAX_URLS {
+                url_overrides.push(PathViews::of(value));
             }
+            method_overridden |= METHOD_OVERRIDE_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h));
         }
-        let methods = method_readings(request);
-        if methods.len() > MAX_METHODS || views.len() > MAX_URLS {
+        let query =
+            request.path.iter().position(|&c| c == b'?').and_then(|at| request.path.get(at..)).unwrap_or_default();
+        let plain_method = [Cow::Borrowed(request.method)];
+        let other_methods;
+        let methods: &[Cow<'_, [u8]>] = if method_overridden
+            || request.method.iter().any(u8::is_ascii_lowercase)
+            || query.windows(6).any(|w| w.eq_ignore_ascii_case(b"method"))
+        {
+            other_methods = method_readings(request);
+            &other_methods
+        } else {
+            &plain_method
+        };
+        if methods.len() > MAX_METHODS || url_overrides.len() > MAX_URLS {
             // Only a hostile request names that many; refusing it bounds the work.
             return Decision::Deny(Denial::new(DenyKind::Forbidden));
         }
         let mut rules: Vec<Rule<'p, '_>> = Vec::new();
-        for views in &views {
+        for views in std::iter::once(&path).chain(&url_overrides) {
             // A case-insensitive router reads `/V1/venues` as `/v1/venues`; when neither the routes nor
             // the path have a letter whose case could matter, that reading is the exact one.
             let folded = !(self.routes_lower_ascii && views.all_lower_ascii());
-            for method in &methods {
+            for method in methods {
                 for segments in views.all() {
                     rules.push(self.rule_for(method, segments, Case::Exact));
                     if folded {
@@ -274,7 +292,7 @@ impl Policy {
         // CGI, WSGI and Rack read `x_org_id` as `x-org-id` (both are HTTP_X_ORG_ID), and lighttpd maps
         // every character that is not a letter or digit to `_` (`x.org.id` too): such a spelling of an
         // identity or credential header is never what keygate set or checked.
-        let odd = |n: &str| n.bytes().any(|c| c != b'-' && !c.is_ascii_alphanumeric());
+        let odd = |n: &str| !n.starts_with(':') && n.bytes().any(|c| c != b'-' && !c.is_ascii_alphanumeric());
         for (name, _) in request.headers.iter().filter(|(n, _)| odd(n)) {
             let twin = |managed: &str| same_to_cgi(name, managed);
             let managed =
@@ -287,10 +305,10 @@ impl Policy {
     }
 }
 
-/// Most methods (as sent, upper-cased, overrides) and paths (`:path` and URL-override headers) one
-/// request may be read as; a request that names more is refused as `forbidden`.
+/// Most methods (as sent, upper-cased, overrides) and URL-override headers one request may be read
+/// by; a request that names more is refused as `forbidden`.
 const MAX_METHODS: usize = 8;
-const MAX_URLS: usize = 4;
+const MAX_URLS: usize = 3;
 
 /// Headers through which a server lets a client choose the path its router sees.
 const URL_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
