@@ -17,6 +17,7 @@
 //! | `vmseq` | a counter that numbers the VMs |
 
 use crate::config::{parse_hash, parse_json, ConfigError, KeyChecker, RawKey};
+use crate::jsonpath::{path_at, too_deep, Reported};
 use crate::keys::{hash_key, Key, KeyHash, KeySet};
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -29,6 +30,10 @@ pub struct KeySetConfig {
     pub path: String,
     pub poll_interval_ms: u64,
     pub timeout_ms: u64,
+    /// Largest manifest body read; a bigger one fails the sync before it is read.
+    pub max_manifest_bytes: usize,
+    /// Largest shard body read.
+    pub max_shard_bytes: usize,
     /// Names this endpoint in shared-data entries.
     pub namespace: String,
 }
@@ -41,10 +46,23 @@ pub struct RawKeySet {
     pub path: String,
     pub poll_interval_ms: Option<u64>,
     pub timeout_ms: Option<u64>,
+    pub max_manifest_bytes: Option<u64>,
+    pub max_shard_bytes: Option<u64>,
 }
 
 /// The version of the shared-data layout below.
-const LAYOUT: u32 = 2;
+const LAYOUT: u32 = 3;
+
+/// `max_manifest_bytes` by default: 1 MiB holds a manifest of 4 096 shards (about 130 bytes each).
+pub const DEFAULT_MAX_MANIFEST_BYTES: u64 = 1 << 20;
+/// `max_shard_bytes` by default: 64 MiB holds a 16th of a million keys of 1 KiB records.
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 64 << 20;
+const MANIFEST_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=(64 << 20);
+const SHARD_BYTES_RANGE: std::ops::RangeInclusive<u64> = 1024..=(1 << 30);
+
+/// The deepest nesting a manifest or shard may have: a shard's `{"keys": [{"scopes": [...]}]}` is
+/// four levels, so eight leave room and stop a parser long before its recursion limit.
+pub const MAX_DEPTH: usize = 8;
 
 /// Most shard fetches in flight at once during one sync.
 pub const MAX_IN_FLIGHT: usize = 4;
@@ -72,6 +90,18 @@ impl KeySetConfig {
         if !(10..=60_000).contains(&timeout_ms) {
             return Err(ConfigError::new("key_set.timeout_ms", "must be between 10 and 60000"));
         }
+        let bytes = |value: Option<u64>, default: u64, range: std::ops::RangeInclusive<u64>, field: &str| {
+            let n = value.unwrap_or(default);
+            if !range.contains(&n) {
+                let message = format!("must be between {} and {}", range.start(), range.end());
+                return Err(ConfigError::new(format!("key_set.{field}"), message));
+            }
+            usize::try_from(n).map_err(|_| ConfigError::new(format!("key_set.{field}"), "too large for this platform"))
+        };
+        let max_manifest_bytes =
+            bytes(raw.max_manifest_bytes, DEFAULT_MAX_MANIFEST_BYTES, MANIFEST_BYTES_RANGE, "max_manifest_bytes")?;
+        let max_shard_bytes =
+            bytes(raw.max_shard_bytes, DEFAULT_MAX_SHARD_BYTES, SHARD_BYTES_RANGE, "max_shard_bytes")?;
         // The layout version is part of the namespace: an upgraded filter whose layout differs loads
         // a fresh copy instead of misreading the old one.
         let id = format!("{LAYOUT}\n{}\n{}\n{}", raw.cluster, authority, raw.path);
@@ -82,8 +112,19 @@ impl KeySetConfig {
             path: raw.path.clone(),
             poll_interval_ms,
             timeout_ms,
+            max_manifest_bytes,
+            max_shard_bytes,
             namespace,
         })
+    }
+
+    /// Why a body of `size` bytes is not read, when it is larger than its limit.
+    pub fn refuse_body(&self, what: Fetched, size: usize) -> Option<String> {
+        let (limit, field, name) = match what {
+            Fetched::Manifest => (self.max_manifest_bytes, "max_manifest_bytes", "manifest".to_string()),
+            Fetched::Shard(prefix) => (self.max_shard_bytes, "max_shard_bytes", format!("shard {prefix:?}")),
+        };
+        (size > limit).then(|| format!("{name}: the body is {size} bytes, more than key_set.{field} ({limit})"))
     }
 
     /// The entry of one key's record: short (52 characters), as there may be millions.
@@ -137,6 +178,11 @@ impl KeySetConfig {
         self.poll_interval_ms.saturating_mul(1u64 << failures.min(20)).min(cap)
     }
 
+    /// The longest wait between two syncs: the backoff's cap.
+    pub fn max_wait_ms(&self) -> u64 {
+        self.retry_after_ms(u32::MAX)
+    }
+
     /// The request path of a shard: absolute, or relative to the manifest's directory.
     pub fn shard_request_path(&self, shard_path: &str) -> String {
         if shard_path.starts_with('/') {
@@ -154,6 +200,14 @@ pub struct ShardRef {
     pub path: String,
     /// SHA-256 of the shard document's bytes.
     pub etag: KeyHash,
+}
+
+/// What an answer of the key-set endpoint is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched<'a> {
+    Manifest,
+    /// The shard with this prefix.
+    Shard(&'a str),
 }
 
 /// A checked manifest.
@@ -190,11 +244,34 @@ struct RawManifest {
     shards: Vec<RawShardRef>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum RawVersion {
     Number(u64),
     Text(String),
+}
+
+/// Read by type, not as an untagged enum, which would buffer any value (a megabyte of nested
+/// arrays, say) before refusing it.
+impl<'de> Deserialize<'de> for RawVersion {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl serde::de::Visitor<'_> for Either {
+            type Value = RawVersion;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a non-negative integer")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<RawVersion, E> {
+                Ok(RawVersion::Number(v))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawVersion, E> {
+                Ok(RawVersion::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,6 +290,7 @@ struct RawShard {
 
 /// Parses and checks a manifest: shard prefixes of one length covering every prefix once.
 pub fn parse_manifest(body: &[u8]) -> Result<Manifest, ConfigError> {
+    check_depth("manifest", body)?;
     let raw: RawManifest = parse_json(body).map_err(|e| within("manifest", e))?;
     let version = match raw.version {
         RawVersion::Number(n) => n.to_string(),
@@ -257,6 +335,7 @@ pub fn parse_shard(shard: &ShardRef, body: &[u8]) -> Result<Vec<(KeyHash, Key)>,
     if hash_key(body) != shard.etag {
         return Err(ConfigError::new(at, "content does not match its etag (SHA-256)"));
     }
+    check_depth(&at, body)?;
     let raw: RawShard = parse_json(body).map_err(|e| within(&at, e))?;
     // In the document's order, so a shard always applies the same way.
     let mut checker = KeyChecker::new("keys", raw.keys.len());
@@ -272,6 +351,17 @@ pub fn parse_shard(shard: &ShardRef, body: &[u8]) -> Result<Vec<(KeyHash, Key)>,
         keys.push((hash, key));
     }
     Ok(keys)
+}
+
+/// Refuses a document nested deeper than [`MAX_DEPTH`], in one pass, before it is parsed.
+fn check_depth(place: &str, body: &[u8]) -> Result<(), ConfigError> {
+    match too_deep(body, MAX_DEPTH) {
+        None => Ok(()),
+        Some(at) => Err(within(
+            place,
+            ConfigError::new(path_at(body, at, Reported::Data), format!("nested more than {MAX_DEPTH} levels deep")),
+        )),
+    }
 }
 
 fn within(place: &str, e: ConfigError) -> ConfigError {
@@ -311,7 +401,7 @@ impl ShardIndex {
 pub struct SyncState {
     pub version: String,
     pub keys: u64,
-    /// Unix milliseconds of the last good sync.
+    /// Monotonic milliseconds (Envoy's steady clock) of the last good sync.
     pub synced_ms: i64,
     /// The manifest's `ETag` header, for `If-None-Match`.
     pub manifest_etag: Option<String>,
@@ -551,7 +641,85 @@ fn take(rest: &mut &[u8]) -> Option<String> {
     String::from_utf8(s.to_vec()).ok()
 }
 
-/// The polling lease, stored as `owner,expires_ms,next_due_ms,failures`.
+/// Shared data as the sync uses it: the host's in the filter, a map in tests. Envoy's semantics: a
+/// write without `cas`, or to an absent entry, always succeeds; every write gives the entry a new
+/// token from one counter of the process, so no two writes ever leave the same token.
+pub trait Store {
+    /// The value and compare-and-swap token of `entry`; `None` while it is absent.
+    fn get(&self, entry: &str) -> Result<Option<(Vec<u8>, u32)>, String>;
+    /// Writes `entry`; with `cas`, only while its token is still `cas`: `Ok(false)` when another
+    /// write came first.
+    fn set(&self, entry: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String>;
+}
+
+/// How many times a compare-and-swap is retried against other VMs' writes before giving up.
+const CAS_TRIES: usize = 100;
+
+/// Gives this VM a number no other VM of the process has: the token of the `vmseq` entry as read
+/// just before this VM's compare-and-swap write of it succeeded. A token is consumed by at most one
+/// successful compare-and-swap (the write replaces it), so two VMs never get the same one, even
+/// when two of them create the entry at once: shared data has no create-if-absent, and a create
+/// that lands after another VM's increment only changes the entry's token.
+pub fn number_vm(store: &dyn Store, config: &KeySetConfig) -> Result<u32, String> {
+    let entry = config.vmseq_entry();
+    for _ in 0..CAS_TRIES {
+        match store.get(&entry)? {
+            None => {
+                store.set(&entry, b"0", None)?;
+            }
+            Some((value, cas)) => {
+                // The count of VMs numbered, for the curious reader of shared data.
+                let count: u64 = std::str::from_utf8(&value).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                if store.set(&entry, count.saturating_add(1).to_string().as_bytes(), Some(cas))? {
+                    return Ok(cas);
+                }
+            }
+        }
+    }
+    Err(format!("{entry}: no compare-and-swap succeeded in {CAS_TRIES} tries"))
+}
+
+/// Takes or renews the polling lease for VM `me` at monotonic time `now`; returns it when this VM
+/// holds it. An absent lease is created (unconditionally: shared data has no create-if-absent) and
+/// first claimed on the next tick, with compare-and-swap, so a VM creating it at the same moment
+/// cannot overwrite a claim.
+pub fn hold_lease(store: &dyn Store, config: &KeySetConfig, me: u32, now: i64) -> Result<Option<Lease>, String> {
+    let entry = config.lease_entry();
+    let Some((value, cas)) = store.get(&entry)? else {
+        store.set(&entry, &Lease { owner: 0, expires_ms: 0, next_due_ms: 0, failures: 0 }.encode(), None)?;
+        return Ok(None);
+    };
+    let Some(claimed) = Lease::claim(Lease::decode(&value), me, now, config.lease_ttl_ms()) else { return Ok(None) };
+    Ok(store.set(&entry, &claimed.encode(), Some(cas))?.then_some(claimed))
+}
+
+/// Changes the lease with compare-and-swap, whichever VM holds it now: a sync's outcome counts
+/// even when the lease moved while it ran (the failure count of the backoff must survive a move).
+pub fn update_lease(
+    store: &dyn Store,
+    config: &KeySetConfig,
+    change: impl Fn(Lease) -> Lease,
+) -> Result<Lease, String> {
+    let entry = config.lease_entry();
+    for _ in 0..CAS_TRIES {
+        let Some((value, cas)) = store.get(&entry)? else { return Err(format!("{entry} is absent")) };
+        let lease = Lease::decode(&value).ok_or_else(|| format!("{entry} is malformed"))?;
+        let changed = change(lease);
+        if store.set(&entry, &changed.encode(), Some(cas))? {
+            return Ok(changed);
+        }
+    }
+    Err(format!("{entry}: no compare-and-swap succeeded in {CAS_TRIES} tries"))
+}
+
+/// Whole seconds from `since` to `now` (monotonic milliseconds), never negative.
+pub fn seconds_since(since: i64, now: i64) -> u64 {
+    u64::try_from(now.saturating_sub(since).max(0) / 1_000).unwrap_or(0)
+}
+
+/// The polling lease, stored as `owner,expires_ms,next_due_ms,failures`. Its times are monotonic
+/// milliseconds (Envoy's steady clock, one for the whole process), so a step of the wall clock
+/// moves no poll.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lease {
     pub owner: u32,
@@ -580,13 +748,35 @@ impl Lease {
     }
 
     /// What VM `me` writes (with compare-and-swap) to hold the lease from `now_ms`, or `None` while
-    /// another VM holds an unexpired one.
+    /// another VM holds an unexpired one. A lease said to last longer than `ttl_ms` from now was
+    /// written against another clock (shared data forged, or a clock that stepped back), and counts
+    /// as expired.
     pub fn claim(current: Option<Lease>, me: u32, now_ms: i64, ttl_ms: i64) -> Option<Lease> {
         match current {
-            Some(l) if l.owner != me && l.expires_ms > now_ms => None,
+            Some(l) if l.owner != me && l.expires_ms > now_ms && l.expires_ms <= now_ms.saturating_add(ttl_ms) => None,
             Some(l) => Some(Lease { owner: me, expires_ms: now_ms + ttl_ms, ..l }),
             None => Some(Lease { owner: me, expires_ms: now_ms + ttl_ms, next_due_ms: now_ms, failures: 0 }),
         }
+    }
+
+    /// Whether a sync is due at `now`. A due time further ahead than the longest wait ever
+    /// scheduled ([`KeySetConfig::max_wait_ms`]) was set against another clock, and is due now.
+    pub fn due(&self, now: i64, config: &KeySetConfig) -> bool {
+        let longest = i64::try_from(config.max_wait_ms()).unwrap_or(i64::MAX);
+        now >= self.next_due_ms || self.next_due_ms.saturating_sub(now) > longest
+    }
+
+    /// The lease after a sync that failed at `now`: one more failure, and the backoff's wait.
+    pub fn after_failure(self, now: i64, config: &KeySetConfig) -> Lease {
+        let failures = self.failures.saturating_add(1);
+        let wait = i64::try_from(config.retry_after_ms(failures)).unwrap_or(i64::MAX);
+        Lease { next_due_ms: now.saturating_add(wait), failures, ..self }
+    }
+
+    /// The lease after a good sync at `now`: no failures, the next poll one interval on.
+    pub fn after_success(self, now: i64, config: &KeySetConfig) -> Lease {
+        let wait = i64::try_from(config.poll_interval_ms).unwrap_or(i64::MAX);
+        Lease { next_due_ms: now.saturating_add(wait), failures: 0, ..self }
     }
 }
 

@@ -283,3 +283,195 @@ fn long_fields_round_trip_through_varint_lengths() {
     };
     assert_eq!(decode_key(&encode_key(&key)), Some(key));
 }
+
+/// Shared data as Envoy keeps it (proxy-wasm-cpp-host's `SharedData`): one token counter for the
+/// process, starting at 1; a write without a token, or to an absent entry, always succeeds.
+#[derive(Default)]
+struct FakeStore {
+    entries: std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>,
+    next_cas: std::cell::Cell<u32>,
+}
+
+impl Store for FakeStore {
+    fn get(&self, entry: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+        Ok(self.entries.borrow().get(entry).cloned())
+    }
+
+    fn set(&self, entry: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
+        let mut entries = self.entries.borrow_mut();
+        if let (Some((_, current)), Some(cas)) = (entries.get(entry), cas) {
+            if *current != cas {
+                return Ok(false);
+            }
+        }
+        let token = self.next_cas.get().max(1);
+        self.next_cas.set(token + 1);
+        entries.insert(entry.to_string(), (value.to_vec(), token));
+        Ok(true)
+    }
+}
+
+fn settings(extra: serde_json::Value) -> KeySetConfig {
+    let mut raw = json!({"cluster": "k", "path": "/m"});
+    raw.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    KeySetConfig::compile(&serde_json::from_value(raw).unwrap()).unwrap()
+}
+
+#[test]
+fn body_limits_have_defaults_and_bounds() {
+    let c = settings(json!({}));
+    assert_eq!((c.max_manifest_bytes, c.max_shard_bytes), (1 << 20, 64 << 20));
+    let c = settings(json!({"max_manifest_bytes": 4096, "max_shard_bytes": 2048}));
+    assert_eq!(c.refuse_body(Fetched::Manifest, 4096), None);
+    assert_eq!(
+        c.refuse_body(Fetched::Manifest, 4097).as_deref(),
+        Some("manifest: the body is 4097 bytes, more than key_set.max_manifest_bytes (4096)")
+    );
+    assert_eq!(
+        c.refuse_body(Fetched::Shard("3f"), 2049).as_deref(),
+        Some("shard \"3f\": the body is 2049 bytes, more than key_set.max_shard_bytes (2048)")
+    );
+    for (bad, field) in [
+        (json!({"max_manifest_bytes": 1023}), "key_set.max_manifest_bytes"),
+        (json!({"max_manifest_bytes": (64u64 << 20) + 1}), "key_set.max_manifest_bytes"),
+        (json!({"max_shard_bytes": 0}), "key_set.max_shard_bytes"),
+        (json!({"max_shard_bytes": (1u64 << 30) + 1}), "key_set.max_shard_bytes"),
+    ] {
+        let mut raw = json!({"cluster": "k", "path": "/m"});
+        raw.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        let err = KeySetConfig::compile(&serde_json::from_value(raw).unwrap()).unwrap_err();
+        assert_eq!(err.field, field);
+    }
+}
+
+/// `{"version": [` then `[[…]]` 100 deep until `len` bytes: the body that made the error path
+/// quadratic.
+fn nested_manifest(len: usize) -> Vec<u8> {
+    let mut body = br#"{"version": ["#.to_vec();
+    let unit = format!("{}{},", "[".repeat(100), "]".repeat(100));
+    while body.len() < len {
+        body.extend_from_slice(unit.as_bytes());
+    }
+    body.extend_from_slice(br#"[]], "shards": []}"#);
+    body
+}
+
+#[test]
+fn deeply_nested_manifest_is_refused_at_once_naming_the_field() {
+    let body = nested_manifest(2 << 20);
+    let start = std::time::Instant::now();
+    let err = parse_manifest(&body).unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(err.field, "manifest: version[0][0][0][0][0][0]");
+    assert_eq!(err.message, "nested more than 8 levels deep");
+    assert!(took < std::time::Duration::from_millis(100), "2 MiB refused in {took:?}");
+}
+
+#[test]
+fn a_version_or_expiry_of_the_wrong_type_is_refused_at_its_first_character() {
+    // Wide rather than deep: within the depth limit, a megabyte of arrays under `version`.
+    let mut body = br#"{"version": ["#.to_vec();
+    while body.len() < 1 << 20 {
+        body.extend_from_slice(b"[[1]],");
+    }
+    body.extend_from_slice(br#"[]], "shards": []}"#);
+    let err = parse_manifest(&body).unwrap_err();
+    assert_eq!(err.field, "manifest: version");
+    assert!(
+        err.message
+            .starts_with("invalid type: sequence, expected a string or a non-negative integer at line 1 column 13"),
+        "{err}"
+    );
+
+    let mut shard = br#"{"keys": [{"id": "a", "hash": "x", "org": "o", "expires_at": ["#.to_vec();
+    while shard.len() < 1 << 20 {
+        shard.extend_from_slice(b"[[1]],");
+    }
+    shard.extend_from_slice(b"[]]}]}");
+    let err = parse_shard(&shard_ref("", &shard), &shard).unwrap_err();
+    assert_eq!(err.field, "shard \"\" (shards/.json): keys[0].expires_at");
+    assert!(err.message.starts_with("invalid type: sequence, expected RFC 3339 text or integer Unix seconds"), "{err}");
+}
+
+#[test]
+fn two_vms_never_get_one_number_even_when_both_create_the_counter() {
+    let (c, store) = (config(), FakeStore::default());
+    let a = number_vm(&store, &c).unwrap();
+    // What a second VM does when it, too, found the counter absent a moment ago: it creates the
+    // entry unconditionally, after the first VM's increment, which resets the count.
+    store.set(&c.vmseq_entry(), b"0", None).unwrap();
+    let b = number_vm(&store, &c).unwrap();
+    let d = number_vm(&store, &c).unwrap();
+    assert_ne!(a, b, "the count went back to 0, so counting would have given both VMs number 1");
+    assert_ne!(b, d);
+    assert_ne!(a, d);
+    assert!(a != 0 && b != 0 && d != 0, "0 means no holder in the lease");
+}
+
+#[test]
+fn an_absent_lease_is_created_and_claimed_from_the_next_tick() {
+    let (c, store) = (config(), FakeStore::default());
+    assert_eq!(hold_lease(&store, &c, 7, 1_000).unwrap(), None, "created, not claimed");
+    // Another VM that also found it absent creates it again a moment later: no claim to overwrite.
+    store
+        .set(&c.lease_entry(), &Lease { owner: 0, expires_ms: 0, next_due_ms: 0, failures: 0 }.encode(), None)
+        .unwrap();
+    let held = hold_lease(&store, &c, 7, 1_100).unwrap().unwrap();
+    assert_eq!(held, Lease { owner: 7, expires_ms: 1_100 + c.lease_ttl_ms(), next_due_ms: 0, failures: 0 });
+    assert_eq!(hold_lease(&store, &c, 8, 1_200).unwrap(), None, "held by VM 7");
+}
+
+#[test]
+fn a_failure_counts_in_the_backoff_even_after_the_lease_moved() {
+    let (c, store) = (config(), FakeStore::default());
+    hold_lease(&store, &c, 1, 0).unwrap();
+    hold_lease(&store, &c, 1, 10).unwrap().unwrap();
+    // VM 1's sync fails once; then it stalls past its lease, VM 2 takes over, and VM 1's sync
+    // fails again: the failure counts, and the wait doubles.
+    update_lease(&store, &c, |l| l.after_failure(100, &c)).unwrap();
+    let ttl = c.lease_ttl_ms();
+    let moved = hold_lease(&store, &c, 2, 10 + ttl).unwrap().unwrap();
+    assert_eq!((moved.owner, moved.failures), (2, 1));
+    let after = update_lease(&store, &c, |l| l.after_failure(20 + ttl, &c)).unwrap();
+    assert_eq!((after.owner, after.failures, after.next_due_ms), (2, 2, 20 + ttl + 2_000));
+    let after = update_lease(&store, &c, |l| l.after_failure(30 + ttl, &c)).unwrap();
+    assert_eq!((after.failures, after.next_due_ms), (3, 30 + ttl + 4_000));
+    let good = update_lease(&store, &c, |l| l.after_success(40 + ttl, &c)).unwrap();
+    assert_eq!((good.failures, good.next_due_ms), (0, 40 + ttl + 500));
+}
+
+#[test]
+fn polls_keep_their_interval_on_the_monotonic_clock() {
+    // The schedule takes only monotonic time (the filter passes Envoy's steady clock; the wall
+    // clock reaches nothing here), so a wall-clock step cannot move a poll: ticks every 100 ms,
+    // polls every 500 ms.
+    let (c, store) = (config(), FakeStore::default());
+    let mut polls = Vec::new();
+    hold_lease(&store, &c, 1, 0).unwrap();
+    for tick in 1..=50i64 {
+        let mono = tick * 100;
+        let lease = hold_lease(&store, &c, 1, mono).unwrap().unwrap();
+        if lease.due(mono, &c) {
+            polls.push(mono);
+            update_lease(&store, &c, |l| l.after_success(mono, &c)).unwrap();
+        }
+    }
+    assert_eq!(polls, [100, 600, 1_100, 1_600, 2_100, 2_600, 3_100, 3_600, 4_100, 4_600]);
+    assert_eq!(seconds_since(2_100, 4_999), 2);
+    assert_eq!(seconds_since(5_000, 4_000), 0, "never negative");
+}
+
+#[test]
+fn a_schedule_or_lease_set_against_a_clock_that_stepped_back_is_not_waited_out() {
+    // What a VM sees when the times in shared data came from a clock an hour ahead of its own: a
+    // due time and a lease expiry an hour off.
+    let c = config();
+    let hour = 3_600_000;
+    let stale = Lease { owner: 2, expires_ms: 10_000 + hour, next_due_ms: 10_000 + hour, failures: 0 };
+    assert!(stale.due(10_000, &c), "a due time past the longest backoff is due now");
+    assert!(!Lease { next_due_ms: 10_000 + c.max_wait_ms() as i64, ..stale }.due(10_000, &c));
+    let claimed = Lease::claim(Some(stale), 1, 10_000, c.lease_ttl_ms()).unwrap();
+    assert_eq!((claimed.owner, claimed.expires_ms), (1, 10_000 + c.lease_ttl_ms()));
+    let fresh = Lease { expires_ms: 10_000 + c.lease_ttl_ms(), ..stale };
+    assert_eq!(Lease::claim(Some(fresh), 1, 10_000, c.lease_ttl_ms()), None, "a lease within its ttl holds");
+}
