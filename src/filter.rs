@@ -6,9 +6,10 @@
 
 use crate::keys::{Key, KeyHash, KeyRef, KeySource, Lookup};
 use crate::live::{
-    apply_shard, apply_sync, decode_key, hold_lease, number_vm, parse_manifest, parse_shard, prefixes, seconds_since,
-    update_lease, write_state, Fetched, FetchedShard, KeySetConfig, Manifest, Retired, ShardIndex, ShardRef, Store,
-    SyncState, MAX_IN_FLIGHT,
+    apply_shard, apply_sync, decode_key, decode_widths, hold_lease, inline_place, number_vm, parse_manifest,
+    parse_shard, prefix_of, prefixes, retire, seconds_since, shard_number, stale_widths, stored_position, update_lease,
+    width_bit, write_state, Fetched, FetchedShard, IdIndex, KeySetConfig, Manifest, Retired, ShardIndex, ShardRef,
+    Store, SyncState, INLINE, MAX_IN_FLIGHT,
 };
 use crate::policy::{Decision, Policy, RequestView};
 use crate::reply::DenyKind;
@@ -192,8 +193,10 @@ struct SyncRun {
     manifest_token: Option<u32>,
     manifest: Option<Manifest>,
     manifest_etag: Option<String>,
-    /// Set when the manifest changes the shard layout: what the old layout held.
+    /// Set when the manifest's shard layout is not the only one in shared data: what the others hold.
     retired: Option<Retired>,
+    /// The ids of the set being built, to refuse one loaded twice.
+    ids: IdIndex,
     queue: Vec<(ShardRef, Option<ShardIndex>)>,
     in_flight: HashMap<u32, (ShardRef, Option<ShardIndex>)>,
     fetched: Vec<FetchedShard>,
@@ -370,6 +373,7 @@ impl Root {
                         manifest: None,
                         manifest_etag: None,
                         retired: None,
+                        ids: IdIndex::default(),
                         queue: Vec::new(),
                         in_flight: HashMap::new(),
                         fetched: Vec::new(),
@@ -406,10 +410,22 @@ impl Root {
                 other => return Err(format!("manifest: HTTP status {other}")),
             }
             let manifest = parse_manifest(body).map_err(|e| e.to_string())?;
-            if let Some(width) = run.previous.width.filter(|w| *w != manifest.width()) {
-                // A new layout: every shard is fetched, and every key of the old one is reconsidered.
+            let width = manifest.width();
+            let mask = match hostcalls::get_shared_data(&config.widths_entry()) {
+                Ok((Some(bytes), _)) => decode_widths(&bytes),
+                _ => 0,
+            };
+            if mask & width_bit(width) == 0 {
+                // Before any index of this width is written, so that none is ever left unlisted.
+                write_shared(&config.widths_entry(), (mask | width_bit(width)).to_string().as_bytes())?;
+            }
+            run.ids = IdIndex::with_inline(&shared.policy.keys);
+            let stale = stale_widths(mask, run.previous.width, width);
+            if !stale.is_empty() {
+                // Another layout holds records (the loaded one, or one a failed first load left):
+                // every shard is fetched, and every key of the others is reconsidered.
                 let mut retired = Retired::default();
-                for prefix in prefixes(width) {
+                for prefix in stale.into_iter().flat_map(prefixes) {
                     retired.hashes.extend(read_shard_index(config, &prefix).map(|i| i.hashes).unwrap_or_default());
                     retired.prefixes.push(prefix);
                 }
@@ -418,8 +434,9 @@ impl Root {
             } else {
                 for shard in &manifest.shards {
                     let index = read_shard_index(config, &shard.prefix);
-                    if index.as_ref().is_none_or(|i| i.etag != shard.etag) {
-                        run.queue.push((shard.clone(), index));
+                    match index {
+                        Some(i) if i.etag == shard.etag => run.ids.add(shard_number(&shard.prefix), i.ids),
+                        index => run.queue.push((shard.clone(), index)),
                     }
                 }
             }
@@ -431,7 +448,22 @@ impl Root {
                 return Err(format!("shard {:?} ({}): {what}", shard.prefix, shard.path));
             }
             let keys = parse_shard(&shard, body).map_err(|e| e.to_string())?;
+            let width = shard.prefix.len();
+            let fetched_so_far = &run.fetched;
+            let place_of = |place: u32, digest: u32, id: &str| {
+                if place == INLINE {
+                    return inline_place(&shared.policy.keys, id);
+                }
+                let prefix = prefix_of(place, width);
+                let position = match fetched_so_far.iter().find(|f| f.shard.prefix == prefix) {
+                    Some(f) => f.position_of(digest, id),
+                    None => stored_position(config, &HostStore, &prefix, digest, id),
+                };
+                position.map(|i| format!("shard {prefix:?} keys[{i}].id"))
+            };
+            run.ids.check(&shard, &keys, place_of).map_err(|e| e.to_string())?;
             let fetched = FetchedShard::new(shard, keys, previous, &shared.policy.keys).map_err(|e| e.to_string())?;
+            run.ids.add(shard_number(&fetched.shard.prefix), fetched.ids.iter().copied());
             run.shards_fetched += 1;
             if run.first_load {
                 apply_shard(config, &fetched, &mut write_shared)?;
@@ -468,11 +500,15 @@ impl Root {
             }
             Some(manifest) if run.first_load => {
                 // The shards are written; the state, last, counts what their indexes hold.
-                let keys = manifest
-                    .shards
-                    .iter()
-                    .map(|s| read_shard_index(config, &s.prefix).map_or(0, |i| i.hashes.len() as u64))
-                    .sum();
+                let indexes: Vec<ShardIndex> =
+                    manifest.shards.iter().filter_map(|s| read_shard_index(config, &s.prefix)).collect();
+                let keys = indexes.iter().map(|i| i.hashes.len() as u64).sum();
+                if let Some(retired) = &run.retired {
+                    // What another layout left (a first load that failed part-way, say) and this
+                    // set lacks stops working before the set counts as loaded.
+                    let kept = indexes.iter().flat_map(|i| &i.hashes).collect();
+                    retire(config, retired, &kept, manifest.width(), &mut write_shared)?;
+                }
                 write_state(config, manifest, keys, run.manifest_etag.clone(), now, &mut write_shared)?;
                 write_shared(&config.generation_entry(), now.to_string().as_bytes())?;
                 format!("version {} loaded, {} shards fetched", manifest.version, run.shards_fetched)

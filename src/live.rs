@@ -10,7 +10,8 @@
 //! | entry | value |
 //! |---|---|
 //! | `k<ns><hash, base64url>` (no `keygate/` prefix: there may be millions) | one key record ([`encode_key`]), or a one-byte tombstone for a removed key |
-//! | `shard/<prefix>` | the shard's etag and the hashes it holds ([`ShardIndex`]) |
+//! | `shard/<prefix>` | the shard's etag, and the hash and id digest of each record it holds ([`ShardIndex`]) |
+//! | `widths` | every shard width whose indexes may hold records, so that no record outlives a layout change ([`WIDTHS`]) |
 //! | `state` | what has loaded: version, key count, time of the last good sync ([`SyncState`]) |
 //! | `generation` | changes whenever a sync changes records (VMs drop the records they decoded) |
 //! | `lease` | which VM polls, until when, when the next poll is due ([`Lease`]) |
@@ -20,7 +21,7 @@ use crate::config::{parse_hash, parse_json, ConfigError, KeyChecker, RawKey};
 use crate::jsonpath::{path_at, too_deep, Reported};
 use crate::keys::{hash_key, Key, KeyHash, KeySet};
 use serde::Deserialize;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// The compiled `key_set` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +154,10 @@ impl KeySetConfig {
         format!("keygate/{}/lease", self.namespace)
     }
 
+    pub fn widths_entry(&self) -> String {
+        format!("keygate/{}/{WIDTHS}", self.namespace)
+    }
+
     pub fn vmseq_entry(&self) -> String {
         format!("keygate/{}/vmseq", self.namespace)
     }
@@ -229,8 +234,8 @@ pub fn prefixes(width: usize) -> impl Iterator<Item = String> {
     (0..1usize << (4 * width)).map(move |n| if width == 0 { String::new() } else { format!("{n:0width$x}") })
 }
 
-/// What a sync that changes the shard layout leaves behind: the old layout's index entries and every
-/// hash they held.
+/// What a sync that changes the shard layout leaves behind: the index entries of every other layout
+/// that may hold records ([`stale_widths`]) and every hash they held.
 #[derive(Debug, Default)]
 pub struct Retired {
     pub prefixes: Vec<String>,
@@ -369,31 +374,150 @@ fn within(place: &str, e: ConfigError) -> ConfigError {
     ConfigError::new(field, e.message)
 }
 
-/// What a shard entry in shared data remembers: the etag loaded and the hashes written for it.
+/// What a shard entry in shared data remembers: the etag loaded, and the hashes written for it with
+/// the digest of each record's id ([`id_digest`]), in the shard's document order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ShardIndex {
     pub etag: KeyHash,
     pub hashes: Vec<KeyHash>,
+    /// `ids[i]` is the id digest of `hashes[i]`'s record.
+    pub ids: Vec<u32>,
 }
+
+/// The etag of an index written before its shard's records, listing old and new ones: it matches
+/// no shard, so the shard is fetched again if the write stops there.
+pub const PENDING_ETAG: KeyHash = [0; 32];
 
 impl ShardIndex {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 * (1 + self.hashes.len()));
+        let mut out = Vec::with_capacity(32 + 36 * self.hashes.len());
         out.extend_from_slice(&self.etag);
-        for h in &self.hashes {
+        for (h, id) in self.hashes.iter().zip(&self.ids) {
             out.extend_from_slice(h);
+            out.extend_from_slice(&id.to_le_bytes());
         }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() % 32 != 0 || bytes.is_empty() {
+        let (etag, rest) = bytes.split_first_chunk::<32>()?;
+        if rest.len() % 36 != 0 {
             return None;
         }
-        let mut chunks = bytes.chunks_exact(32).filter_map(|c| <KeyHash>::try_from(c).ok());
-        let etag = chunks.next()?;
-        Some(ShardIndex { etag, hashes: chunks.collect() })
+        let mut index = ShardIndex { etag: *etag, hashes: Vec::with_capacity(rest.len() / 36), ids: Vec::new() };
+        index.ids.reserve(rest.len() / 36);
+        for entry in rest.chunks_exact(36) {
+            let (hash, id) = entry.split_first_chunk::<32>()?;
+            index.hashes.push(*hash);
+            index.ids.push(u32::from_le_bytes(id.try_into().ok()?));
+        }
+        Some(index)
     }
+}
+
+/// A 4-byte digest of a record's id, kept in shard indexes so that a sync finds an id loaded in
+/// another shard without reading its records. Digests collide; a match is confirmed on the record.
+pub fn id_digest(id: &str) -> u32 {
+    let hash = hash_key(id.as_bytes());
+    u32::from_le_bytes(*hash.first_chunk::<4>().unwrap_or(&[0; 4]))
+}
+
+/// Where an id seen by a sync stands: a shard, by its prefix read as a number, or [`INLINE`].
+pub const INLINE: u32 = u32::MAX;
+
+/// The prefix of shard number `n` of a layout `width` digits wide (the inverse of [`shard_number`]).
+pub fn prefix_of(n: u32, width: usize) -> String {
+    if width == 0 {
+        String::new()
+    } else {
+        format!("{n:0width$x}")
+    }
+}
+
+/// A prefix read as a hexadecimal number (`""` is 0).
+pub fn shard_number(prefix: &str) -> u32 {
+    u32::from_str_radix(prefix, 16).unwrap_or(0)
+}
+
+/// The ids of the set a sync is building, by digest, with the place that holds each: the inline
+/// keys, the shards the sync keeps, and each shard it fetched once checked. 5 bytes of digest and
+/// place an id (about 10 MB in the polling VM at 1M keys), rather than the ids themselves.
+#[derive(Debug, Default)]
+pub struct IdIndex {
+    by_digest: HashMap<u32, u32>,
+}
+
+impl IdIndex {
+    pub fn with_inline(inline: &KeySet) -> Self {
+        let mut index = IdIndex::default();
+        index.add(INLINE, inline.keys().map(|k| id_digest(&k.id)));
+        index
+    }
+
+    pub fn add(&mut self, place: u32, ids: impl IntoIterator<Item = u32>) {
+        for id in ids {
+            self.by_digest.entry(id).or_insert(place);
+        }
+    }
+
+    /// Refuses the first record of `shard` whose id another place holds. `place_of(place, digest,
+    /// id)` confirms a digest's match on that place's records and names where the id stands there.
+    pub fn check(
+        &self,
+        shard: &ShardRef,
+        keys: &[(KeyHash, Key)],
+        place_of: impl Fn(u32, u32, &str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        for (i, (_, key)) in keys.iter().enumerate() {
+            let digest = id_digest(&key.id);
+            let Some(&other) = self.by_digest.get(&digest) else { continue };
+            if let Some(there) = place_of(other, digest, &key.id) {
+                return Err(ConfigError::new(
+                    format!("shard {:?} ({}): keys[{i}].id", shard.prefix, shard.path),
+                    format!("{:?} is also {there}", key.id),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where `id` stands among the inline keys, if it does.
+pub fn inline_place(inline: &KeySet, id: &str) -> Option<String> {
+    inline.keys().any(|k| k.id == id).then(|| "the id of an inline key (the configuration's `keys`)".to_string())
+}
+
+/// The position in shard `prefix`, as stored, of the record with id `id` (whose digest is `digest`).
+pub fn stored_position(config: &KeySetConfig, store: &dyn Store, prefix: &str, digest: u32, id: &str) -> Option<usize> {
+    let (bytes, _) = store.get(&config.shard_entry(prefix)).ok()??;
+    let index = ShardIndex::decode(&bytes)?;
+    index.ids.iter().zip(&index.hashes).position(|(d, hash)| {
+        *d == digest
+            && store
+                .get(&config.key_entry(hash))
+                .ok()
+                .flatten()
+                .and_then(|(record, _)| decode_key(&record))
+                .is_some_and(|k| k.id == id)
+    })
+}
+
+/// The entry listing the shard widths whose indexes may hold records, as a bit mask.
+pub const WIDTHS: &str = "widths";
+
+/// The bit of a shard width in the `widths` mask.
+pub fn width_bit(width: usize) -> u8 {
+    1u8.checked_shl(u32::try_from(width).unwrap_or(8)).unwrap_or(0)
+}
+
+pub fn decode_widths(bytes: &[u8]) -> u8 {
+    std::str::from_utf8(bytes).ok().and_then(|t| t.parse().ok()).unwrap_or(0)
+}
+
+/// The widths other than `width` whose indexes may still hold records: those in the `widths` mask,
+/// and the loaded set's own.
+pub fn stale_widths(mask: u8, loaded: Option<usize>, width: usize) -> Vec<usize> {
+    (0..=4).filter(|&w| w != width && (mask & width_bit(w) != 0 || loaded == Some(w))).collect()
 }
 
 /// What has loaded, shared by every VM.
@@ -445,6 +569,8 @@ impl SyncState {
 pub struct FetchedShard {
     pub shard: ShardRef,
     pub records: Vec<(KeyHash, Vec<u8>)>,
+    /// The id digest of each record.
+    pub ids: Vec<u32>,
     pub previous: Option<ShardIndex>,
 }
 
@@ -462,8 +588,17 @@ impl FetchedShard {
                 "its hash is also an inline key in `keys`",
             ));
         }
+        let ids = keys.iter().map(|(_, key)| id_digest(&key.id)).collect();
         let records = keys.into_iter().map(|(hash, key)| (hash, encode_key(&key))).collect();
-        Ok(FetchedShard { shard, records, previous })
+        Ok(FetchedShard { shard, records, ids, previous })
+    }
+
+    /// The position of the record with id `id` (whose digest is `digest`).
+    pub fn position_of(&self, digest: u32, id: &str) -> Option<usize> {
+        self.ids
+            .iter()
+            .zip(&self.records)
+            .position(|(d, (_, record))| *d == digest && decode_key(record).is_some_and(|k| k.id == id))
     }
 }
 
@@ -471,18 +606,49 @@ impl FetchedShard {
 pub type Write<'a> = dyn FnMut(&str, &[u8]) -> Result<(), String> + 'a;
 
 /// Writes one fetched shard through `write` (entry, value): its records, tombstones for the keys gone
-/// from it, then its index. Stops at the first failed write.
+/// from it, then its index. Stops at the first failed write. When it adds records, an index listing
+/// the old ones and the new ones is written first ([`PENDING_ETAG`]): whatever stops a sync, every
+/// record in shared data is listed by some index, so a later set that lacks it retires it.
 pub fn apply_shard(config: &KeySetConfig, f: &FetchedShard, write: &mut Write) -> Result<(), String> {
+    let (old, old_ids) = f.previous.as_ref().map(|p| (p.hashes.as_slice(), p.ids.as_slice())).unwrap_or_default();
+    let before: HashSet<&KeyHash> = old.iter().collect();
+    if f.records.iter().any(|(h, _)| !before.contains(h)) {
+        let mut pending = ShardIndex { etag: PENDING_ETAG, hashes: old.to_vec(), ids: old_ids.to_vec() };
+        for ((hash, _), id) in f.records.iter().zip(&f.ids).filter(|((h, _), _)| !before.contains(h)) {
+            pending.hashes.push(*hash);
+            pending.ids.push(*id);
+        }
+        write(&config.shard_entry(&f.shard.prefix), &pending.encode())?;
+    }
     for (hash, record) in &f.records {
         write(&config.key_entry(hash), record)?;
     }
     let now: HashSet<&KeyHash> = f.records.iter().map(|(h, _)| h).collect();
-    let old = f.previous.as_ref().map(|p| p.hashes.as_slice()).unwrap_or_default();
     for gone in old.iter().filter(|h| !now.contains(h)) {
         write(&config.key_entry(gone), TOMBSTONE)?;
     }
     let hashes = f.records.iter().map(|(h, _)| *h).collect();
-    write(&config.shard_entry(&f.shard.prefix), &ShardIndex { etag: f.shard.etag, hashes }.encode())
+    let index = ShardIndex { etag: f.shard.etag, hashes, ids: f.ids.clone() };
+    write(&config.shard_entry(&f.shard.prefix), &index.encode())
+}
+
+/// Retires what older layouts left (`retired`): a tombstone for each of their hashes not `kept` by
+/// the new set, their indexes voided, and `widths` reduced to the new `width`.
+pub fn retire(
+    config: &KeySetConfig,
+    retired: &Retired,
+    kept: &HashSet<&KeyHash>,
+    width: usize,
+    write: &mut Write,
+) -> Result<(), String> {
+    for gone in retired.hashes.iter().filter(|h| !kept.contains(h)) {
+        write(&config.key_entry(gone), TOMBSTONE)?;
+    }
+    for prefix in &retired.prefixes {
+        // An index that decodes as nothing: a later return to this layout fetches every shard.
+        write(&config.shard_entry(prefix), TOMBSTONE)?;
+    }
+    write(&config.widths_entry(), width_bit(width).to_string().as_bytes())
 }
 
 /// Applies one sync through `write`: every fetched shard ([`apply_shard`]); with `retired` (the shard
@@ -507,13 +673,7 @@ pub fn apply_sync(
     }
     if let Some(retired) = retired {
         let kept: HashSet<&KeyHash> = fetched.iter().flat_map(|f| f.records.iter().map(|(h, _)| h)).collect();
-        for gone in retired.hashes.iter().filter(|h| !kept.contains(h)) {
-            write(&config.key_entry(gone), TOMBSTONE)?;
-        }
-        for prefix in &retired.prefixes {
-            // An index that decodes as nothing: a later return to this layout fetches every shard.
-            write(&config.shard_entry(prefix), TOMBSTONE)?;
-        }
+        retire(config, retired, &kept, manifest.width(), write)?;
     }
     write_state(config, manifest, keys, manifest_etag, now_ms, write)
 }

@@ -162,17 +162,28 @@ fn a_sync_writes_records_tombstones_indexes_then_state() {
     let body = json!({"keys": [record("a", &ka), record("c", &kc)]}).to_string().into_bytes();
     let shard = shard_ref("0", &body);
     let keys = parse_shard(&shard, &body).unwrap();
-    let previous = ShardIndex { etag: [9; 32], hashes: vec![hash_key(ka.as_bytes()), hash_key(kb.as_bytes())] };
+    let fetched_shard = shard.clone();
+    let previous = ShardIndex {
+        etag: [9; 32],
+        hashes: vec![hash_key(ka.as_bytes()), hash_key(kb.as_bytes())],
+        ids: vec![id_digest("a"), id_digest("b")],
+    };
     let manifest = Manifest { version: "42".into(), shards: vec![shard.clone()] };
     let prior = SyncState { version: "41".into(), keys: 10, synced_ms: 1, manifest_etag: None, width: Some(1) };
-    let fetched = [FetchedShard::new(shard, keys, Some(previous), &KeySet::default()).unwrap()];
+    let fetched = [FetchedShard::new(fetched_shard, keys, Some(previous), &KeySet::default()).unwrap()];
     let writes = writes_of(&c, &manifest, &fetched, None, &prior, Some("\"e1\"".into()), 5_000);
 
-    let value = |entry: &str| writes.iter().find(|w| w.entry == entry).map(|w| w.value.clone());
+    let value = |entry: &str| writes.iter().rev().find(|w| w.entry == entry).map(|w| w.value.clone());
     assert_eq!(value(&c.key_entry(&hash_key(kb.as_bytes()))).as_deref(), Some(TOMBSTONE));
     assert_eq!(decode_key(&value(&c.key_entry(&hash_key(kc.as_bytes()))).unwrap()).unwrap().id, "c");
     let index = ShardIndex::decode(&value(&c.shard_entry("0")).unwrap()).unwrap();
-    assert_eq!(index.hashes.len(), 2);
+    let (a, c_) = (hash_key(ka.as_bytes()), hash_key(kc.as_bytes()));
+    assert_eq!((index.etag, index.hashes, index.ids), (shard.etag, vec![a, c_], vec![id_digest("a"), id_digest("c")]));
+    // Before any record, an index listing the old records and the new one: whatever stops the
+    // writes, each record in shared data stays listed somewhere.
+    assert_eq!(writes[0].entry, c.shard_entry("0"));
+    let pending = ShardIndex::decode(&writes[0].value).unwrap();
+    assert_eq!((pending.etag, pending.hashes), (PENDING_ETAG, vec![a, hash_key(kb.as_bytes()), c_]));
     let last = writes.last().unwrap();
     assert_eq!(last.entry, c.state_entry(), "the state is written last");
     let state = SyncState::decode(&last.value).unwrap();
@@ -215,9 +226,11 @@ fn lease_is_held_until_it_expires() {
 
 #[test]
 fn shard_index_round_trips() {
-    let index = ShardIndex { etag: [1; 32], hashes: vec![[2; 32], [3; 32]] };
+    let index = ShardIndex { etag: [1; 32], hashes: vec![[2; 32], [3; 32]], ids: vec![7, u32::MAX] };
     assert_eq!(ShardIndex::decode(&index.encode()), Some(index));
     assert_eq!(ShardIndex::decode(&[0; 31]), None);
+    assert_eq!(ShardIndex::decode(&[0; 32 + 35]), None);
+    assert_eq!(ShardIndex::decode(TOMBSTONE), None, "a voided index decodes as nothing");
 }
 
 #[test]
@@ -474,4 +487,113 @@ fn a_schedule_or_lease_set_against_a_clock_that_stepped_back_is_not_waited_out()
     assert_eq!((claimed.owner, claimed.expires_ms), (1, 10_000 + c.lease_ttl_ms()));
     let fresh = Lease { expires_ms: 10_000 + c.lease_ttl_ms(), ..stale };
     assert_eq!(Lease::claim(Some(fresh), 1, 10_000, c.lease_ttl_ms()), None, "a lease within its ttl holds");
+}
+
+/// Shared data as a map, written through `apply_shard`/`retire` and read back.
+fn apply_to(store: &FakeStore, run: impl FnOnce(&mut Write) -> Result<(), String>) {
+    run(&mut |entry, value| store.set(entry, value, None).map(|_| ())).unwrap();
+}
+
+fn stored(store: &FakeStore, entry: &str) -> Option<Vec<u8>> {
+    store.get(entry).unwrap().map(|(v, _)| v)
+}
+
+#[test]
+fn records_a_failed_first_load_left_in_another_width_are_retired_by_the_next_set() {
+    let c = config();
+    let store = FakeStore::default();
+    let (left, kept) = (key_with_prefix("3"), key_with_prefix("a"));
+    // A first load of 16 shards wrote shard "3" (and listed width 1), then failed: no state.
+    let body = json!({"keys": [record("left", &left)]}).to_string().into_bytes();
+    let shard = shard_ref("3", &body);
+    let fetched =
+        FetchedShard::new(shard.clone(), parse_shard(&shard, &body).unwrap(), None, &KeySet::default()).unwrap();
+    store.set(&c.widths_entry(), width_bit(1).to_string().as_bytes(), None).unwrap();
+    apply_to(&store, |w| apply_shard(&c, &fetched, w));
+    assert!(decode_key(&stored(&store, &c.key_entry(&hash_key(left.as_bytes()))).unwrap()).is_some());
+
+    // The next publication has one shard, without that key.
+    let mask = decode_widths(&stored(&store, &c.widths_entry()).unwrap());
+    assert_eq!(stale_widths(mask, None, 0), [1], "nothing loaded, yet width 1 holds records");
+    let mut retired = Retired::default();
+    for prefix in prefixes(1) {
+        if let Some(index) = stored(&store, &c.shard_entry(&prefix)).and_then(|b| ShardIndex::decode(&b)) {
+            retired.hashes.extend(index.hashes);
+        }
+        retired.prefixes.push(prefix);
+    }
+    let body = json!({"keys": [record("kept", &kept)]}).to_string().into_bytes();
+    let shard = shard_ref("", &body);
+    let fetched =
+        FetchedShard::new(shard.clone(), parse_shard(&shard, &body).unwrap(), None, &KeySet::default()).unwrap();
+    apply_to(&store, |w| apply_shard(&c, &fetched, w));
+    let kept_hashes: HashSet<&KeyHash> = fetched.records.iter().map(|(h, _)| h).collect();
+    apply_to(&store, |w| retire(&c, &retired, &kept_hashes, 0, w));
+
+    assert_eq!(stored(&store, &c.key_entry(&hash_key(left.as_bytes()))).as_deref(), Some(TOMBSTONE));
+    assert_eq!(decode_key(&stored(&store, &c.key_entry(&hash_key(kept.as_bytes()))).unwrap()).unwrap().id, "kept");
+    assert_eq!(stored(&store, &c.shard_entry("3")).as_deref(), Some(TOMBSTONE));
+    assert_eq!(decode_widths(&stored(&store, &c.widths_entry()).unwrap()), width_bit(0));
+    assert_eq!(stale_widths(width_bit(0), Some(0), 0), Vec::<usize>::new());
+    assert_eq!(stale_widths(width_bit(0), Some(0), 2), [0]);
+}
+
+#[test]
+fn an_id_loaded_in_another_shard_refuses_the_shard_naming_both_places() {
+    let c = config();
+    let store = FakeStore::default();
+    // Shard "a" holds, at keys[1], a record with id "k_1".
+    let mut in_a =
+        (0..).map(|n| format!("sk_live_{n}")).filter(|k| hex::encode(hash_key(k.as_bytes())).starts_with('a'));
+    let (a0, a1) = (in_a.next().unwrap(), in_a.next().unwrap());
+    let body = json!({"keys": [record("k_0", &a0), record("k_1", &a1)]}).to_string().into_bytes();
+    let shard_a = shard_ref("a", &body);
+    let stored_a =
+        FetchedShard::new(shard_a.clone(), parse_shard(&shard_a, &body).unwrap(), None, &KeySet::default()).unwrap();
+    apply_to(&store, |w| apply_shard(&c, &stored_a, w));
+    let index_a = ShardIndex::decode(&stored(&store, &c.shard_entry("a")).unwrap()).unwrap();
+
+    let mut ids = IdIndex::with_inline(&KeySet::default());
+    ids.add(shard_number("a"), index_a.ids);
+    // Shard "3" lists another key under the same id, at keys[1].
+    let body = json!({"keys": [record("k_9", &key_with_prefix("3")), record("k_1", &key_with_prefix("30"))]})
+        .to_string()
+        .into_bytes();
+    let shard_3 = shard_ref("3", &body);
+    let keys = parse_shard(&shard_3, &body).unwrap();
+    let place_of = |place: u32, digest: u32, id: &str| {
+        let prefix = prefix_of(place, 1);
+        stored_position(&c, &store, &prefix, digest, id).map(|i| format!("shard {prefix:?} keys[{i}].id"))
+    };
+    let err = ids.check(&shard_3, &keys, place_of).unwrap_err();
+    assert_eq!(err.field, "shard \"3\" (shards/3.json): keys[1].id");
+    assert_eq!(err.message, "\"k_1\" is also shard \"a\" keys[1].id");
+
+    // A digest that matches an id it is not (digests collide) refuses nothing.
+    assert_eq!(ids.check(&shard_3, &keys, |_, _, _| None), Ok(()));
+}
+
+#[test]
+fn an_id_also_inline_refuses_the_shard() {
+    let inline = compile_keys(&[serde_json::from_value(record("k_1", "sk_inline")).unwrap()], "keys").unwrap();
+    let ids = IdIndex::with_inline(&inline);
+    let body = json!({"keys": [record("k_1", "sk_in_shard")]}).to_string().into_bytes();
+    let shard = shard_ref("", &body);
+    let keys = parse_shard(&shard, &body).unwrap();
+    let err = ids
+        .check(&shard, &keys, |place, _, id| {
+            assert_eq!(place, INLINE);
+            inline_place(&inline, id)
+        })
+        .unwrap_err();
+    assert_eq!(err.field, "shard \"\" (shards/.json): keys[0].id");
+    assert_eq!(err.message, "\"k_1\" is also the id of an inline key (the configuration's `keys`)");
+}
+
+#[test]
+fn shard_numbers_and_prefixes_convert_both_ways() {
+    for (prefix, width) in [("", 0), ("f", 1), ("0a", 2), ("ffff", 4)] {
+        assert_eq!(prefix_of(shard_number(prefix), width), prefix);
+    }
+    assert_ne!(shard_number("ffff"), INLINE);
 }
