@@ -79,15 +79,21 @@ const RECOVERY_BOUND: Duration = Duration::from_millis(10 * POLL_MS + TIMEOUT_MS
 /// The route every test calls.
 const PATH: &str = "/v1/things";
 
-fn plugin_config(inline: &[Value], poll_ms: u64, timeout_ms: u64, errors: Option<Value>) -> String {
+fn plugin_config(opts: &SetupOptions, timeout_ms: u64) -> String {
     let mut config = json!({
         "credential": {"prefixes": ["sk_live_"]},
-        "keys": inline,
+        "keys": opts.inline,
         "key_set": {"cluster": "keyset", "authority": "keys.internal", "path": MANIFEST_PATH,
-                    "poll_interval_ms": poll_ms, "timeout_ms": timeout_ms},
+                    "poll_interval_ms": opts.poll_ms, "timeout_ms": timeout_ms},
     });
-    if let Some(errors) = errors {
-        config["errors"] = errors;
+    if let Some(errors) = &opts.errors {
+        config["errors"] = errors.clone();
+    }
+    if let Some(routes) = &opts.routes {
+        config["routes"] = routes.clone();
+    }
+    for (field, value) in opts.key_set.as_object().into_iter().flatten() {
+        config["key_set"][field] = value.clone();
     }
     config.to_string()
 }
@@ -104,11 +110,26 @@ struct SetupOptions {
     poll_ms: u64,
     concurrency: u32,
     errors: Option<Value>,
+    routes: Option<Value>,
+    /// More `key_set` fields (an object).
+    key_set: Value,
+    /// Environment variables and files for the Envoy process (see `EnvoyOptions`).
+    env: Vec<(String, String)>,
+    files: Vec<(String, String)>,
 }
 
 impl Default for SetupOptions {
     fn default() -> Self {
-        SetupOptions { inline: Vec::new(), poll_ms: POLL_MS, concurrency: 1, errors: None }
+        SetupOptions {
+            inline: Vec::new(),
+            poll_ms: POLL_MS,
+            concurrency: 1,
+            errors: None,
+            routes: None,
+            key_set: json!({}),
+            env: Vec::new(),
+            files: Vec::new(),
+        }
     }
 }
 
@@ -116,10 +137,12 @@ impl Setup {
     /// Starts Envoy against `server` (already publishing, or down).
     fn start(server: KeySetServer, opts: SetupOptions) -> Setup {
         let upstream = Upstream::start();
-        let config = plugin_config(&opts.inline, opts.poll_ms, TIMEOUT_MS, opts.errors);
+        let config = plugin_config(&opts, TIMEOUT_MS);
         let mut envoy_opts = EnvoyOptions::new(Some(&config), upstream.port());
         envoy_opts.keyset_port = Some(server.port());
         envoy_opts.concurrency = opts.concurrency;
+        envoy_opts.env = opts.env;
+        envoy_opts.files = opts.files;
         envoy_opts.failure_policy = Some("FAIL_CLOSED".into());
         let envoy = Envoy::start(&envoy_opts);
         Setup { server, upstream, envoy }
@@ -1007,4 +1030,232 @@ fn resharding_drops_the_keys_left_out() {
         s.expect(&format!("r{i}"), if i < 4 || i == 7 { 200 } else { 401 }, "after resharding to 16 shards");
     }
     assert_eq!(s.stat("keys"), Some(5));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile bodies: size limits, nesting, error paths linear in the input
+
+/// `{"version": [` then `[[…]]` elements 100 deep, `len` bytes in all: the manifest that made the
+/// error path quadratic.
+fn nested_manifest(len: usize) -> Vec<u8> {
+    let mut body = br#"{"version": ["#.to_vec();
+    let unit = format!("{}{},", "[".repeat(100), "]".repeat(100));
+    while body.len() < len {
+        body.extend_from_slice(unit.as_bytes());
+    }
+    body.extend_from_slice(br#"[]], "shards": []}"#);
+    body
+}
+
+/// The slowest answers seen while a hostile body was being served.
+#[derive(Debug, Default)]
+struct Slowest {
+    inline_key: Duration,
+    public_route: Duration,
+    ready: Duration,
+    rounds: usize,
+}
+
+/// For `window`, calls with the inline key `breakglass` (200), a public route (200) and admin
+/// `/ready` (LIVE) in turn, alternating HTTP/1.1 and HTTP/2; each must answer within one second.
+fn answers_within_a_second_for(s: &Setup, window: Duration) -> Slowest {
+    let bound = Duration::from_secs(1);
+    let mut slowest = Slowest::default();
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        let proto = Proto::ALL[slowest.rounds % 2];
+        let t = Instant::now();
+        let reply = s.call(proto, &key("breakglass"));
+        let took = t.elapsed();
+        assert_eq!(reply.status, 200, "inline key over {proto:?} during the attack: {reply:?}");
+        assert!(took < bound, "inline key over {proto:?} took {took:?}");
+        slowest.inline_key = slowest.inline_key.max(took);
+
+        let t = Instant::now();
+        let reply = get(s.envoy.port(), proto, "/healthz", &[]);
+        let took = t.elapsed();
+        assert_eq!(reply.status, 200, "public route over {proto:?} during the attack: {reply:?}");
+        assert!(took < bound, "public route over {proto:?} took {took:?}");
+        slowest.public_route = slowest.public_route.max(took);
+
+        let t = Instant::now();
+        let reply = s.envoy.admin_get("/ready");
+        let took = t.elapsed();
+        assert_eq!((reply.status, reply.body.trim()), (200, "LIVE"), "admin /ready during the attack");
+        assert!(took < bound, "admin /ready took {took:?}");
+        slowest.ready = slowest.ready.max(took);
+        slowest.rounds += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    slowest
+}
+
+/// Two workers (so worker and main-thread VMs both take the lease), a break-glass inline key and
+/// a public route, loaded with key `live` (version 1).
+fn hostile_setup(key_set: Value) -> Setup {
+    let opts = SetupOptions {
+        inline: vec![record("breakglass")],
+        concurrency: 2,
+        routes: Some(json!([{"path": "/healthz", "public": true}, {"path": "/**"}])),
+        key_set,
+        ..SetupOptions::default()
+    };
+    Setup::loaded_with(&[record("live")], 1, opts)
+}
+
+/// While the endpoint serves a hostile body (installed by `attack`), for 8 s: keygate answers
+/// within a second, the set that serves stays, each failure counts and the backoff grows (fewer
+/// manifest fetches than one per poll), and the wasm log says `why`. Then the endpoint behaves
+/// and the next version loads.
+fn hostile_body_changes_nothing(s: &Setup, attack: impl FnOnce(&Setup), why: &str) {
+    let failures = s.failures();
+    let fetches = s.server.count(MANIFEST_PATH);
+    attack(s);
+    let window = Duration::from_secs(8);
+    let slowest = answers_within_a_second_for(s, window);
+    let fetched = s.server.count(MANIFEST_PATH) - fetches;
+    eprintln!("during the attack: {slowest:?}; {fetched} manifest fetches in {window:?}");
+    assert!(s.wait_for_wasm_log(why), "the wasm log never said {why:?}:\n{}", s.envoy.wasm_log());
+    let failed = s.failures() - failures;
+    assert!(failed >= 2, "only {failed} failed syncs counted");
+    // A poll every 500 ms would be 16; the backoff doubles up to 5 s: 500 ms, 1, 2, 4, 5 s.
+    assert!(fetched <= 7, "{fetched} manifest fetches in {window:?}: the backoff did not grow");
+    assert_eq!(s.stat("version"), Some(1));
+    s.expect("live", 200, "during the attack");
+
+    s.server.publish(&[record("live"), record("next")], 1, 2);
+    s.wait_loaded(2, RECOVERY_BOUND);
+    s.expect("next", 200, "after the attack");
+}
+
+impl Setup {
+    fn wait_for_wasm_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !self.envoy.wasm_log().contains(needle) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+}
+
+#[test]
+fn a_2_mib_nested_manifest_read_in_full_leaves_requests_and_ready_under_a_second() {
+    // The limit raised past the body, so that it is read and parsed.
+    let s = hostile_setup(json!({"max_manifest_bytes": 8 << 20}));
+    let why = "manifest: version[0][0][0][0][0][0]: nested more than 8 levels deep";
+    hostile_body_changes_nothing(&s, |s| s.server.put(MANIFEST_PATH, nested_manifest(2 << 20)), why);
+}
+
+#[test]
+fn a_manifest_past_max_manifest_bytes_is_refused_unread() {
+    let s = hostile_setup(json!({"max_manifest_bytes": 1 << 20}));
+    let body = nested_manifest(2 << 20);
+    let why = format!("manifest: the body is {} bytes, more than key_set.max_manifest_bytes (1048576)", body.len());
+    hostile_body_changes_nothing(&s, |s| s.server.put(MANIFEST_PATH, body), &why);
+}
+
+#[test]
+fn a_shard_with_megabytes_of_arrays_under_expires_at_is_refused_at_once() {
+    let s = hostile_setup(json!({}));
+    let id = "exp";
+    let attack = |s: &Setup| {
+        // Within the nesting limit, wide: 2 MiB of `[[1]]` under one record's `expires_at`.
+        let mut body =
+            format!(r#"{{"keys": [{{"id": "{id}", "hash": "{}", "org": "o", "expires_at": ["#, hash(&key(id)))
+                .into_bytes();
+        while body.len() < 2 << 20 {
+            body.extend_from_slice(b"[[1]],");
+        }
+        body.extend_from_slice(b"[]]}]}");
+        let mut publication = Publication::new(&[record("live"), record(id)], 1, 2);
+        let prefix = hash(&key(id))[..1].to_string();
+        publication.shard_mut(&prefix).body = body;
+        s.server.publish_built(&publication);
+    };
+    let prefix = hash(&key(id))[..1].to_string();
+    let why = format!(
+        "shard \"{prefix}\" (shards/{prefix}.json): keys[0].expires_at: invalid type: sequence, expected RFC 3339 text or integer Unix seconds"
+    );
+    hostile_body_changes_nothing(&s, attack, &why);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A set that lacks a key retires it, whatever happened before
+
+#[test]
+fn a_key_from_a_failed_first_load_is_retired_by_a_set_of_another_width() {
+    let ids = ids_in_distinct_shards("fl", 2);
+    let (partial, blocked) = (ids[0].clone(), ids[1].clone());
+    let server = KeySetServer::start();
+    server.publish(&[record(&partial), record(&blocked)], 1, 1);
+    // The first load fails part-way, every time: one shard answers 503.
+    server.set_fault(&format!("{KEYSET_DIR}shards/{}.json", &hash(&key(&blocked))[..1]), Some(Fault::Status(503)));
+    let s = Setup::start(server, SetupOptions::default());
+    let took = s.time_until(&key(&partial), 200, Duration::from_secs(15));
+    assert!(took.is_some(), "the shard of the first load that did arrive was never written\n{}", s.envoy.wasm_log());
+    assert_eq!(s.stat("version").unwrap_or(0), 0, "nothing counts as loaded");
+    assert!(s.failures() >= 1);
+
+    // The next publication: one shard (another width), without that key.
+    s.server.clear_faults();
+    s.server.publish(&[record(&blocked)], 0, 2);
+    s.wait_loaded(2, RECOVERY_BOUND);
+    s.expect(&partial, 401, "a key the loaded set lacks");
+    s.expect(&blocked, 200, "the loaded set");
+    assert_eq!(s.stat("keys"), Some(1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Record ids are unique across the whole set
+
+/// The change of [`Change`] with key c's record renamed to `id`.
+fn with_c_named(change: &Change, id: &str) -> Publication {
+    let mut c = record(&change.c);
+    c["id"] = json!(id);
+    let mut bad = change.publication.clone();
+    bad.shard_mut(&Change::prefix(&change.c)).body = shard_body(&[c]);
+    bad
+}
+
+#[test]
+fn an_id_in_two_shards_keeps_the_last_good_set_and_names_both() {
+    last_good_set_survives(
+        SetupOptions::default(),
+        |s, change| {
+            // Key c published under key b's id: the upstream would be told "b" for two keys.
+            s.server.publish_built(&with_c_named(change, &change.b));
+        },
+        |s, change| {
+            let (pc, pb) = (Change::prefix(&change.c), Change::prefix(&change.b));
+            let why = format!(
+                "shard \"{pc}\" (shards/{pc}.json): keys[0].id: \"{}\" is also shard \"{pb}\" keys[0].id",
+                change.b
+            );
+            assert!(s.wait_for_wasm_log(&why), "no {why:?} in the wasm log:\n{}", s.envoy.wasm_log());
+            s.server.publish_built(&change.publication);
+        },
+    );
+}
+
+#[test]
+fn an_id_also_inline_keeps_the_last_good_set_and_names_both() {
+    let opts = SetupOptions { inline: vec![record("inline")], ..SetupOptions::default() };
+    last_good_set_survives(
+        opts,
+        |s, change| {
+            s.server.publish_built(&with_c_named(change, "inline"));
+            s.expect("inline", 200, "inline key while the sync is refused");
+        },
+        |s, change| {
+            let pc = Change::prefix(&change.c);
+            let why = format!(
+                "shard \"{pc}\" (shards/{pc}.json): keys[0].id: \"inline\" is also the id of an inline key (the configuration's `keys`)"
+            );
+            assert!(s.wait_for_wasm_log(&why), "no {why:?} in the wasm log:\n{}", s.envoy.wasm_log());
+            s.server.publish_built(&change.publication);
+        },
+    );
 }
