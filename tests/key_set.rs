@@ -113,9 +113,6 @@ struct SetupOptions {
     routes: Option<Value>,
     /// More `key_set` fields (an object).
     key_set: Value,
-    /// Environment variables and files for the Envoy process (see `EnvoyOptions`).
-    env: Vec<(String, String)>,
-    files: Vec<(String, String)>,
 }
 
 impl Default for SetupOptions {
@@ -127,8 +124,6 @@ impl Default for SetupOptions {
             errors: None,
             routes: None,
             key_set: json!({}),
-            env: Vec::new(),
-            files: Vec::new(),
         }
     }
 }
@@ -141,8 +136,6 @@ impl Setup {
         let mut envoy_opts = EnvoyOptions::new(Some(&config), upstream.port());
         envoy_opts.keyset_port = Some(server.port());
         envoy_opts.concurrency = opts.concurrency;
-        envoy_opts.env = opts.env;
-        envoy_opts.files = opts.files;
         envoy_opts.failure_policy = Some("FAIL_CLOSED".into());
         let envoy = Envoy::start(&envoy_opts);
         Setup { server, upstream, envoy }
@@ -1162,12 +1155,13 @@ fn a_shard_with_megabytes_of_arrays_under_expires_at_is_refused_at_once() {
     let s = hostile_setup(json!({}));
     let id = "exp";
     let attack = |s: &Setup| {
-        // Within the nesting limit, wide: 2 MiB of `[[1]]` under one record's `expires_at`.
+        // 2 MiB of arrays 100 deep under one record's `expires_at` (its etag right).
         let mut body =
             format!(r#"{{"keys": [{{"id": "{id}", "hash": "{}", "org": "o", "expires_at": ["#, hash(&key(id)))
                 .into_bytes();
+        let unit = format!("{}{},", "[".repeat(100), "]".repeat(100));
         while body.len() < 2 << 20 {
-            body.extend_from_slice(b"[[1]],");
+            body.extend_from_slice(unit.as_bytes());
         }
         body.extend_from_slice(b"[]]}]}");
         let mut publication = Publication::new(&[record("live"), record(id)], 1, 2);
@@ -1177,7 +1171,7 @@ fn a_shard_with_megabytes_of_arrays_under_expires_at_is_refused_at_once() {
     };
     let prefix = hash(&key(id))[..1].to_string();
     let why = format!(
-        "shard \"{prefix}\" (shards/{prefix}.json): keys[0].expires_at: invalid type: sequence, expected RFC 3339 text or integer Unix seconds"
+        "shard \"{prefix}\" (shards/{prefix}.json): keys[0].expires_at[0][0][0][0]: nested more than 8 levels deep"
     );
     hostile_body_changes_nothing(&s, attack, &why);
 }

@@ -65,12 +65,6 @@ pub struct EnvoyOptions {
     /// Port of a key-set server on 127.0.0.1 (see [`super::keyset`]); `Some` adds a STATIC
     /// HTTP/1.1 cluster named [`KEYSET_CLUSTER`] pointing at it, for the plugin's `key_set`.
     pub keyset_port: Option<u16>,
-    /// Extra environment variables for the Envoy process; [`INSTANCE_DIR_TOKEN`] in a value is
-    /// replaced by the instance directory's path.
-    pub env: Vec<(String, String)>,
-    /// Files written into the instance directory before Envoy starts, as for
-    /// [`Envoy::try_start_with_files`].
-    pub files: Vec<(String, String)>,
 }
 
 /// The name of the cluster [`EnvoyOptions::keyset_port`] adds.
@@ -89,8 +83,6 @@ impl EnvoyOptions {
             failure_policy: None,
             normalize_path: false,
             keyset_port: None,
-            env: Vec::new(),
-            files: Vec::new(),
         }
     }
 
@@ -202,9 +194,7 @@ impl Envoy {
     /// Starts Envoy on a generated configuration. `Err` carries Envoy's whole log when it exits
     /// (refuses the configuration) or is not ready within [`READY_TIMEOUT`].
     pub fn try_start(opts: &EnvoyOptions) -> Result<Envoy, String> {
-        let config = serde_json::to_string_pretty(&opts.bootstrap()).expect("bootstrap to JSON");
-        let files: Vec<(&str, &str)> = opts.files.iter().map(|(n, t)| (n.as_str(), t.as_str())).collect();
-        launch_with_env(&config, "json", opts.concurrency, &files, &opts.env)
+        Envoy::try_start_bootstrap(&opts.bootstrap(), opts.concurrency)
     }
 
     /// Starts Envoy on a bootstrap given as JSON, e.g. [`EnvoyOptions::bootstrap`] edited by a
@@ -461,16 +451,6 @@ fn remove_stale_instances() {
 }
 
 fn launch(config: &str, ext: &str, concurrency: u32, files: &[(&str, &str)]) -> Result<Envoy, String> {
-    launch_with_env(config, ext, concurrency, files, &[])
-}
-
-fn launch_with_env(
-    config: &str,
-    ext: &str,
-    concurrency: u32,
-    files: &[(&str, &str)],
-    env: &[(String, String)],
-) -> Result<Envoy, String> {
     remove_stale_instances();
     let dir = instances_root().join(format!("{}-{}", std::process::id(), INSTANCE.fetch_add(1, Ordering::SeqCst)));
     let _ = fs::remove_dir_all(&dir);
@@ -503,9 +483,6 @@ fn launch_with_env(
         .stdin(Stdio::null())
         .stdout(stdio)
         .stderr(stdio2);
-    for (name, value) in env {
-        cmd.env(name, value.replace(INSTANCE_DIR_TOKEN, dir_text));
-    }
     let parent = libc::pid_t::try_from(std::process::id()).expect("pid fits pid_t");
     // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
     unsafe {
