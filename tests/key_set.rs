@@ -1253,3 +1253,30 @@ fn an_id_also_inline_keeps_the_last_good_set_and_names_both() {
         },
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// VMs numbered at the same moment
+
+#[test]
+fn eight_workers_starting_together_load_and_poll_as_one() {
+    // Nine VMs (eight workers and the main thread) number themselves and race for the lease as
+    // Envoy starts. Two with one number would both poll: every shard of the first load fetched
+    // twice, manifest fetches in pairs. (A race of microseconds: this guards, the unit test
+    // two_vms_never_get_one_number_even_when_both_create_the_counter proves.)
+    let records: Vec<Value> = (0..32).map(|i| record(&format!("n{i:02}"))).collect();
+    let opts = SetupOptions { concurrency: 8, ..SetupOptions::default() };
+    let s = Setup::loaded_with(&records, 1, opts);
+    for n in 0..16 {
+        let path = format!("{KEYSET_DIR}shards/{n:x}.json");
+        assert_eq!(s.server.count(&path), 1, "{path} fetched more than once by the first load");
+    }
+    s.server.clear_requests();
+    std::thread::sleep(Duration::from_secs(4));
+    let times: Vec<Instant> = s.server.requests_for(MANIFEST_PATH).iter().map(|r| r.at).collect();
+    assert!((4..=12).contains(&times.len()), "{} manifest fetches in 4 s at a 500 ms poll", times.len());
+    for pair in times.windows(2) {
+        let gap = pair[1].duration_since(pair[0]);
+        assert!(gap >= Duration::from_millis(POLL_MS / 2), "two manifest fetches {gap:?} apart: {times:?}");
+    }
+    s.expect("n07", 200, "loaded by eight workers");
+}
