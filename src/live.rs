@@ -14,8 +14,8 @@
 //! | `widths` | every shard width whose indexes may hold records, so that no record outlives a layout change ([`WIDTHS`]) |
 //! | `state` | what has loaded: version, key count, time of the last good sync ([`SyncState`]) |
 //! | `generation` | changes whenever a sync changes records (VMs drop the records they decoded) |
-//! | `lease` | which VM polls, until when, when the next poll is due ([`Lease`]) |
-//! | `vmseq` | a counter that numbers the VMs |
+//! | `lease` | which VM polls, until when, when the next poll is due, failures in a row, on the monotonic clock ([`Lease`]) |
+//! | `vmseq` | counts the VMs numbered; the compare-and-swap token each VM consumed writing it is its number ([`number_vm`]) |
 
 use crate::config::{parse_hash, parse_json, ConfigError, KeyChecker, RawKey};
 use crate::jsonpath::{path_at, too_deep, Reported};
