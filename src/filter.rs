@@ -655,6 +655,17 @@ impl HttpContext for Request {
             // Envoy's failure_policy never lets the request through.
             std::process::abort();
         }
+        #[cfg(feature = "panic-probe")]
+        for (_, value) in headers.iter().filter(|(n, _)| n == "x-keygate-probe-shared") {
+            // Test builds only: write `<entry> <value in hex>` into shared data, so a test can plant
+            // what another clock (or a bug) would have left there.
+            let text = String::from_utf8_lossy(value);
+            if let Some((entry, value)) = text.split_once(' ').and_then(|(e, v)| Some((e, hex::decode(v).ok()?))) {
+                if let Err(status) = hostcalls::set_shared_data(entry, Some(&value), None) {
+                    error!("keygate: probe cannot write {entry}: {status:?}");
+                }
+            }
+        }
         let request = RequestView::from_headers(&headers);
         match shared.policy.decide(&Keys(&shared), &request, &now_ms) {
             Decision::Allow { edits, key_id } => {

@@ -113,6 +113,8 @@ struct SetupOptions {
     routes: Option<Value>,
     /// More `key_set` fields (an object).
     key_set: Value,
+    /// The crash-on-demand build instead of the filter (`make build-probe`).
+    probe: bool,
 }
 
 impl Default for SetupOptions {
@@ -124,6 +126,7 @@ impl Default for SetupOptions {
             errors: None,
             routes: None,
             key_set: json!({}),
+            probe: false,
         }
     }
 }
@@ -136,6 +139,7 @@ impl Setup {
         let mut envoy_opts = EnvoyOptions::new(Some(&config), upstream.port());
         envoy_opts.keyset_port = Some(server.port());
         envoy_opts.concurrency = opts.concurrency;
+        envoy_opts.wasm = opts.probe.then(common::envoy::probe_wasm_path);
         envoy_opts.failure_policy = Some("FAIL_CLOSED".into());
         let envoy = Envoy::start(&envoy_opts);
         Setup { server, upstream, envoy }
@@ -1279,4 +1283,52 @@ fn eight_workers_starting_together_load_and_poll_as_one() {
         assert!(gap >= Duration::from_millis(POLL_MS / 2), "two manifest fetches {gap:?} apart: {times:?}");
     }
     s.expect("n07", 200, "loaded by eight workers");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clock steps
+
+/// Envoy's monotonic clock in milliseconds: the system's CLOCK_MONOTONIC, which Envoy's steady
+/// clock (and so keygate's schedule) reads.
+fn monotonic_ms() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid, aligned `ts`.
+    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) }, 0);
+    ts.tv_sec * 1_000 + ts.tv_nsec / 1_000_000
+}
+
+#[test]
+fn a_lease_schedule_and_sync_time_an_hour_ahead_are_not_waited_out() {
+    // What a VM finds in shared data after its clock stepped back an hour: a lease held by another
+    // VM, a poll due and a last sync all an hour ahead. Planted through the probe build.
+    let opts = SetupOptions { probe: true, ..SetupOptions::default() };
+    let s = Setup::loaded_with(&[record("a"), record("b")], 1, opts);
+    let raw = serde_json::from_value(json!({"cluster": "keyset", "authority": "keys.internal", "path": MANIFEST_PATH}));
+    let config = keygate::live::KeySetConfig::compile(&raw.unwrap()).unwrap();
+    let hour = 3_600_000;
+    let ahead = monotonic_ms() + hour;
+    let lease = keygate::live::Lease { owner: u32::MAX - 1, expires_ms: ahead, next_due_ms: ahead, failures: 0 };
+    let state = keygate::live::SyncState {
+        version: "1".into(),
+        keys: 2,
+        synced_ms: ahead,
+        manifest_etag: None,
+        width: Some(1),
+    };
+    for (entry, value) in [(config.lease_entry(), lease.encode()), (config.state_entry(), state.encode())] {
+        let planted = format!("{entry} {}", hex::encode(value));
+        get(s.envoy.port(), Proto::Http1, PATH, &[("x-keygate-probe-shared", &planted)]);
+    }
+
+    s.server.publish(&[revoked("a"), record("b")], 1, 2);
+    let took = s.time_until(&key("a"), 401, Duration::from_secs(10));
+    eprintln!("with the lease and the schedule an hour ahead, a revocation took {took:?}");
+    assert!(took.is_some_and(|t| t <= CHANGE_BOUND), "revocation took {took:?}: the VMs waited out the hour");
+    s.wait_loaded(2, Duration::from_secs(2));
+    s.server.set_global_fault(Some(Fault::Status(503)));
+    std::thread::sleep(Duration::from_millis(3_500));
+    let age = s.stat("seconds_since_sync").unwrap();
+    assert!((2..=6).contains(&age), "seconds_since_sync {age} after 3.5 s of failures");
+    assert!(s.failures() >= 2, "sync_failures {}", s.failures());
+    s.expect("b", 200, "after the planted hour");
 }
