@@ -115,6 +115,7 @@ struct SetupOptions {
     key_set: Value,
     /// The crash-on-demand build instead of the filter (`make build-probe`).
     probe: bool,
+    failure_policy: &'static str,
 }
 
 impl Default for SetupOptions {
@@ -127,6 +128,7 @@ impl Default for SetupOptions {
             routes: None,
             key_set: json!({}),
             probe: false,
+            failure_policy: "FAIL_CLOSED",
         }
     }
 }
@@ -140,7 +142,7 @@ impl Setup {
         envoy_opts.keyset_port = Some(server.port());
         envoy_opts.concurrency = opts.concurrency;
         envoy_opts.wasm = opts.probe.then(common::envoy::probe_wasm_path);
-        envoy_opts.failure_policy = Some("FAIL_CLOSED".into());
+        envoy_opts.failure_policy = Some(opts.failure_policy.into());
         let envoy = Envoy::start(&envoy_opts);
         Setup { server, upstream, envoy }
     }
@@ -1331,4 +1333,45 @@ fn a_lease_schedule_and_sync_time_an_hour_ahead_are_not_waited_out() {
     assert!((2..=6).contains(&age), "seconds_since_sync {age} after 3.5 s of failures");
     assert!(s.failures() >= 2, "sync_failures {}", s.failures());
     s.expect("b", 200, "after the planted hour");
+}
+
+#[test]
+fn a_vm_reloaded_after_a_crash_gets_a_number_no_live_vm_has() {
+    // Envoy reloads a crashed VM (FAIL_RELOAD), and the new VM numbers itself while the others
+    // run. Planted first: the VM counter set back, which is what a VM creating the counter at the
+    // same moment as another's increment leaves. A number handed out twice makes two VMs hold the
+    // lease as one: both poll. Counting, the main thread's VMs and the worker's had 1 to 3; the
+    // reloaded worker would get 1, then 2: a main thread VM's number.
+    let opts = SetupOptions { probe: true, failure_policy: "FAIL_RELOAD", ..SetupOptions::default() };
+    let s = Setup::loaded_with(&[record("live")], 1, opts);
+    let raw = serde_json::from_value(json!({"cluster": "keyset", "authority": "keys.internal", "path": MANIFEST_PATH}));
+    let config = keygate::live::KeySetConfig::compile(&raw.unwrap()).unwrap();
+    for count in ["0", "1"] {
+        let planted = format!("{} {}", config.vmseq_entry(), hex::encode(count));
+        get(s.envoy.port(), Proto::Http1, PATH, &[("x-keygate-probe-shared", &planted)]);
+        let crashed = get(s.envoy.port(), Proto::Http1, PATH, &[("x-keygate-panic-probe", "1")]);
+        assert_ne!(crashed.status, 200, "the crashing request was let through");
+        // The next requests are served by a fresh VM, which numbered itself.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.status(Proto::Http1, &key("live")) != 200 {
+            assert!(Instant::now() < deadline, "no fresh VM served within 10 s\n{}", s.envoy.wasm_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Two holders share the schedule, so they poll in turn; they show once a poll lasts:
+        // while one waits for a slow manifest, the other finds the poll due and starts its own.
+        s.server.set_fault(MANIFEST_PATH, Some(Fault::Slow(Duration::from_millis(250))));
+        std::thread::sleep(Duration::from_secs(1));
+        s.server.clear_requests();
+        std::thread::sleep(Duration::from_secs(4));
+        s.server.clear_faults();
+        let times: Vec<Instant> = s.server.requests_for(MANIFEST_PATH).iter().map(|r| r.at).collect();
+        eprintln!("counter set to {count}, a VM reloaded: {} manifest fetches in 4 s", times.len());
+        assert!((3..=8).contains(&times.len()), "{} manifest fetches in 4 s at a 500 ms poll", times.len());
+        for pair in times.windows(2) {
+            let gap = pair[1].duration_since(pair[0]);
+            // One poller: 250 ms for the answer, then 500 ms to the next poll.
+            assert!(gap >= Duration::from_millis(POLL_MS), "two manifest fetches {gap:?} apart: {times:?}");
+        }
+        s.expect("live", 200, "after the reload");
+    }
 }
