@@ -6,10 +6,10 @@
 
 use crate::keys::{Key, KeyHash, KeyRef, KeySource, Lookup};
 use crate::live::{
-    apply_shard, apply_sync, decode_key, decode_widths, hold_lease, inline_place, number_vm, parse_manifest,
-    parse_shard, prefix_of, prefixes, retire, seconds_since, shard_number, stale_widths, stored_position, update_lease,
-    width_bit, write_state, Fetched, FetchedShard, IdIndex, KeySetConfig, Manifest, Retired, ShardIndex, ShardRef,
-    Store, SyncState, INLINE, MAX_IN_FLIGHT,
+    apply_shard, apply_sync, decode_key, decode_widths, hold_lease, inline_ids, inline_place, number_vm,
+    parse_manifest, parse_shard, prefix_of, prefixes, retire, seconds_since, shard_number, stale_widths,
+    stored_position, update_lease, width_bit, write_state, Fetched, FetchedShard, IdIndex, KeySetConfig, Manifest,
+    Retired, ShardIndex, ShardRef, Store, SyncState, INLINE, MAX_IN_FLIGHT, SEVERAL,
 };
 use crate::policy::{Decision, Policy, RequestView};
 use crate::reply::DenyKind;
@@ -18,7 +18,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, Status};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -182,6 +182,8 @@ struct Live {
     me: u32,
     configured_ms: i64,
     sync: Option<SyncRun>,
+    /// The digests of the inline keys' ids, once a sync needed them.
+    inline_ids: Option<Rc<HashSet<u32>>>,
 }
 
 /// One sync in progress (this VM holds the lease).
@@ -285,7 +287,8 @@ impl RootContext for Root {
                 error!("keygate: cannot set the tick period: {status:?}");
                 return false;
             }
-            self.live = Some(Live { me, configured_ms: monotonic_ms().unwrap_or_default(), sync: None });
+            self.live =
+                Some(Live { me, configured_ms: monotonic_ms().unwrap_or_default(), sync: None, inline_ids: None });
         }
         self.shared =
             Some(Rc::new(Shared { policy, metrics, live_loaded: Cell::new(false), cache: RefCell::default() }));
@@ -396,7 +399,8 @@ impl Root {
         etag: Option<String>,
         body: &[u8],
     ) -> Result<(), String> {
-        let Some(run) = self.live.as_mut().and_then(|l| l.sync.as_mut()) else { return Ok(()) };
+        let Some(live) = self.live.as_mut() else { return Ok(()) };
+        let Some(run) = live.sync.as_mut() else { return Ok(()) };
         run.last_answer_ms = monotonic_ms().unwrap_or(run.last_answer_ms);
         if run.manifest_token == Some(token) {
             run.manifest_token = None;
@@ -419,7 +423,8 @@ impl Root {
                 // Before any index of this width is written, so that none is ever left unlisted.
                 write_shared(&config.widths_entry(), (mask | width_bit(width)).to_string().as_bytes())?;
             }
-            run.ids = IdIndex::with_inline(&shared.policy.keys);
+            let inline = live.inline_ids.get_or_insert_with(|| Rc::new(inline_ids(&shared.policy.keys)));
+            run.ids = IdIndex::new(Rc::clone(inline));
             let stale = stale_widths(mask, run.previous.width, width);
             if !stale.is_empty() {
                 // Another layout holds records (the loaded one, or one a failed first load left):
@@ -450,16 +455,17 @@ impl Root {
             let keys = parse_shard(&shard, body).map_err(|e| e.to_string())?;
             let width = shard.prefix.len();
             let fetched_so_far = &run.fetched;
-            let place_of = |place: u32, digest: u32, id: &str| {
-                if place == INLINE {
-                    return inline_place(&shared.policy.keys, id);
-                }
-                let prefix = prefix_of(place, width);
+            let in_shard = |prefix: String, digest: u32, id: &str| {
                 let position = match fetched_so_far.iter().find(|f| f.shard.prefix == prefix) {
                     Some(f) => f.position_of(digest, id),
                     None => stored_position(config, &HostStore, &prefix, digest, id),
                 };
                 position.map(|i| format!("shard {prefix:?} keys[{i}].id"))
+            };
+            let place_of = |place: u32, digest: u32, id: &str| match place {
+                INLINE => inline_place(&shared.policy.keys, id),
+                SEVERAL => prefixes(width).find_map(|prefix| in_shard(prefix, digest, id)),
+                n => in_shard(prefix_of(n, width), digest, id),
             };
             run.ids.check(&shard, &keys, place_of).map_err(|e| e.to_string())?;
             let fetched = FetchedShard::new(shard, keys, previous, &shared.policy.keys).map_err(|e| e.to_string())?;

@@ -21,7 +21,9 @@ use crate::config::{parse_hash, parse_json, ConfigError, KeyChecker, RawKey};
 use crate::jsonpath::{path_at, too_deep, Reported};
 use crate::keys::{hash_key, Key, KeyHash, KeySet};
 use serde::Deserialize;
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 
 /// The compiled `key_set` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -439,29 +441,46 @@ pub fn shard_number(prefix: &str) -> u32 {
     u32::from_str_radix(prefix, 16).unwrap_or(0)
 }
 
+/// Where an id stands when its digest is held by more than one place (digests collide): anywhere.
+pub const SEVERAL: u32 = u32::MAX - 1;
+
+/// The digests of the inline keys' ids.
+pub fn inline_ids(inline: &KeySet) -> HashSet<u32> {
+    inline.keys().map(|k| id_digest(&k.id)).collect()
+}
+
 /// The ids of the set a sync is building, by digest, with the place that holds each: the inline
-/// keys, the shards the sync keeps, and each shard it fetched once checked. 5 bytes of digest and
-/// place an id (about 10 MB in the polling VM at 1M keys), rather than the ids themselves.
+/// keys, the shards the sync keeps, and each shard it fetched once checked. A digest and a place an
+/// id (about 10 MB in the polling VM at 1M keys), rather than the ids themselves.
 #[derive(Debug, Default)]
 pub struct IdIndex {
-    by_digest: HashMap<u32, u32>,
+    inline: Rc<HashSet<u32>>,
+    shards: HashMap<u32, u32>,
 }
 
 impl IdIndex {
-    pub fn with_inline(inline: &KeySet) -> Self {
-        let mut index = IdIndex::default();
-        index.add(INLINE, inline.keys().map(|k| id_digest(&k.id)));
-        index
+    pub fn new(inline: Rc<HashSet<u32>>) -> Self {
+        IdIndex { inline, shards: HashMap::new() }
     }
 
+    /// Adds the id digests of shard number `place`.
     pub fn add(&mut self, place: u32, ids: impl IntoIterator<Item = u32>) {
         for id in ids {
-            self.by_digest.entry(id).or_insert(place);
+            match self.shards.entry(id) {
+                Entry::Vacant(v) => {
+                    v.insert(place);
+                }
+                Entry::Occupied(mut o) if *o.get() != place => {
+                    o.insert(SEVERAL);
+                }
+                Entry::Occupied(_) => {}
+            }
         }
     }
 
     /// Refuses the first record of `shard` whose id another place holds. `place_of(place, digest,
-    /// id)` confirms a digest's match on that place's records and names where the id stands there.
+    /// id)` confirms a digest's match on that place's records ([`INLINE`], a shard number, or
+    /// [`SEVERAL`]: every shard) and names where the id stands there.
     pub fn check(
         &self,
         shard: &ShardRef,
@@ -470,8 +489,9 @@ impl IdIndex {
     ) -> Result<(), ConfigError> {
         for (i, (_, key)) in keys.iter().enumerate() {
             let digest = id_digest(&key.id);
-            let Some(&other) = self.by_digest.get(&digest) else { continue };
-            if let Some(there) = place_of(other, digest, &key.id) {
+            let inline = self.inline.contains(&digest).then_some(INLINE);
+            let places = inline.into_iter().chain(self.shards.get(&digest).copied());
+            if let Some(there) = places.filter_map(|place| place_of(place, digest, &key.id)).next() {
                 return Err(ConfigError::new(
                     format!("shard {:?} ({}): keys[{i}].id", shard.prefix, shard.path),
                     format!("{:?} is also {there}", key.id),

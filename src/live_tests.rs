@@ -553,7 +553,7 @@ fn an_id_loaded_in_another_shard_refuses_the_shard_naming_both_places() {
     apply_to(&store, |w| apply_shard(&c, &stored_a, w));
     let index_a = ShardIndex::decode(&stored(&store, &c.shard_entry("a")).unwrap()).unwrap();
 
-    let mut ids = IdIndex::with_inline(&KeySet::default());
+    let mut ids = IdIndex::new(std::rc::Rc::new(inline_ids(&KeySet::default())));
     ids.add(shard_number("a"), index_a.ids);
     // Shard "3" lists another key under the same id, at keys[1].
     let body = json!({"keys": [record("k_9", &key_with_prefix("3")), record("k_1", &key_with_prefix("30"))]})
@@ -576,7 +576,7 @@ fn an_id_loaded_in_another_shard_refuses_the_shard_naming_both_places() {
 #[test]
 fn an_id_also_inline_refuses_the_shard() {
     let inline = compile_keys(&[serde_json::from_value(record("k_1", "sk_inline")).unwrap()], "keys").unwrap();
-    let ids = IdIndex::with_inline(&inline);
+    let ids = IdIndex::new(std::rc::Rc::new(inline_ids(&inline)));
     let body = json!({"keys": [record("k_1", "sk_in_shard")]}).to_string().into_bytes();
     let shard = shard_ref("", &body);
     let keys = parse_shard(&shard, &body).unwrap();
@@ -596,4 +596,25 @@ fn shard_numbers_and_prefixes_convert_both_ways() {
         assert_eq!(prefix_of(shard_number(prefix), width), prefix);
     }
     assert_ne!(shard_number("ffff"), INLINE);
+}
+
+#[test]
+fn a_digest_two_shards_hold_sends_the_check_to_every_shard() {
+    // Digests collide: once two shards hold one, the check cannot tell which to look in.
+    let mut ids = IdIndex::default();
+    let digest = id_digest("k_1");
+    ids.add(shard_number("a"), [digest]);
+    ids.add(shard_number("a"), [digest]);
+    let body = json!({"keys": [record("k_1", "sk_x")]}).to_string().into_bytes();
+    let shard = shard_ref("", &body);
+    let keys = parse_shard(&shard, &body).unwrap();
+    let asked = std::cell::RefCell::new(Vec::new());
+    let ask = |place: u32, _: u32, _: &str| {
+        asked.borrow_mut().push(place);
+        None
+    };
+    assert_eq!(ids.check(&shard, &keys, ask), Ok(()));
+    ids.add(shard_number("b"), [digest]);
+    assert_eq!(ids.check(&shard, &keys, ask), Ok(()));
+    assert_eq!(*asked.borrow(), [shard_number("a"), SEVERAL]);
 }
