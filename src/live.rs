@@ -451,7 +451,7 @@ pub fn inline_ids(inline: &KeySet) -> HashSet<u32> {
 
 /// The ids of the set a sync is building, by digest, with the place that holds each: the inline
 /// keys, the shards the sync keeps, and each shard it fetched once checked. A digest and a place an
-/// id (about 10 MB in the polling VM at 1M keys), rather than the ids themselves.
+/// id (about 20 MB in the polling VM at 1M keys, for the sync only), rather than the ids themselves.
 #[derive(Debug, Default)]
 pub struct IdIndex {
     inline: Rc<HashSet<u32>>,
