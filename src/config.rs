@@ -88,11 +88,42 @@ pub struct RawKey {
 }
 
 /// `expires_at`: RFC 3339 text or integer Unix seconds.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 #[serde(untagged)]
 pub enum Expiry {
     UnixSeconds(i64),
     Text(String),
+}
+
+/// Read by type, not as an untagged enum: serde would first buffer whatever value stands there (a
+/// megabyte of nested arrays, say) to try each variant on it, then report an error past its end.
+/// This refuses anything else at its first character.
+impl<'de> Deserialize<'de> for Expiry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Either;
+        impl serde::de::Visitor<'_> for Either {
+            type Value = Expiry;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("RFC 3339 text or integer Unix seconds")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Expiry, E> {
+                Ok(Expiry::UnixSeconds(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Expiry, E> {
+                i64::try_from(v)
+                    .map(Expiry::UnixSeconds)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Expiry, E> {
+                Ok(Expiry::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,17 +6,19 @@
 
 use crate::keys::{Key, KeyHash, KeyRef, KeySource, Lookup};
 use crate::live::{
-    apply_shard, apply_sync, decode_key, parse_manifest, parse_shard, prefixes, write_state, FetchedShard,
-    KeySetConfig, Lease, Manifest, Retired, ShardIndex, ShardRef, SyncState, MAX_IN_FLIGHT,
+    apply_shard, apply_sync, decode_key, decode_widths, hold_lease, inline_ids, inline_place, number_vm,
+    parse_manifest, parse_shard, prefix_of, prefixes, retire, seconds_since, shard_number, stale_widths,
+    stored_position, update_lease, width_bit, write_state, Fetched, FetchedShard, IdIndex, KeySetConfig, Manifest,
+    Retired, ShardIndex, ShardRef, Store, SyncState, INLINE, MAX_IN_FLIGHT, SEVERAL,
 };
 use crate::policy::{Decision, Policy, RequestView};
 use crate::reply::DenyKind;
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType};
+use proxy_wasm::types::{Action, BufferType, ContextType, MapType, MetricType, Status};
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -180,6 +182,8 @@ struct Live {
     me: u32,
     configured_ms: i64,
     sync: Option<SyncRun>,
+    /// The digests of the inline keys' ids, once a sync needed them.
+    inline_ids: Option<Rc<HashSet<u32>>>,
 }
 
 /// One sync in progress (this VM holds the lease).
@@ -191,8 +195,10 @@ struct SyncRun {
     manifest_token: Option<u32>,
     manifest: Option<Manifest>,
     manifest_etag: Option<String>,
-    /// Set when the manifest changes the shard layout: what the old layout held.
+    /// Set when the manifest's shard layout is not the only one in shared data: what the others hold.
     retired: Option<Retired>,
+    /// The ids of the set being built, to refuse one loaded twice.
+    ids: IdIndex,
     queue: Vec<(ShardRef, Option<ShardIndex>)>,
     in_flight: HashMap<u32, (ShardRef, Option<ShardIndex>)>,
     fetched: Vec<FetchedShard>,
@@ -215,6 +221,11 @@ impl Context for Root {
                 .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
         };
         let status = header(":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+        // The size first: a body past its limit is never copied into the VM, let alone parsed.
+        if let Some(reason) = self.refuse_body(config, token, body_size) {
+            self.sync_failed(&shared, config, &reason);
+            return;
+        }
         let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
             Ok(b) => b.unwrap_or_default(),
             Err(_) => Vec::new(),
@@ -265,15 +276,19 @@ impl RootContext for Root {
             }
         }
         if let Some(config) = &policy.key_set {
-            let Some(me) = vm_number(config) else {
-                error!("keygate: cannot number this VM in shared data");
-                return false;
+            let me = match vm_number(config) {
+                Ok(me) => me,
+                Err(reason) => {
+                    error!("keygate: cannot number this VM in shared data: {reason}");
+                    return false;
+                }
             };
             if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(config.tick_ms())) {
                 error!("keygate: cannot set the tick period: {status:?}");
                 return false;
             }
-            self.live = Some(Live { me, configured_ms: now_ms().unwrap_or_default(), sync: None });
+            self.live =
+                Some(Live { me, configured_ms: monotonic_ms().unwrap_or_default(), sync: None, inline_ids: None });
         }
         self.shared =
             Some(Rc::new(Shared { policy, metrics, live_loaded: Cell::new(false), cache: RefCell::default() }));
@@ -284,12 +299,18 @@ impl RootContext for Root {
         follow_envoy_log_level();
         let Some(shared) = self.shared.clone() else { return };
         let Some(config) = &shared.policy.key_set else { return };
-        let Some(now) = now_ms() else { return };
+        let Some(now) = monotonic_ms() else { return };
         shared.cache.borrow_mut().follow(config);
         self.refresh_gauges(&shared, config, now);
         let Some(live) = self.live.as_mut() else { return };
         // Renewed on every tick, also while a sync runs: a large first load outlasts the lease.
-        let lease = hold_lease(config, live.me, now);
+        let lease = match hold_lease(&HostStore, config, live.me, now) {
+            Ok(lease) => lease,
+            Err(reason) => {
+                warn!("keygate: cannot take the key-set lease: {reason}");
+                None
+            }
+        };
         if let Some(run) = &live.sync {
             // Envoy answers every call by its timeout; this only guards against a lost answer.
             let limit = i64::try_from(config.timeout_ms).unwrap_or(i64::MAX).saturating_mul(4).saturating_add(5_000);
@@ -298,7 +319,7 @@ impl RootContext for Root {
             }
             return;
         }
-        if lease.is_some_and(|l| now >= l.next_due_ms) {
+        if lease.is_some_and(|l| l.due(now, config)) {
             self.start_sync(&shared, config, now);
         }
     }
@@ -313,11 +334,21 @@ impl RootContext for Root {
 }
 
 impl Root {
+    /// Why an answer of the sync in progress is not read: its body is larger than its limit.
+    fn refuse_body(&self, config: &KeySetConfig, token: u32, size: usize) -> Option<String> {
+        let run = self.live.as_ref()?.sync.as_ref()?;
+        if run.manifest_token == Some(token) {
+            return config.refuse_body(Fetched::Manifest, size);
+        }
+        let (shard, _) = run.in_flight.get(&token)?;
+        config.refuse_body(Fetched::Shard(&shard.prefix), size)
+    }
+
     fn refresh_gauges(&self, shared: &Shared, config: &KeySetConfig, now: i64) {
         let Some(m) = &shared.metrics.live else { return };
         let state = read_state(config);
         let since = state.as_ref().map(|s| s.synced_ms).or(self.live.as_ref().map(|l| l.configured_ms));
-        Metrics::record(m.seconds_since_sync, since.map_or(0, |at| u64::try_from((now - at) / 1_000).unwrap_or(0)));
+        Metrics::record(m.seconds_since_sync, since.map_or(0, |at| seconds_since(at, now)));
         if let Some(state) = state {
             Metrics::record(m.version, state.version_number().unwrap_or(0));
             Metrics::record(m.keys, state.keys);
@@ -345,6 +376,7 @@ impl Root {
                         manifest: None,
                         manifest_etag: None,
                         retired: None,
+                        ids: IdIndex::default(),
                         queue: Vec::new(),
                         in_flight: HashMap::new(),
                         fetched: Vec::new(),
@@ -367,8 +399,9 @@ impl Root {
         etag: Option<String>,
         body: &[u8],
     ) -> Result<(), String> {
-        let Some(run) = self.live.as_mut().and_then(|l| l.sync.as_mut()) else { return Ok(()) };
-        run.last_answer_ms = now_ms().unwrap_or(run.last_answer_ms);
+        let Some(live) = self.live.as_mut() else { return Ok(()) };
+        let Some(run) = live.sync.as_mut() else { return Ok(()) };
+        run.last_answer_ms = monotonic_ms().unwrap_or(run.last_answer_ms);
         if run.manifest_token == Some(token) {
             run.manifest_token = None;
             match status {
@@ -381,10 +414,23 @@ impl Root {
                 other => return Err(format!("manifest: HTTP status {other}")),
             }
             let manifest = parse_manifest(body).map_err(|e| e.to_string())?;
-            if let Some(width) = run.previous.width.filter(|w| *w != manifest.width()) {
-                // A new layout: every shard is fetched, and every key of the old one is reconsidered.
+            let width = manifest.width();
+            let mask = match hostcalls::get_shared_data(&config.widths_entry()) {
+                Ok((Some(bytes), _)) => decode_widths(&bytes),
+                _ => 0,
+            };
+            if mask & width_bit(width) == 0 {
+                // Before any index of this width is written, so that none is ever left unlisted.
+                write_shared(&config.widths_entry(), (mask | width_bit(width)).to_string().as_bytes())?;
+            }
+            let inline = live.inline_ids.get_or_insert_with(|| Rc::new(inline_ids(&shared.policy.keys)));
+            run.ids = IdIndex::new(Rc::clone(inline));
+            let stale = stale_widths(mask, run.previous.width, width);
+            if !stale.is_empty() {
+                // Another layout holds records (the loaded one, or one a failed first load left):
+                // every shard is fetched, and every key of the others is reconsidered.
                 let mut retired = Retired::default();
-                for prefix in prefixes(width) {
+                for prefix in stale.into_iter().flat_map(prefixes) {
                     retired.hashes.extend(read_shard_index(config, &prefix).map(|i| i.hashes).unwrap_or_default());
                     retired.prefixes.push(prefix);
                 }
@@ -393,8 +439,9 @@ impl Root {
             } else {
                 for shard in &manifest.shards {
                     let index = read_shard_index(config, &shard.prefix);
-                    if index.as_ref().is_none_or(|i| i.etag != shard.etag) {
-                        run.queue.push((shard.clone(), index));
+                    match index {
+                        Some(i) if i.etag == shard.etag => run.ids.add(shard_number(&shard.prefix), i.ids),
+                        index => run.queue.push((shard.clone(), index)),
                     }
                 }
             }
@@ -406,7 +453,23 @@ impl Root {
                 return Err(format!("shard {:?} ({}): {what}", shard.prefix, shard.path));
             }
             let keys = parse_shard(&shard, body).map_err(|e| e.to_string())?;
+            let width = shard.prefix.len();
+            let fetched_so_far = &run.fetched;
+            let in_shard = |prefix: String, digest: u32, id: &str| {
+                let position = match fetched_so_far.iter().find(|f| f.shard.prefix == prefix) {
+                    Some(f) => f.position_of(digest, id),
+                    None => stored_position(config, &HostStore, &prefix, digest, id),
+                };
+                position.map(|i| format!("shard {prefix:?} keys[{i}].id"))
+            };
+            let place_of = |place: u32, digest: u32, id: &str| match place {
+                INLINE => inline_place(&shared.policy.keys, id),
+                SEVERAL => prefixes(width).find_map(|prefix| in_shard(prefix, digest, id)),
+                n => in_shard(prefix_of(n, width), digest, id),
+            };
+            run.ids.check(&shard, &keys, place_of).map_err(|e| e.to_string())?;
             let fetched = FetchedShard::new(shard, keys, previous, &shared.policy.keys).map_err(|e| e.to_string())?;
+            run.ids.add(shard_number(&fetched.shard.prefix), fetched.ids.iter().copied());
             run.shards_fetched += 1;
             if run.first_load {
                 apply_shard(config, &fetched, &mut write_shared)?;
@@ -432,7 +495,7 @@ impl Root {
     /// Applies the sync in progress to shared data, then schedules the next poll.
     fn finish(&mut self, shared: &Shared, config: &KeySetConfig) -> Result<(), String> {
         let Some(run) = self.live.as_mut().and_then(|l| l.sync.take()) else { return Ok(()) };
-        let now = now_ms().unwrap_or(run.started_ms);
+        let now = monotonic_ms().unwrap_or(run.started_ms);
         let records_changed = run.shards_fetched > 0 || run.retired.is_some();
         let changed = run.manifest.as_ref().is_some_and(|m| records_changed || m.version != run.previous.version);
         let summary = match &run.manifest {
@@ -443,11 +506,15 @@ impl Root {
             }
             Some(manifest) if run.first_load => {
                 // The shards are written; the state, last, counts what their indexes hold.
-                let keys = manifest
-                    .shards
-                    .iter()
-                    .map(|s| read_shard_index(config, &s.prefix).map_or(0, |i| i.hashes.len() as u64))
-                    .sum();
+                let indexes: Vec<ShardIndex> =
+                    manifest.shards.iter().filter_map(|s| read_shard_index(config, &s.prefix)).collect();
+                let keys = indexes.iter().map(|i| i.hashes.len() as u64).sum();
+                if let Some(retired) = &run.retired {
+                    // What another layout left (a first load that failed part-way, say) and this
+                    // set lacks stops working before the set counts as loaded.
+                    let kept = indexes.iter().flat_map(|i| &i.hashes).collect();
+                    retire(config, retired, &kept, manifest.width(), &mut write_shared)?;
+                }
                 write_state(config, manifest, keys, run.manifest_etag.clone(), now, &mut write_shared)?;
                 write_shared(&config.generation_entry(), now.to_string().as_bytes())?;
                 format!("version {} loaded, {} shards fetched", manifest.version, run.shards_fetched)
@@ -472,11 +539,9 @@ impl Root {
             }
         };
         shared.live_loaded.set(true);
-        update_lease(config, self.live.as_ref().map_or(0, |l| l.me), |l| Lease {
-            next_due_ms: now + i64::try_from(config.poll_interval_ms).unwrap_or(i64::MAX),
-            failures: 0,
-            ..l
-        });
+        if let Err(reason) = update_lease(&HostStore, config, |l| l.after_success(now, config)) {
+            warn!("keygate: cannot schedule the next key-set poll: {reason}");
+        }
         if let Some(m) = &shared.metrics.live {
             Metrics::bump(m.syncs);
         }
@@ -493,13 +558,14 @@ impl Root {
     fn sync_failed(&mut self, shared: &Shared, config: &KeySetConfig, reason: &str) {
         let Some(live) = self.live.as_mut() else { return };
         live.sync = None;
-        let now = now_ms().unwrap_or_default();
-        let mut wait = config.poll_interval_ms;
-        update_lease(config, live.me, |l| {
-            let failures = l.failures.saturating_add(1);
-            wait = config.retry_after_ms(failures);
-            Lease { next_due_ms: now + i64::try_from(wait).unwrap_or(i64::MAX), failures, ..l }
-        });
+        let now = monotonic_ms().unwrap_or_default();
+        let wait = match update_lease(&HostStore, config, |l| l.after_failure(now, config)) {
+            Ok(lease) => lease.next_due_ms.saturating_sub(now),
+            Err(reason) => {
+                warn!("keygate: cannot schedule the next key-set poll: {reason}");
+                i64::try_from(config.poll_interval_ms).unwrap_or(i64::MAX)
+            }
+        };
         if let Some(m) = &shared.metrics.live {
             Metrics::bump(m.sync_failures);
         }
@@ -532,19 +598,25 @@ fn read_shard_index(config: &KeySetConfig, prefix: &str) -> Option<ShardIndex> {
     }
 }
 
-/// Reads an entry with its compare-and-swap token, creating it with `initial` first if it is absent
-/// (so that every later write can be a compare-and-swap).
-fn read_cas(entry: &str, initial: &[u8]) -> Option<(Vec<u8>, u32)> {
-    for _ in 0..2 {
+/// Shared data through the host.
+struct HostStore;
+
+impl Store for HostStore {
+    fn get(&self, entry: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
         match hostcalls::get_shared_data(entry) {
-            Ok((Some(value), Some(cas))) => return Some((value, cas)),
-            Ok(_) => {
-                let _ = hostcalls::set_shared_data(entry, Some(initial), None);
-            }
-            Err(_) => return None,
+            Ok((value, Some(cas))) => Ok(Some((value.unwrap_or_default(), cas))),
+            Ok((_, None)) => Ok(None),
+            Err(status) => Err(format!("cannot read {entry}: {status:?}")),
         }
     }
-    None
+
+    fn set(&self, entry: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
+        match hostcalls::set_shared_data(entry, Some(value), cas) {
+            Ok(()) => Ok(true),
+            Err(Status::CasMismatch) => Ok(false),
+            Err(status) => Err(format!("cannot write {entry}: {status:?}")),
+        }
+    }
 }
 
 thread_local! {
@@ -554,45 +626,13 @@ thread_local! {
 }
 
 /// Gives this VM a number no other VM of this Envoy process has, the same one on every call.
-fn vm_number(config: &KeySetConfig) -> Option<u32> {
+fn vm_number(config: &KeySetConfig) -> Result<u32, String> {
     if let Some(n) = VM_NUMBER.with(Cell::get) {
-        return Some(n);
+        return Ok(n);
     }
-    let n = next_vm_number(config)?;
+    let n = number_vm(&HostStore, config)?;
     VM_NUMBER.with(|cell| cell.set(Some(n)));
-    Some(n)
-}
-
-fn next_vm_number(config: &KeySetConfig) -> Option<u32> {
-    let entry = config.vmseq_entry();
-    for _ in 0..100 {
-        let (value, cas) = read_cas(&entry, b"0")?;
-        let n: u32 = std::str::from_utf8(&value).ok()?.parse().ok()?;
-        let next = n.checked_add(1)?;
-        if hostcalls::set_shared_data(&entry, Some(next.to_string().as_bytes()), Some(cas)).is_ok() {
-            return Some(next);
-        }
-    }
-    None
-}
-
-/// Takes or renews the polling lease for VM `me`; returns it when this VM holds it.
-fn hold_lease(config: &KeySetConfig, me: u32, now: i64) -> Option<Lease> {
-    let entry = config.lease_entry();
-    let (value, cas) = read_cas(&entry, &Lease { owner: 0, expires_ms: 0, next_due_ms: 0, failures: 0 }.encode())?;
-    let claimed = Lease::claim(Lease::decode(&value), me, now, config.lease_ttl_ms())?;
-    hostcalls::set_shared_data(&entry, Some(&claimed.encode()), Some(cas)).ok()?;
-    Some(claimed)
-}
-
-/// Changes the lease this VM holds (after a sync); does nothing if another VM took it meanwhile.
-fn update_lease(config: &KeySetConfig, me: u32, change: impl FnOnce(Lease) -> Lease) {
-    let entry = config.lease_entry();
-    if let Ok((Some(value), Some(cas))) = hostcalls::get_shared_data(&entry) {
-        if let Some(lease) = Lease::decode(&value).filter(|l| l.owner == me) {
-            let _ = hostcalls::set_shared_data(&entry, Some(&change(lease).encode()), Some(cas));
-        }
-    }
+    Ok(n)
 }
 
 /// One request.
@@ -620,6 +660,17 @@ impl HttpContext for Request {
             // Test builds only: crash the VM the way a panic does (panic = "abort"), to prove that
             // Envoy's failure_policy never lets the request through.
             std::process::abort();
+        }
+        #[cfg(feature = "panic-probe")]
+        for (_, value) in headers.iter().filter(|(n, _)| n == "x-keygate-probe-shared") {
+            // Test builds only: write `<entry> <value in hex>` into shared data, so a test can plant
+            // what another clock (or a bug) would have left there.
+            let text = String::from_utf8_lossy(value);
+            if let Some((entry, value)) = text.split_once(' ').and_then(|(e, v)| Some((e, hex::decode(v).ok()?))) {
+                if let Err(status) = hostcalls::set_shared_data(entry, Some(&value), None) {
+                    error!("keygate: probe cannot write {entry}: {status:?}");
+                }
+            }
         }
         let request = RequestView::from_headers(&headers);
         match shared.policy.decide(&Keys(&shared), &request, &now_ms) {
@@ -664,6 +715,36 @@ impl HttpContext for Request {
             }
         }
     }
+}
+
+/// Envoy's steady clock in milliseconds, through WASI's `clock_time_get` (proxy-wasm 0.2 has no
+/// monotonic clock of its own; Envoy answers it with its dispatcher's monotonic time). One clock for
+/// every VM of the process that no wall-clock step moves: the polling schedule, the lease and the
+/// sync age use it. Falls back to the wall clock should the host refuse.
+fn monotonic_ms() -> Option<i64> {
+    #[cfg(target_arch = "wasm32")]
+    {
+        #[link(wasm_import_module = "wasi_snapshot_preview1")]
+        extern "C" {
+            fn clock_time_get(id: u32, precision: u64, time: *mut u64) -> u16;
+        }
+        const MONOTONIC: u32 = 1;
+        let mut nanos: u64 = 0;
+        // SAFETY: WASI's clock_time_get takes a clock id, a precision and a pointer to 8 writable
+        // bytes of this module's memory, and writes only there; `nanos` is a live, aligned u64.
+        let errno = unsafe { clock_time_get(MONOTONIC, 1_000_000, &mut nanos) };
+        if errno == 0 {
+            return i64::try_from(nanos / 1_000_000).ok();
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        // Off wasm (the host build of this module, which never runs a sync): the process's clock.
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        return i64::try_from(START.get_or_init(std::time::Instant::now).elapsed().as_millis()).ok();
+    }
+    #[allow(unreachable_code)] // reached on wasm when the host refuses the clock
+    now_ms()
 }
 
 fn now_ms() -> Option<i64> {

@@ -3,7 +3,9 @@
 
 use crate::credential::{extract, CredentialHeader, KeyFormat};
 use crate::keys::hash_key;
-use crate::live::{decode_key, parse_manifest, parse_shard, Lease, ShardIndex, ShardRef, SyncState};
+use crate::live::{
+    decode_key, parse_manifest, parse_shard, Lease, ShardIndex, ShardRef, SyncState, DEFAULT_MAX_MANIFEST_BYTES,
+};
 use crate::policy::{Decision, Policy, RequestView};
 use crate::routes::{Case, PathPattern, PathViews};
 use std::sync::OnceLock;
@@ -100,7 +102,12 @@ pub fn config(data: &[u8]) {
 }
 
 /// The live key set's formats on arbitrary bytes: manifest, shard, stored records, lease, state.
+/// Like the filter, it reads no manifest past the default `key_set.max_manifest_bytes`; within it,
+/// each input must finish within the fuzzer's time budget (`make fuzz`: `-timeout`).
 pub fn keyset(data: &[u8]) {
+    if data.len() as u64 > DEFAULT_MAX_MANIFEST_BYTES {
+        return;
+    }
     let _ = parse_manifest(data);
     let shard = ShardRef { prefix: String::new(), path: "all.json".into(), etag: hash_key(data) };
     let _ = parse_shard(&shard, data);

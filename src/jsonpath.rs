@@ -5,6 +5,10 @@
 //! wrapping every deserializer to track paths, and the same answer for the errors serde reports (an
 //! unknown field is reported just after its key, a wrong value just after the value, a missing field
 //! just after the object that lacks it).
+//!
+//! Both scans here are one pass over the text, whatever its shape: an error path must cost no more
+//! than reading the document did (a path rendered at every closing bracket made a 2 MiB body of
+//! nested arrays take seconds).
 
 #[derive(Debug)]
 enum Frame {
@@ -35,7 +39,6 @@ pub fn path_at(text: &[u8], offset: usize, reported: Reported) -> String {
     // A syntax error is about the offending character, which belongs to no path yet.
     let end = if reported == Reported::Syntax { offset.saturating_sub(1) } else { offset }.min(text.len());
     let mut stack: Vec<Frame> = Vec::new();
-    let mut closed: Option<String> = None;
     let mut i = 0;
     while i < end {
         let Some(&c) = text.get(i) else { break };
@@ -45,7 +48,6 @@ pub fn path_at(text: &[u8], offset: usize, reported: Reported) -> String {
                 i = skip_string(text, i);
                 let is_key = matches!(stack.last(), Some(Frame::Object { .. }))
                     && text.get(i..).is_some_and(|rest| rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':'));
-                closed = None;
                 if is_key {
                     let raw = text.get(start..i.saturating_sub(1)).unwrap_or_default();
                     if let Some(Frame::Object { key, done }) = stack.last_mut() {
@@ -60,28 +62,25 @@ pub fn path_at(text: &[u8], offset: usize, reported: Reported) -> String {
             b'{' => {
                 mark_started(&mut stack);
                 stack.push(Frame::Object { key: None, done: false });
-                closed = None;
             }
             b'[' => {
                 mark_started(&mut stack);
                 stack.push(Frame::Array { index: 0, started: false });
-                closed = None;
             }
             b'}' | b']' => {
-                // Just past a closing bracket, a data error is about the container itself.
+                // Just past a closing bracket, a data error is about the container itself: the path
+                // is the stack the bracket leaves, rendered once at the end (`value_done` changes
+                // nothing a data error's path shows).
                 stack.pop();
-                closed = Some(render(&stack, reported));
                 value_done(&mut stack);
             }
             b',' => {
                 if let Some(Frame::Array { index, .. }) = stack.last_mut() {
                     *index += 1;
                 }
-                closed = None;
             }
             c if c.is_ascii_whitespace() || c == b':' => {}
             _ => {
-                closed = None;
                 mark_started(&mut stack);
                 // A number, `true`, `false` or `null` ends where the next separator starts.
                 let next = text.get(i + 1).copied().unwrap_or(b',');
@@ -92,10 +91,32 @@ pub fn path_at(text: &[u8], offset: usize, reported: Reported) -> String {
         }
         i += 1;
     }
-    match closed {
-        Some(path) if reported == Reported::Data => path,
-        _ => render(&stack, reported),
+    render(&stack, reported)
+}
+
+/// The offset of the first `[` or `{` that opens a container more than `max` levels deep, if any.
+/// One pass, no allocation: run before a parser that would otherwise recurse that deep.
+pub fn too_deep(text: &[u8], max: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&c) = text.get(i) {
+        match c {
+            b'"' => {
+                i = skip_string(text, i);
+                continue;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Some(i);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
     }
+    None
 }
 
 /// The byte offset just past the character at a 1-based line and column: serde_json reports an error
@@ -207,5 +228,39 @@ mod tests {
         let t = b"{\n  \"a\": 1,\n  \"b\": 2\n}";
         assert_eq!(offset_of(t, 3, 8), 20);
         assert_eq!(path_at(t, offset_of(t, 3, 8), Reported::Data), "b");
+    }
+
+    /// `{"version": [` and `[[…]]` elements 100 deep until `len` bytes, then `]}`.
+    fn nested(len: usize) -> Vec<u8> {
+        let mut text = br#"{"version": ["#.to_vec();
+        let unit = format!("{}{},", "[".repeat(100), "]".repeat(100));
+        while text.len() < len {
+            text.extend_from_slice(unit.as_bytes());
+        }
+        text.extend_from_slice(b"[]]}");
+        text
+    }
+
+    #[test]
+    fn a_path_deep_in_megabytes_of_nested_arrays_costs_one_pass() {
+        // A path used to be rendered at every closing bracket: 4 s for this body on the host.
+        let text = nested(2 << 20);
+        let start = std::time::Instant::now();
+        assert_eq!(path_at(&text, text.len() - 1, Reported::Data), "version");
+        assert_eq!(path_at(&text, text.len(), Reported::Eof), "");
+        let took = start.elapsed();
+        assert!(took < std::time::Duration::from_millis(500), "two scans of 2 MiB took {took:?}");
+    }
+
+    #[test]
+    fn too_deep_finds_the_first_bracket_past_the_limit() {
+        assert_eq!(too_deep(br#"{"a": [[1]]}"#, 3), None);
+        assert_eq!(too_deep(br#"{"a": [[1]]}"#, 2), Some(7));
+        assert_eq!(too_deep(br#"{"a": "[[[[", "b": {}}"#, 2), None, "brackets in strings do not count");
+        assert_eq!(too_deep(br#"[[],[],[[]]]"#, 2), Some(8));
+        let text = nested(1 << 20);
+        assert_eq!(too_deep(&text, 8), Some(19));
+        assert_eq!(too_deep(&text, 102), None);
+        assert_eq!(too_deep(&text, 101), Some(112));
     }
 }

@@ -96,6 +96,11 @@ impl KeySet {
         self.by_hash.contains_key(hash)
     }
 
+    /// Every record, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.by_hash.values()
+    }
+
     pub fn into_entries(self) -> Vec<(KeyHash, Key)> {
         self.by_hash.into_iter().collect()
     }

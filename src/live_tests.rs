@@ -162,17 +162,28 @@ fn a_sync_writes_records_tombstones_indexes_then_state() {
     let body = json!({"keys": [record("a", &ka), record("c", &kc)]}).to_string().into_bytes();
     let shard = shard_ref("0", &body);
     let keys = parse_shard(&shard, &body).unwrap();
-    let previous = ShardIndex { etag: [9; 32], hashes: vec![hash_key(ka.as_bytes()), hash_key(kb.as_bytes())] };
+    let fetched_shard = shard.clone();
+    let previous = ShardIndex {
+        etag: [9; 32],
+        hashes: vec![hash_key(ka.as_bytes()), hash_key(kb.as_bytes())],
+        ids: vec![id_digest("a"), id_digest("b")],
+    };
     let manifest = Manifest { version: "42".into(), shards: vec![shard.clone()] };
     let prior = SyncState { version: "41".into(), keys: 10, synced_ms: 1, manifest_etag: None, width: Some(1) };
-    let fetched = [FetchedShard::new(shard, keys, Some(previous), &KeySet::default()).unwrap()];
+    let fetched = [FetchedShard::new(fetched_shard, keys, Some(previous), &KeySet::default()).unwrap()];
     let writes = writes_of(&c, &manifest, &fetched, None, &prior, Some("\"e1\"".into()), 5_000);
 
-    let value = |entry: &str| writes.iter().find(|w| w.entry == entry).map(|w| w.value.clone());
+    let value = |entry: &str| writes.iter().rev().find(|w| w.entry == entry).map(|w| w.value.clone());
     assert_eq!(value(&c.key_entry(&hash_key(kb.as_bytes()))).as_deref(), Some(TOMBSTONE));
     assert_eq!(decode_key(&value(&c.key_entry(&hash_key(kc.as_bytes()))).unwrap()).unwrap().id, "c");
     let index = ShardIndex::decode(&value(&c.shard_entry("0")).unwrap()).unwrap();
-    assert_eq!(index.hashes.len(), 2);
+    let (a, c_) = (hash_key(ka.as_bytes()), hash_key(kc.as_bytes()));
+    assert_eq!((index.etag, index.hashes, index.ids), (shard.etag, vec![a, c_], vec![id_digest("a"), id_digest("c")]));
+    // Before any record, an index listing the old records and the new one: whatever stops the
+    // writes, each record in shared data stays listed somewhere.
+    assert_eq!(writes[0].entry, c.shard_entry("0"));
+    let pending = ShardIndex::decode(&writes[0].value).unwrap();
+    assert_eq!((pending.etag, pending.hashes), (PENDING_ETAG, vec![a, hash_key(kb.as_bytes()), c_]));
     let last = writes.last().unwrap();
     assert_eq!(last.entry, c.state_entry(), "the state is written last");
     let state = SyncState::decode(&last.value).unwrap();
@@ -215,9 +226,11 @@ fn lease_is_held_until_it_expires() {
 
 #[test]
 fn shard_index_round_trips() {
-    let index = ShardIndex { etag: [1; 32], hashes: vec![[2; 32], [3; 32]] };
+    let index = ShardIndex { etag: [1; 32], hashes: vec![[2; 32], [3; 32]], ids: vec![7, u32::MAX] };
     assert_eq!(ShardIndex::decode(&index.encode()), Some(index));
     assert_eq!(ShardIndex::decode(&[0; 31]), None);
+    assert_eq!(ShardIndex::decode(&[0; 32 + 35]), None);
+    assert_eq!(ShardIndex::decode(TOMBSTONE), None, "a voided index decodes as nothing");
 }
 
 #[test]
@@ -282,4 +295,326 @@ fn long_fields_round_trip_through_varint_lengths() {
         revoked: true,
     };
     assert_eq!(decode_key(&encode_key(&key)), Some(key));
+}
+
+/// Shared data as Envoy keeps it (proxy-wasm-cpp-host's `SharedData`): one token counter for the
+/// process, starting at 1; a write without a token, or to an absent entry, always succeeds.
+#[derive(Default)]
+struct FakeStore {
+    entries: std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>,
+    next_cas: std::cell::Cell<u32>,
+}
+
+impl Store for FakeStore {
+    fn get(&self, entry: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
+        Ok(self.entries.borrow().get(entry).cloned())
+    }
+
+    fn set(&self, entry: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
+        let mut entries = self.entries.borrow_mut();
+        if let (Some((_, current)), Some(cas)) = (entries.get(entry), cas) {
+            if *current != cas {
+                return Ok(false);
+            }
+        }
+        let token = self.next_cas.get().max(1);
+        self.next_cas.set(token + 1);
+        entries.insert(entry.to_string(), (value.to_vec(), token));
+        Ok(true)
+    }
+}
+
+fn settings(extra: serde_json::Value) -> KeySetConfig {
+    let mut raw = json!({"cluster": "k", "path": "/m"});
+    raw.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    KeySetConfig::compile(&serde_json::from_value(raw).unwrap()).unwrap()
+}
+
+#[test]
+fn body_limits_have_defaults_and_bounds() {
+    let c = settings(json!({}));
+    assert_eq!((c.max_manifest_bytes, c.max_shard_bytes), (1 << 20, 64 << 20));
+    let c = settings(json!({"max_manifest_bytes": 4096, "max_shard_bytes": 2048}));
+    assert_eq!(c.refuse_body(Fetched::Manifest, 4096), None);
+    assert_eq!(
+        c.refuse_body(Fetched::Manifest, 4097).as_deref(),
+        Some("manifest: the body is 4097 bytes, more than key_set.max_manifest_bytes (4096)")
+    );
+    assert_eq!(
+        c.refuse_body(Fetched::Shard("3f"), 2049).as_deref(),
+        Some("shard \"3f\": the body is 2049 bytes, more than key_set.max_shard_bytes (2048)")
+    );
+    for (bad, field) in [
+        (json!({"max_manifest_bytes": 1023}), "key_set.max_manifest_bytes"),
+        (json!({"max_manifest_bytes": (64u64 << 20) + 1}), "key_set.max_manifest_bytes"),
+        (json!({"max_shard_bytes": 0}), "key_set.max_shard_bytes"),
+        (json!({"max_shard_bytes": (1u64 << 30) + 1}), "key_set.max_shard_bytes"),
+    ] {
+        let mut raw = json!({"cluster": "k", "path": "/m"});
+        raw.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        let err = KeySetConfig::compile(&serde_json::from_value(raw).unwrap()).unwrap_err();
+        assert_eq!(err.field, field);
+    }
+}
+
+/// `{"version": [` then `[[…]]` 100 deep until `len` bytes: the body that made the error path
+/// quadratic.
+fn nested_manifest(len: usize) -> Vec<u8> {
+    let mut body = br#"{"version": ["#.to_vec();
+    let unit = format!("{}{},", "[".repeat(100), "]".repeat(100));
+    while body.len() < len {
+        body.extend_from_slice(unit.as_bytes());
+    }
+    body.extend_from_slice(br#"[]], "shards": []}"#);
+    body
+}
+
+#[test]
+fn deeply_nested_manifest_is_refused_at_once_naming_the_field() {
+    let body = nested_manifest(2 << 20);
+    let start = std::time::Instant::now();
+    let err = parse_manifest(&body).unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(err.field, "manifest: version[0][0][0][0][0][0]");
+    assert_eq!(err.message, "nested more than 8 levels deep");
+    assert!(took < std::time::Duration::from_millis(100), "2 MiB refused in {took:?}");
+}
+
+#[test]
+fn a_version_or_expiry_of_the_wrong_type_is_refused_at_its_first_character() {
+    // Wide rather than deep: within the depth limit, a megabyte of arrays under `version`.
+    let mut body = br#"{"version": ["#.to_vec();
+    while body.len() < 1 << 20 {
+        body.extend_from_slice(b"[[1]],");
+    }
+    body.extend_from_slice(br#"[]], "shards": []}"#);
+    let err = parse_manifest(&body).unwrap_err();
+    assert_eq!(err.field, "manifest: version");
+    assert!(
+        err.message
+            .starts_with("invalid type: sequence, expected a string or a non-negative integer at line 1 column 13"),
+        "{err}"
+    );
+
+    let mut shard = br#"{"keys": [{"id": "a", "hash": "x", "org": "o", "expires_at": ["#.to_vec();
+    while shard.len() < 1 << 20 {
+        shard.extend_from_slice(b"[[1]],");
+    }
+    shard.extend_from_slice(b"[]]}]}");
+    let err = parse_shard(&shard_ref("", &shard), &shard).unwrap_err();
+    assert_eq!(err.field, "shard \"\" (shards/.json): keys[0].expires_at");
+    assert!(err.message.starts_with("invalid type: sequence, expected RFC 3339 text or integer Unix seconds"), "{err}");
+}
+
+#[test]
+fn two_vms_never_get_one_number_even_when_both_create_the_counter() {
+    let (c, store) = (config(), FakeStore::default());
+    let a = number_vm(&store, &c).unwrap();
+    // What a second VM does when it, too, found the counter absent a moment ago: it creates the
+    // entry unconditionally, after the first VM's increment, which resets the count.
+    store.set(&c.vmseq_entry(), b"0", None).unwrap();
+    let b = number_vm(&store, &c).unwrap();
+    let d = number_vm(&store, &c).unwrap();
+    assert_ne!(a, b, "the count went back to 0, so counting would have given both VMs number 1");
+    assert_ne!(b, d);
+    assert_ne!(a, d);
+    assert!(a != 0 && b != 0 && d != 0, "0 means no holder in the lease");
+}
+
+#[test]
+fn an_absent_lease_is_created_and_claimed_from_the_next_tick() {
+    let (c, store) = (config(), FakeStore::default());
+    assert_eq!(hold_lease(&store, &c, 7, 1_000).unwrap(), None, "created, not claimed");
+    // Another VM that also found it absent creates it again a moment later: no claim to overwrite.
+    store
+        .set(&c.lease_entry(), &Lease { owner: 0, expires_ms: 0, next_due_ms: 0, failures: 0 }.encode(), None)
+        .unwrap();
+    let held = hold_lease(&store, &c, 7, 1_100).unwrap().unwrap();
+    assert_eq!(held, Lease { owner: 7, expires_ms: 1_100 + c.lease_ttl_ms(), next_due_ms: 0, failures: 0 });
+    assert_eq!(hold_lease(&store, &c, 8, 1_200).unwrap(), None, "held by VM 7");
+}
+
+#[test]
+fn a_failure_counts_in_the_backoff_even_after_the_lease_moved() {
+    let (c, store) = (config(), FakeStore::default());
+    hold_lease(&store, &c, 1, 0).unwrap();
+    hold_lease(&store, &c, 1, 10).unwrap().unwrap();
+    // VM 1's sync fails once; then it stalls past its lease, VM 2 takes over, and VM 1's sync
+    // fails again: the failure counts, and the wait doubles.
+    update_lease(&store, &c, |l| l.after_failure(100, &c)).unwrap();
+    let ttl = c.lease_ttl_ms();
+    let moved = hold_lease(&store, &c, 2, 10 + ttl).unwrap().unwrap();
+    assert_eq!((moved.owner, moved.failures), (2, 1));
+    let after = update_lease(&store, &c, |l| l.after_failure(20 + ttl, &c)).unwrap();
+    assert_eq!((after.owner, after.failures, after.next_due_ms), (2, 2, 20 + ttl + 2_000));
+    let after = update_lease(&store, &c, |l| l.after_failure(30 + ttl, &c)).unwrap();
+    assert_eq!((after.failures, after.next_due_ms), (3, 30 + ttl + 4_000));
+    let good = update_lease(&store, &c, |l| l.after_success(40 + ttl, &c)).unwrap();
+    assert_eq!((good.failures, good.next_due_ms), (0, 40 + ttl + 500));
+}
+
+#[test]
+fn polls_keep_their_interval_on_the_monotonic_clock() {
+    // The schedule takes only monotonic time (the filter passes Envoy's steady clock; the wall
+    // clock reaches nothing here), so a wall-clock step cannot move a poll: ticks every 100 ms,
+    // polls every 500 ms.
+    let (c, store) = (config(), FakeStore::default());
+    let mut polls = Vec::new();
+    hold_lease(&store, &c, 1, 0).unwrap();
+    for tick in 1..=50i64 {
+        let mono = tick * 100;
+        let lease = hold_lease(&store, &c, 1, mono).unwrap().unwrap();
+        if lease.due(mono, &c) {
+            polls.push(mono);
+            update_lease(&store, &c, |l| l.after_success(mono, &c)).unwrap();
+        }
+    }
+    assert_eq!(polls, [100, 600, 1_100, 1_600, 2_100, 2_600, 3_100, 3_600, 4_100, 4_600]);
+    assert_eq!(seconds_since(2_100, 4_999), 2);
+    assert_eq!(seconds_since(5_000, 4_000), 0, "never negative");
+}
+
+#[test]
+fn a_schedule_or_lease_set_against_a_clock_that_stepped_back_is_not_waited_out() {
+    // What a VM sees when the times in shared data came from a clock an hour ahead of its own: a
+    // due time and a lease expiry an hour off.
+    let c = config();
+    let hour = 3_600_000;
+    let stale = Lease { owner: 2, expires_ms: 10_000 + hour, next_due_ms: 10_000 + hour, failures: 0 };
+    assert!(stale.due(10_000, &c), "a due time past the longest backoff is due now");
+    assert!(!Lease { next_due_ms: 10_000 + c.max_wait_ms() as i64, ..stale }.due(10_000, &c));
+    let claimed = Lease::claim(Some(stale), 1, 10_000, c.lease_ttl_ms()).unwrap();
+    assert_eq!((claimed.owner, claimed.expires_ms), (1, 10_000 + c.lease_ttl_ms()));
+    let fresh = Lease { expires_ms: 10_000 + c.lease_ttl_ms(), ..stale };
+    assert_eq!(Lease::claim(Some(fresh), 1, 10_000, c.lease_ttl_ms()), None, "a lease within its ttl holds");
+}
+
+/// Shared data as a map, written through `apply_shard`/`retire` and read back.
+fn apply_to(store: &FakeStore, run: impl FnOnce(&mut Write) -> Result<(), String>) {
+    run(&mut |entry, value| store.set(entry, value, None).map(|_| ())).unwrap();
+}
+
+fn stored(store: &FakeStore, entry: &str) -> Option<Vec<u8>> {
+    store.get(entry).unwrap().map(|(v, _)| v)
+}
+
+#[test]
+fn records_a_failed_first_load_left_in_another_width_are_retired_by_the_next_set() {
+    let c = config();
+    let store = FakeStore::default();
+    let (left, kept) = (key_with_prefix("3"), key_with_prefix("a"));
+    // A first load of 16 shards wrote shard "3" (and listed width 1), then failed: no state.
+    let body = json!({"keys": [record("left", &left)]}).to_string().into_bytes();
+    let shard = shard_ref("3", &body);
+    let fetched =
+        FetchedShard::new(shard.clone(), parse_shard(&shard, &body).unwrap(), None, &KeySet::default()).unwrap();
+    store.set(&c.widths_entry(), width_bit(1).to_string().as_bytes(), None).unwrap();
+    apply_to(&store, |w| apply_shard(&c, &fetched, w));
+    assert!(decode_key(&stored(&store, &c.key_entry(&hash_key(left.as_bytes()))).unwrap()).is_some());
+
+    // The next publication has one shard, without that key.
+    let mask = decode_widths(&stored(&store, &c.widths_entry()).unwrap());
+    assert_eq!(stale_widths(mask, None, 0), [1], "nothing loaded, yet width 1 holds records");
+    let mut retired = Retired::default();
+    for prefix in prefixes(1) {
+        if let Some(index) = stored(&store, &c.shard_entry(&prefix)).and_then(|b| ShardIndex::decode(&b)) {
+            retired.hashes.extend(index.hashes);
+        }
+        retired.prefixes.push(prefix);
+    }
+    let body = json!({"keys": [record("kept", &kept)]}).to_string().into_bytes();
+    let shard = shard_ref("", &body);
+    let fetched =
+        FetchedShard::new(shard.clone(), parse_shard(&shard, &body).unwrap(), None, &KeySet::default()).unwrap();
+    apply_to(&store, |w| apply_shard(&c, &fetched, w));
+    let kept_hashes: HashSet<&KeyHash> = fetched.records.iter().map(|(h, _)| h).collect();
+    apply_to(&store, |w| retire(&c, &retired, &kept_hashes, 0, w));
+
+    assert_eq!(stored(&store, &c.key_entry(&hash_key(left.as_bytes()))).as_deref(), Some(TOMBSTONE));
+    assert_eq!(decode_key(&stored(&store, &c.key_entry(&hash_key(kept.as_bytes()))).unwrap()).unwrap().id, "kept");
+    assert_eq!(stored(&store, &c.shard_entry("3")).as_deref(), Some(TOMBSTONE));
+    assert_eq!(decode_widths(&stored(&store, &c.widths_entry()).unwrap()), width_bit(0));
+    assert_eq!(stale_widths(width_bit(0), Some(0), 0), Vec::<usize>::new());
+    assert_eq!(stale_widths(width_bit(0), Some(0), 2), [0]);
+}
+
+#[test]
+fn an_id_loaded_in_another_shard_refuses_the_shard_naming_both_places() {
+    let c = config();
+    let store = FakeStore::default();
+    // Shard "a" holds, at keys[1], a record with id "k_1".
+    let mut in_a =
+        (0..).map(|n| format!("sk_live_{n}")).filter(|k| hex::encode(hash_key(k.as_bytes())).starts_with('a'));
+    let (a0, a1) = (in_a.next().unwrap(), in_a.next().unwrap());
+    let body = json!({"keys": [record("k_0", &a0), record("k_1", &a1)]}).to_string().into_bytes();
+    let shard_a = shard_ref("a", &body);
+    let stored_a =
+        FetchedShard::new(shard_a.clone(), parse_shard(&shard_a, &body).unwrap(), None, &KeySet::default()).unwrap();
+    apply_to(&store, |w| apply_shard(&c, &stored_a, w));
+    let index_a = ShardIndex::decode(&stored(&store, &c.shard_entry("a")).unwrap()).unwrap();
+
+    let mut ids = IdIndex::new(std::rc::Rc::new(inline_ids(&KeySet::default())));
+    ids.add(shard_number("a"), index_a.ids);
+    // Shard "3" lists another key under the same id, at keys[1].
+    let body = json!({"keys": [record("k_9", &key_with_prefix("3")), record("k_1", &key_with_prefix("30"))]})
+        .to_string()
+        .into_bytes();
+    let shard_3 = shard_ref("3", &body);
+    let keys = parse_shard(&shard_3, &body).unwrap();
+    let place_of = |place: u32, digest: u32, id: &str| {
+        let prefix = prefix_of(place, 1);
+        stored_position(&c, &store, &prefix, digest, id).map(|i| format!("shard {prefix:?} keys[{i}].id"))
+    };
+    let err = ids.check(&shard_3, &keys, place_of).unwrap_err();
+    assert_eq!(err.field, "shard \"3\" (shards/3.json): keys[1].id");
+    assert_eq!(err.message, "\"k_1\" is also shard \"a\" keys[1].id");
+
+    // A digest that matches an id it is not (digests collide) refuses nothing.
+    assert_eq!(ids.check(&shard_3, &keys, |_, _, _| None), Ok(()));
+}
+
+#[test]
+fn an_id_also_inline_refuses_the_shard() {
+    let inline = compile_keys(&[serde_json::from_value(record("k_1", "sk_inline")).unwrap()], "keys").unwrap();
+    let ids = IdIndex::new(std::rc::Rc::new(inline_ids(&inline)));
+    let body = json!({"keys": [record("k_1", "sk_in_shard")]}).to_string().into_bytes();
+    let shard = shard_ref("", &body);
+    let keys = parse_shard(&shard, &body).unwrap();
+    let err = ids
+        .check(&shard, &keys, |place, _, id| {
+            assert_eq!(place, INLINE);
+            inline_place(&inline, id)
+        })
+        .unwrap_err();
+    assert_eq!(err.field, "shard \"\" (shards/.json): keys[0].id");
+    assert_eq!(err.message, "\"k_1\" is also the id of an inline key (the configuration's `keys`)");
+}
+
+#[test]
+fn shard_numbers_and_prefixes_convert_both_ways() {
+    for (prefix, width) in [("", 0), ("f", 1), ("0a", 2), ("ffff", 4)] {
+        assert_eq!(prefix_of(shard_number(prefix), width), prefix);
+    }
+    assert_ne!(shard_number("ffff"), INLINE);
+}
+
+#[test]
+fn a_digest_two_shards_hold_sends_the_check_to_every_shard() {
+    // Digests collide: once two shards hold one, the check cannot tell which to look in.
+    let mut ids = IdIndex::default();
+    let digest = id_digest("k_1");
+    ids.add(shard_number("a"), [digest]);
+    ids.add(shard_number("a"), [digest]);
+    let body = json!({"keys": [record("k_1", "sk_x")]}).to_string().into_bytes();
+    let shard = shard_ref("", &body);
+    let keys = parse_shard(&shard, &body).unwrap();
+    let asked = std::cell::RefCell::new(Vec::new());
+    let ask = |place: u32, _: u32, _: &str| {
+        asked.borrow_mut().push(place);
+        None
+    };
+    assert_eq!(ids.check(&shard, &keys, ask), Ok(()));
+    ids.add(shard_number("b"), [digest]);
+    assert_eq!(ids.check(&shard, &keys, ask), Ok(()));
+    assert_eq!(*asked.borrow(), [shard_number("a"), SEVERAL]);
 }

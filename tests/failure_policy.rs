@@ -16,11 +16,7 @@ const KEY: &str = "sk_live_0000aaaa_11111111111111111111111111111111111111111111
 const PROBE: (&str, &str) = ("x-keygate-panic-probe", "1");
 
 fn probe_wasm() -> PathBuf {
-    let path = std::env::var_os("KEYGATE_PROBE_WASM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| common::repo_root().join("target/probe/wasm32-wasip1/release/keygate.wasm"));
-    assert!(path.is_file(), "{} is missing: run `make build-probe` (make test does)", path.display());
-    path
+    common::envoy::probe_wasm_path()
 }
 
 /// Envoy running the crash-on-demand build under `failure_policy`.

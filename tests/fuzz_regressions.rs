@@ -6,6 +6,10 @@
 
 use std::fs;
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The most one saved input may take: `make fuzz`'s `-timeout` (2 s).
+const BUDGET: Duration = Duration::from_secs(2);
 
 fn replay(target: &str, run: fn(&[u8])) -> usize {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions").join(target);
@@ -14,8 +18,12 @@ fn replay(target: &str, run: fn(&[u8])) -> usize {
         let path = entry.unwrap().path();
         if path.is_file() {
             let data = fs::read(&path).unwrap();
+            let start = Instant::now();
             let outcome = std::panic::catch_unwind(|| run(&data));
+            let took = start.elapsed();
             assert!(outcome.is_ok(), "fuzz input {} panics", path.display());
+            // The fuzzers' budget (`make fuzz`, FUZZ_TIMEOUT), for an unoptimised build.
+            assert!(took < BUDGET, "fuzz input {} took {took:?}, past the budget of {BUDGET:?}", path.display());
             count += 1;
         }
     }

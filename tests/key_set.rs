@@ -79,15 +79,21 @@ const RECOVERY_BOUND: Duration = Duration::from_millis(10 * POLL_MS + TIMEOUT_MS
 /// The route every test calls.
 const PATH: &str = "/v1/things";
 
-fn plugin_config(inline: &[Value], poll_ms: u64, timeout_ms: u64, errors: Option<Value>) -> String {
+fn plugin_config(opts: &SetupOptions, timeout_ms: u64) -> String {
     let mut config = json!({
         "credential": {"prefixes": ["sk_live_"]},
-        "keys": inline,
+        "keys": opts.inline,
         "key_set": {"cluster": "keyset", "authority": "keys.internal", "path": MANIFEST_PATH,
-                    "poll_interval_ms": poll_ms, "timeout_ms": timeout_ms},
+                    "poll_interval_ms": opts.poll_ms, "timeout_ms": timeout_ms},
     });
-    if let Some(errors) = errors {
-        config["errors"] = errors;
+    if let Some(errors) = &opts.errors {
+        config["errors"] = errors.clone();
+    }
+    if let Some(routes) = &opts.routes {
+        config["routes"] = routes.clone();
+    }
+    for (field, value) in opts.key_set.as_object().into_iter().flatten() {
+        config["key_set"][field] = value.clone();
     }
     config.to_string()
 }
@@ -104,11 +110,26 @@ struct SetupOptions {
     poll_ms: u64,
     concurrency: u32,
     errors: Option<Value>,
+    routes: Option<Value>,
+    /// More `key_set` fields (an object).
+    key_set: Value,
+    /// The crash-on-demand build instead of the filter (`make build-probe`).
+    probe: bool,
+    failure_policy: &'static str,
 }
 
 impl Default for SetupOptions {
     fn default() -> Self {
-        SetupOptions { inline: Vec::new(), poll_ms: POLL_MS, concurrency: 1, errors: None }
+        SetupOptions {
+            inline: Vec::new(),
+            poll_ms: POLL_MS,
+            concurrency: 1,
+            errors: None,
+            routes: None,
+            key_set: json!({}),
+            probe: false,
+            failure_policy: "FAIL_CLOSED",
+        }
     }
 }
 
@@ -116,11 +137,12 @@ impl Setup {
     /// Starts Envoy against `server` (already publishing, or down).
     fn start(server: KeySetServer, opts: SetupOptions) -> Setup {
         let upstream = Upstream::start();
-        let config = plugin_config(&opts.inline, opts.poll_ms, TIMEOUT_MS, opts.errors);
+        let config = plugin_config(&opts, TIMEOUT_MS);
         let mut envoy_opts = EnvoyOptions::new(Some(&config), upstream.port());
         envoy_opts.keyset_port = Some(server.port());
         envoy_opts.concurrency = opts.concurrency;
-        envoy_opts.failure_policy = Some("FAIL_CLOSED".into());
+        envoy_opts.wasm = opts.probe.then(common::envoy::probe_wasm_path);
+        envoy_opts.failure_policy = Some(opts.failure_policy.into());
         let envoy = Envoy::start(&envoy_opts);
         Setup { server, upstream, envoy }
     }
@@ -1007,4 +1029,349 @@ fn resharding_drops_the_keys_left_out() {
         s.expect(&format!("r{i}"), if i < 4 || i == 7 { 200 } else { 401 }, "after resharding to 16 shards");
     }
     assert_eq!(s.stat("keys"), Some(5));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile bodies: size limits, nesting, error paths linear in the input
+
+/// `{"version": [` then `[[…]]` elements 100 deep, `len` bytes in all: the manifest that made the
+/// error path quadratic.
+fn nested_manifest(len: usize) -> Vec<u8> {
+    let mut body = br#"{"version": ["#.to_vec();
+    let unit = format!("{}{},", "[".repeat(100), "]".repeat(100));
+    while body.len() < len {
+        body.extend_from_slice(unit.as_bytes());
+    }
+    body.extend_from_slice(br#"[]], "shards": []}"#);
+    body
+}
+
+/// The slowest answers seen while a hostile body was being served.
+#[derive(Debug, Default)]
+struct Slowest {
+    inline_key: Duration,
+    public_route: Duration,
+    ready: Duration,
+    rounds: usize,
+}
+
+/// For `window`, calls with the inline key `breakglass` (200), a public route (200) and admin
+/// `/ready` (LIVE) in turn, alternating HTTP/1.1 and HTTP/2; each must answer within one second.
+fn answers_within_a_second_for(s: &Setup, window: Duration) -> Slowest {
+    let bound = Duration::from_secs(1);
+    let mut slowest = Slowest::default();
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        let proto = Proto::ALL[slowest.rounds % 2];
+        let t = Instant::now();
+        let reply = s.call(proto, &key("breakglass"));
+        let took = t.elapsed();
+        assert_eq!(reply.status, 200, "inline key over {proto:?} during the attack: {reply:?}");
+        assert!(took < bound, "inline key over {proto:?} took {took:?}");
+        slowest.inline_key = slowest.inline_key.max(took);
+
+        let t = Instant::now();
+        let reply = get(s.envoy.port(), proto, "/healthz", &[]);
+        let took = t.elapsed();
+        assert_eq!(reply.status, 200, "public route over {proto:?} during the attack: {reply:?}");
+        assert!(took < bound, "public route over {proto:?} took {took:?}");
+        slowest.public_route = slowest.public_route.max(took);
+
+        let t = Instant::now();
+        let reply = s.envoy.admin_get("/ready");
+        let took = t.elapsed();
+        assert_eq!((reply.status, reply.body.trim()), (200, "LIVE"), "admin /ready during the attack");
+        assert!(took < bound, "admin /ready took {took:?}");
+        slowest.ready = slowest.ready.max(took);
+        slowest.rounds += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    slowest
+}
+
+/// Two workers (so worker and main-thread VMs both take the lease), a break-glass inline key and
+/// a public route, loaded with key `live` (version 1).
+fn hostile_setup(key_set: Value) -> Setup {
+    let opts = SetupOptions {
+        inline: vec![record("breakglass")],
+        concurrency: 2,
+        routes: Some(json!([{"path": "/healthz", "public": true}, {"path": "/**"}])),
+        key_set,
+        ..SetupOptions::default()
+    };
+    Setup::loaded_with(&[record("live")], 1, opts)
+}
+
+/// While the endpoint serves a hostile body (installed by `attack`), for 8 s: keygate answers
+/// within a second, the set that serves stays, each failure counts and the backoff grows (fewer
+/// manifest fetches than one per poll), and the wasm log says `why`. Then the endpoint behaves
+/// and the next version loads.
+fn hostile_body_changes_nothing(s: &Setup, attack: impl FnOnce(&Setup), why: &str) {
+    let failures = s.failures();
+    let fetches = s.server.count(MANIFEST_PATH);
+    attack(s);
+    let window = Duration::from_secs(8);
+    let slowest = answers_within_a_second_for(s, window);
+    let fetched = s.server.count(MANIFEST_PATH) - fetches;
+    eprintln!("during the attack: {slowest:?}; {fetched} manifest fetches in {window:?}");
+    assert!(s.wait_for_wasm_log(why), "the wasm log never said {why:?}:\n{}", s.envoy.wasm_log());
+    let failed = s.failures() - failures;
+    assert!(failed >= 2, "only {failed} failed syncs counted");
+    // A poll every 500 ms would be 16; the backoff doubles up to 5 s: 500 ms, 1, 2, 4, 5 s.
+    assert!(fetched <= 7, "{fetched} manifest fetches in {window:?}: the backoff did not grow");
+    assert_eq!(s.stat("version"), Some(1));
+    s.expect("live", 200, "during the attack");
+
+    s.server.publish(&[record("live"), record("next")], 1, 2);
+    s.wait_loaded(2, RECOVERY_BOUND);
+    s.expect("next", 200, "after the attack");
+}
+
+impl Setup {
+    fn wait_for_wasm_log(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !self.envoy.wasm_log().contains(needle) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+}
+
+#[test]
+fn a_2_mib_nested_manifest_read_in_full_leaves_requests_and_ready_under_a_second() {
+    // The limit raised past the body, so that it is read and parsed.
+    let s = hostile_setup(json!({"max_manifest_bytes": 8 << 20}));
+    let why = "manifest: version[0][0][0][0][0][0]: nested more than 8 levels deep";
+    hostile_body_changes_nothing(&s, |s| s.server.put(MANIFEST_PATH, nested_manifest(2 << 20)), why);
+}
+
+#[test]
+fn a_manifest_past_max_manifest_bytes_is_refused_unread() {
+    let s = hostile_setup(json!({"max_manifest_bytes": 1 << 20}));
+    let body = nested_manifest(2 << 20);
+    let why = format!("manifest: the body is {} bytes, more than key_set.max_manifest_bytes (1048576)", body.len());
+    hostile_body_changes_nothing(&s, |s| s.server.put(MANIFEST_PATH, body), &why);
+}
+
+#[test]
+fn a_shard_with_megabytes_of_arrays_under_expires_at_is_refused_at_once() {
+    let s = hostile_setup(json!({}));
+    let id = "exp";
+    let attack = |s: &Setup| {
+        // 2 MiB of arrays 100 deep under one record's `expires_at` (its etag right).
+        let mut body =
+            format!(r#"{{"keys": [{{"id": "{id}", "hash": "{}", "org": "o", "expires_at": ["#, hash(&key(id)))
+                .into_bytes();
+        let unit = format!("{}{},", "[".repeat(100), "]".repeat(100));
+        while body.len() < 2 << 20 {
+            body.extend_from_slice(unit.as_bytes());
+        }
+        body.extend_from_slice(b"[]]}]}");
+        let mut publication = Publication::new(&[record("live"), record(id)], 1, 2);
+        let prefix = hash(&key(id))[..1].to_string();
+        publication.shard_mut(&prefix).body = body;
+        s.server.publish_built(&publication);
+    };
+    let prefix = hash(&key(id))[..1].to_string();
+    let why = format!(
+        "shard \"{prefix}\" (shards/{prefix}.json): keys[0].expires_at[0][0][0][0]: nested more than 8 levels deep"
+    );
+    hostile_body_changes_nothing(&s, attack, &why);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A set that lacks a key retires it, whatever happened before
+
+#[test]
+fn a_key_from_a_failed_first_load_is_retired_by_a_set_of_another_width() {
+    let ids = ids_in_distinct_shards("fl", 2);
+    let (partial, blocked) = (ids[0].clone(), ids[1].clone());
+    let server = KeySetServer::start();
+    server.publish(&[record(&partial), record(&blocked)], 1, 1);
+    // The first load fails part-way, every time: one shard answers 503.
+    server.set_fault(&format!("{KEYSET_DIR}shards/{}.json", &hash(&key(&blocked))[..1]), Some(Fault::Status(503)));
+    let s = Setup::start(server, SetupOptions::default());
+    let took = s.time_until(&key(&partial), 200, Duration::from_secs(15));
+    assert!(took.is_some(), "the shard of the first load that did arrive was never written\n{}", s.envoy.wasm_log());
+    assert_eq!(s.stat("version").unwrap_or(0), 0, "nothing counts as loaded");
+    assert!(s.failures() >= 1);
+
+    // The next publication: one shard (another width), without that key.
+    s.server.clear_faults();
+    s.server.publish(&[record(&blocked)], 0, 2);
+    s.wait_loaded(2, RECOVERY_BOUND);
+    s.expect(&partial, 401, "a key the loaded set lacks");
+    s.expect(&blocked, 200, "the loaded set");
+    assert_eq!(s.stat("keys"), Some(1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Record ids are unique across the whole set
+
+/// The change of [`Change`] with key c's record renamed to `id`.
+fn with_c_named(change: &Change, id: &str) -> Publication {
+    let mut c = record(&change.c);
+    c["id"] = json!(id);
+    let mut bad = change.publication.clone();
+    bad.shard_mut(&Change::prefix(&change.c)).body = shard_body(&[c]);
+    bad
+}
+
+#[test]
+fn an_id_in_two_shards_keeps_the_last_good_set_and_names_both() {
+    last_good_set_survives(
+        SetupOptions::default(),
+        |s, change| {
+            // Key c published under key b's id: the upstream would be told "b" for two keys.
+            s.server.publish_built(&with_c_named(change, &change.b));
+        },
+        |s, change| {
+            let (pc, pb) = (Change::prefix(&change.c), Change::prefix(&change.b));
+            let why = format!(
+                "shard \"{pc}\" (shards/{pc}.json): keys[0].id: \"{}\" is also shard \"{pb}\" keys[0].id",
+                change.b
+            );
+            assert!(s.wait_for_wasm_log(&why), "no {why:?} in the wasm log:\n{}", s.envoy.wasm_log());
+            s.server.publish_built(&change.publication);
+        },
+    );
+}
+
+#[test]
+fn an_id_also_inline_keeps_the_last_good_set_and_names_both() {
+    let opts = SetupOptions { inline: vec![record("inline")], ..SetupOptions::default() };
+    last_good_set_survives(
+        opts,
+        |s, change| {
+            s.server.publish_built(&with_c_named(change, "inline"));
+            s.expect("inline", 200, "inline key while the sync is refused");
+        },
+        |s, change| {
+            let pc = Change::prefix(&change.c);
+            let why = format!(
+                "shard \"{pc}\" (shards/{pc}.json): keys[0].id: \"inline\" is also the id of an inline key (the configuration's `keys`)"
+            );
+            assert!(s.wait_for_wasm_log(&why), "no {why:?} in the wasm log:\n{}", s.envoy.wasm_log());
+            s.server.publish_built(&change.publication);
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// VMs numbered at the same moment
+
+#[test]
+fn eight_workers_starting_together_load_and_poll_as_one() {
+    // Nine VMs (eight workers and the main thread) number themselves and race for the lease as
+    // Envoy starts. Two with one number would both poll: every shard of the first load fetched
+    // twice, manifest fetches in pairs. (A race of microseconds: this guards, the unit test
+    // two_vms_never_get_one_number_even_when_both_create_the_counter proves.)
+    let records: Vec<Value> = (0..32).map(|i| record(&format!("n{i:02}"))).collect();
+    let opts = SetupOptions { concurrency: 8, ..SetupOptions::default() };
+    let s = Setup::loaded_with(&records, 1, opts);
+    for n in 0..16 {
+        let path = format!("{KEYSET_DIR}shards/{n:x}.json");
+        assert_eq!(s.server.count(&path), 1, "{path} fetched more than once by the first load");
+    }
+    s.server.clear_requests();
+    std::thread::sleep(Duration::from_secs(4));
+    let times: Vec<Instant> = s.server.requests_for(MANIFEST_PATH).iter().map(|r| r.at).collect();
+    assert!((4..=12).contains(&times.len()), "{} manifest fetches in 4 s at a 500 ms poll", times.len());
+    for pair in times.windows(2) {
+        let gap = pair[1].duration_since(pair[0]);
+        assert!(gap >= Duration::from_millis(POLL_MS / 2), "two manifest fetches {gap:?} apart: {times:?}");
+    }
+    s.expect("n07", 200, "loaded by eight workers");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clock steps
+
+/// Envoy's monotonic clock in milliseconds: the system's CLOCK_MONOTONIC, which Envoy's steady
+/// clock (and so keygate's schedule) reads.
+fn monotonic_ms() -> i64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid, aligned `ts`.
+    assert_eq!(unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) }, 0);
+    ts.tv_sec * 1_000 + ts.tv_nsec / 1_000_000
+}
+
+#[test]
+fn a_lease_schedule_and_sync_time_an_hour_ahead_are_not_waited_out() {
+    // What a VM finds in shared data after its clock stepped back an hour: a lease held by another
+    // VM, a poll due and a last sync all an hour ahead. Planted through the probe build.
+    let opts = SetupOptions { probe: true, ..SetupOptions::default() };
+    let s = Setup::loaded_with(&[record("a"), record("b")], 1, opts);
+    let raw = serde_json::from_value(json!({"cluster": "keyset", "authority": "keys.internal", "path": MANIFEST_PATH}));
+    let config = keygate::live::KeySetConfig::compile(&raw.unwrap()).unwrap();
+    let hour = 3_600_000;
+    let ahead = monotonic_ms() + hour;
+    let lease = keygate::live::Lease { owner: u32::MAX - 1, expires_ms: ahead, next_due_ms: ahead, failures: 0 };
+    let state = keygate::live::SyncState {
+        version: "1".into(),
+        keys: 2,
+        synced_ms: ahead,
+        manifest_etag: None,
+        width: Some(1),
+    };
+    for (entry, value) in [(config.lease_entry(), lease.encode()), (config.state_entry(), state.encode())] {
+        let planted = format!("{entry} {}", hex::encode(value));
+        get(s.envoy.port(), Proto::Http1, PATH, &[("x-keygate-probe-shared", &planted)]);
+    }
+
+    s.server.publish(&[revoked("a"), record("b")], 1, 2);
+    let took = s.time_until(&key("a"), 401, Duration::from_secs(10));
+    eprintln!("with the lease and the schedule an hour ahead, a revocation took {took:?}");
+    assert!(took.is_some_and(|t| t <= CHANGE_BOUND), "revocation took {took:?}: the VMs waited out the hour");
+    s.wait_loaded(2, Duration::from_secs(2));
+    s.server.set_global_fault(Some(Fault::Status(503)));
+    std::thread::sleep(Duration::from_millis(3_500));
+    let age = s.stat("seconds_since_sync").unwrap();
+    assert!((2..=6).contains(&age), "seconds_since_sync {age} after 3.5 s of failures");
+    assert!(s.failures() >= 2, "sync_failures {}", s.failures());
+    s.expect("b", 200, "after the planted hour");
+}
+
+#[test]
+fn a_vm_reloaded_after_a_crash_gets_a_number_no_live_vm_has() {
+    // Envoy reloads a crashed VM (FAIL_RELOAD), and the new VM numbers itself while the others
+    // run. Planted first: the VM counter set back, which is what a VM creating the counter at the
+    // same moment as another's increment leaves. A number handed out twice makes two VMs hold the
+    // lease as one: both poll. Counting, the main thread's VMs and the worker's had 1 to 3; the
+    // reloaded worker would get 1, then 2: a main thread VM's number.
+    let opts = SetupOptions { probe: true, failure_policy: "FAIL_RELOAD", ..SetupOptions::default() };
+    let s = Setup::loaded_with(&[record("live")], 1, opts);
+    let raw = serde_json::from_value(json!({"cluster": "keyset", "authority": "keys.internal", "path": MANIFEST_PATH}));
+    let config = keygate::live::KeySetConfig::compile(&raw.unwrap()).unwrap();
+    for count in ["0", "1"] {
+        let planted = format!("{} {}", config.vmseq_entry(), hex::encode(count));
+        get(s.envoy.port(), Proto::Http1, PATH, &[("x-keygate-probe-shared", &planted)]);
+        let crashed = get(s.envoy.port(), Proto::Http1, PATH, &[("x-keygate-panic-probe", "1")]);
+        assert_ne!(crashed.status, 200, "the crashing request was let through");
+        // The next requests are served by a fresh VM, which numbered itself.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.status(Proto::Http1, &key("live")) != 200 {
+            assert!(Instant::now() < deadline, "no fresh VM served within 10 s\n{}", s.envoy.wasm_log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Two holders share the schedule, so they poll in turn; they show once a poll lasts:
+        // while one waits for a slow manifest, the other finds the poll due and starts its own.
+        s.server.set_fault(MANIFEST_PATH, Some(Fault::Slow(Duration::from_millis(250))));
+        std::thread::sleep(Duration::from_secs(1));
+        s.server.clear_requests();
+        std::thread::sleep(Duration::from_secs(4));
+        s.server.clear_faults();
+        let times: Vec<Instant> = s.server.requests_for(MANIFEST_PATH).iter().map(|r| r.at).collect();
+        eprintln!("counter set to {count}, a VM reloaded: {} manifest fetches in 4 s", times.len());
+        assert!((3..=8).contains(&times.len()), "{} manifest fetches in 4 s at a 500 ms poll", times.len());
+        for pair in times.windows(2) {
+            let gap = pair[1].duration_since(pair[0]);
+            // One poller: 250 ms for the answer, then 500 ms to the next poll.
+            assert!(gap >= Duration::from_millis(POLL_MS), "two manifest fetches {gap:?} apart: {times:?}");
+        }
+        s.expect("live", 200, "after the reload");
+    }
 }

@@ -48,6 +48,16 @@ pub fn wasm_path() -> PathBuf {
     path
 }
 
+/// The crash-on-demand build (`make build-probe`): `$KEYGATE_PROBE_WASM`, else
+/// `<repo>/target/probe/wasm32-wasip1/release/keygate.wasm`; panics if missing.
+pub fn probe_wasm_path() -> PathBuf {
+    let path = std::env::var_os("KEYGATE_PROBE_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/probe/wasm32-wasip1/release/keygate.wasm"));
+    assert!(path.is_file(), "{} is missing: run `make build-probe` (make test does)", path.display());
+    path
+}
+
 /// What to run Envoy with; build it with [`EnvoyOptions::new`] and adjust the fields.
 #[derive(Clone, Debug)]
 pub struct EnvoyOptions {
@@ -65,6 +75,8 @@ pub struct EnvoyOptions {
     /// Port of a key-set server on 127.0.0.1 (see [`super::keyset`]); `Some` adds a STATIC
     /// HTTP/1.1 cluster named [`KEYSET_CLUSTER`] pointing at it, for the plugin's `key_set`.
     pub keyset_port: Option<u16>,
+    /// The filter's `.wasm`; `None` is [`wasm_path`].
+    pub wasm: Option<PathBuf>,
 }
 
 /// The name of the cluster [`EnvoyOptions::keyset_port`] adds.
@@ -83,6 +95,7 @@ impl EnvoyOptions {
             failure_policy: None,
             normalize_path: false,
             keyset_port: None,
+            wasm: None,
         }
     }
 
@@ -100,7 +113,7 @@ impl EnvoyOptions {
                 "vm_config": {
                     "vm_id": "keygate",
                     "runtime": "envoy.wasm.runtime.v8",
-                    "code": { "local": { "filename": wasm_path() } },
+                    "code": { "local": { "filename": self.wasm.clone().unwrap_or_else(wasm_path) } },
                 },
             });
             if let Some(policy) = &self.failure_policy {
