@@ -434,7 +434,9 @@ impl Root {
                     retired.hashes.extend(read_shard_index(config, &prefix).map(|i| i.hashes).unwrap_or_default());
                     retired.prefixes.push(prefix);
                 }
-                run.queue.extend(manifest.shards.iter().map(|s| (s.clone(), None)));
+                // Each shard with the index its own width holds now: what that index lists and the new
+                // shard lacks is retired too (a failed sync at another width must not spare it).
+                run.queue.extend(manifest.shards.iter().map(|s| (s.clone(), read_shard_index(config, &s.prefix))));
                 run.retired = Some(retired);
             } else {
                 for shard in &manifest.shards {
