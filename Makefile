@@ -18,8 +18,8 @@ all: build
 WASM_OPT_FLAGS := -O3 --strip-debug --strip-producers --enable-bulk-memory --enable-sign-ext \
                   --enable-mutable-globals --enable-nontrapping-float-to-int
 build: wasm-target wasm-opt
-	$(CARGO) build --release --lib --target wasm32-wasip1
-	wasm-opt $(WASM_OPT_FLAGS) target/wasm32-wasip1/release/deps/keygate.wasm -o $(WASM).tmp
+	$(CARGO) build --release -p keygate-wasm --lib --target wasm32-wasip1
+	wasm-opt $(WASM_OPT_FLAGS) target/wasm32-wasip1/release/keygate_wasm.wasm -o $(WASM).tmp
 	mv $(WASM).tmp $(WASM)
 	@echo "$(WASM): $$(stat -c %s $(WASM)) bytes"
 
@@ -28,7 +28,8 @@ wasm-opt:
 
 ## build-probe: a test-only build that crashes on demand (target/probe/…/keygate.wasm), for failure-policy tests
 build-probe: wasm-target
-	$(CARGO) build --release --lib --target wasm32-wasip1 --features panic-probe --target-dir target/probe
+	$(CARGO) build --release -p keygate-wasm --lib --target wasm32-wasip1 --features panic-probe --target-dir target/probe
+	cp target/probe/wasm32-wasip1/release/keygate_wasm.wasm target/probe/wasm32-wasip1/release/keygate.wasm
 
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
@@ -47,21 +48,22 @@ run: build envoy
 
 ## test: host unit tests, then integration tests against a real Envoy
 test: build build-probe envoy image-deps
-	$(CARGO) test --lib --bins
-	$(CARGO) test --test "*" -- --test-threads 2
+	$(CARGO) test --workspace --lib --bins
+	$(CARGO) build -p keygate-cli
+	$(CARGO) test -p keygate-tests --test "*" -- --test-threads 2
 
 unit:
-	$(CARGO) test --lib --bins
+	$(CARGO) test --workspace --lib --bins
 
 lint:
 	$(CARGO) fmt --check
-	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) clippy --release --lib --target wasm32-wasip1 -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --release -p keygate-wasm --lib --target wasm32-wasip1 -- -D warnings
 
 ## soak: SOAK_SECONDS (default 600) of mixed traffic while the live key set churns (tests/soak.rs)
 SOAK_SECONDS  ?= 600
 soak: build envoy
-	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --test soak -- --ignored --nocapture
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test -p keygate-tests --test soak -- --ignored --nocapture
 
 ## fuzz: each fuzz target for FUZZ_SECONDS (default 60); a crash is saved under fuzz/regressions/.
 ## An input that takes longer than FUZZ_TIMEOUT seconds (default 2) is a crash too, so a path that
@@ -119,7 +121,7 @@ image-deps:
 
 ## image-test: the image through a real registry on loopback, and the Istio manifests (tests/istio.rs)
 image-test: build envoy image-deps
-	$(CARGO) test --test istio
+	$(CARGO) test -p keygate-tests --test istio
 # ---- end of Istio -------------------------------------------------------------------------------
 
 # ---- bench: Envoy CPU per request, latency, memory and start-up (bench/bench.py) ---------------

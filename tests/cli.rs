@@ -9,8 +9,8 @@ mod common;
 
 use common::keyset::KEYSET_DIR;
 use common::{get, Envoy, EnvoyOptions, KeySetServer, Proto, Upstream, KEYSET_CLUSTER, MANIFEST_PATH};
-use keygate::keys::hash_key;
-use keygate::policy::Policy;
+use keygate_core::keys::hash_key;
+use keygate_core::policy::Policy;
 use serde_json::Value;
 use std::fs;
 use std::io::Write;
@@ -18,7 +18,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+/// The `keygate` binary of the `keygate-cli` crate, built into the same target directory as this test
+/// (`make test` builds it; `KEYGATE_BIN` names another).
+static BIN: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
+    let path = std::env::var_os("KEYGATE_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        // target/<profile>/deps/cli-<hash> → target/<profile>/keygate
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().and_then(Path::parent).unwrap().join("keygate")
+    });
+    assert!(path.is_file(), "no keygate binary at {} (run `cargo build -p keygate-cli`, or set KEYGATE_BIN)", path.display());
+    path
+});
 
 /// A directory for one test, removed at the end unless the test failed.
 struct Scratch(PathBuf);
@@ -65,7 +75,7 @@ struct Run {
 
 /// Runs `keygate ARGS` in `dir` with `stdin`.
 fn keygate_in(dir: &Path, args: &[&str], stdin: &[u8]) -> Run {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(&*BIN)
         .args(args)
         .current_dir(dir)
         .stdin(Stdio::piped())
@@ -271,7 +281,7 @@ fn new_expires_in_days_is_written_as_rfc3339_utc() {
     let s = Scratch::new("new-expires");
     new_key(&s, &["--org", "o", "--expires", "90d"]);
     let at = records(&s)[0]["expires_at"].as_str().unwrap().to_string();
-    let at_ms = keygate::time::parse_rfc3339(&at).unwrap();
+    let at_ms = keygate_core::time::parse_rfc3339(&at).unwrap();
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let ninety_days = 90 * 86_400_000;
     assert!((at_ms - now_ms - ninety_days).abs() < 60_000, "{at}");
@@ -656,7 +666,7 @@ fn concurrent_new_from_many_processes_all_land() {
     new_key(&s, &["--org", "first"]);
     let children: Vec<_> = (0..12)
         .map(|i| {
-            Command::new(BIN)
+            Command::new(&*BIN)
                 .args(["new", "--org", &format!("org_{i}"), "--keys", "keys.json"])
                 .current_dir(&s.0)
                 .stdout(Stdio::piped())
@@ -724,7 +734,7 @@ fn a_writer_killed_at_any_moment_never_leaves_a_corrupt_file() {
     new_key(&s, &["--org", "o"]);
     let mut count = 1;
     for i in 0..40u64 {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(&*BIN)
             .args(["new", "--org", "o", "--keys", "keys.json"])
             .current_dir(&s.0)
             .stdout(Stdio::null())

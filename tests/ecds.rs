@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use common::envoy::{substitute_recipe, substitute_wasm, INSTANCE_DIR_TOKEN};
 use common::{get, repo_root, wasm_path, Envoy, EnvoyOptions, KeySetServer, Proto, Response, Upstream, MANIFEST_PATH};
-use keygate::keys::hash_key;
+use keygate_core::keys::hash_key;
 use serde_json::{json, Value};
 
 /// The demo keys listed in envoy/ecds/keygate.yaml: A is valid, B revoked.

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{Envoy, EnvoyOptions, Proto, Upstream};
-use keygate::keys::hash_key;
+use keygate_core::keys::hash_key;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{Envoy, EnvoyOptions, Proto, Recorded, Response, Upstream};
-use keygate::keys::hash_key;
+use keygate_core::keys::hash_key;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;

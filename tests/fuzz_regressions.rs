@@ -32,20 +32,20 @@ fn replay(target: &str, run: fn(&[u8])) -> usize {
 
 #[test]
 fn saved_credential_inputs_do_not_panic() {
-    assert!(replay("credential", keygate::fuzzing::credential) > 0);
+    assert!(replay("credential", keygate_core::fuzzing::credential) > 0);
 }
 
 #[test]
 fn saved_path_inputs_do_not_panic() {
-    assert!(replay("path", keygate::fuzzing::path) > 0);
+    assert!(replay("path", keygate_core::fuzzing::path) > 0);
 }
 
 #[test]
 fn saved_config_inputs_do_not_panic() {
-    assert!(replay("config", keygate::fuzzing::config) > 0);
+    assert!(replay("config", keygate_core::fuzzing::config) > 0);
 }
 
 #[test]
 fn saved_keyset_inputs_do_not_panic() {
-    assert!(replay("keyset", keygate::fuzzing::keyset) > 0);
+    assert!(replay("keyset", keygate_core::fuzzing::keyset) > 0);
 }

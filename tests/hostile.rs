@@ -8,7 +8,7 @@
 mod common;
 
 use common::{Envoy, EnvoyOptions, Proto, Recorded, Response, Upstream};
-use keygate::keys::hash_key;
+use keygate_core::keys::hash_key;
 use serde_json::{json, Value};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{get, http1, repo_root, wasm_path, Envoy, EnvoyOptions, KeySetServer, Proto, Upstream, KEYSET_CLUSTER};
-use keygate::keys::hash_key;
-use keygate::policy::Policy;
+use keygate_core::keys::hash_key;
+use keygate_core::policy::Policy;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};

@@ -22,7 +22,7 @@ use common::keyset::{sha256_hex, shard_body, KEYSET_DIR};
 use common::{
     get, try_raw_http1, Envoy, EnvoyOptions, Fault, KeySetServer, Proto, Publication, Response, Upstream, MANIFEST_PATH,
 };
-use keygate::keys::hash_key;
+use keygate_core::keys::hash_key;
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------------
@@ -1306,11 +1306,11 @@ fn a_lease_schedule_and_sync_time_an_hour_ahead_are_not_waited_out() {
     let opts = SetupOptions { probe: true, ..SetupOptions::default() };
     let s = Setup::loaded_with(&[record("a"), record("b")], 1, opts);
     let raw = serde_json::from_value(json!({"cluster": "keyset", "authority": "keys.internal", "path": MANIFEST_PATH}));
-    let config = keygate::live::KeySetConfig::compile(&raw.unwrap()).unwrap();
+    let config = keygate_core::live::KeySetConfig::compile(&raw.unwrap()).unwrap();
     let hour = 3_600_000;
     let ahead = monotonic_ms() + hour;
-    let lease = keygate::live::Lease { owner: u32::MAX - 1, expires_ms: ahead, next_due_ms: ahead, failures: 0 };
-    let state = keygate::live::SyncState {
+    let lease = keygate_core::live::Lease { owner: u32::MAX - 1, expires_ms: ahead, next_due_ms: ahead, failures: 0 };
+    let state = keygate_core::live::SyncState {
         version: "1".into(),
         keys: 2,
         synced_ms: ahead,
@@ -1345,7 +1345,7 @@ fn a_vm_reloaded_after_a_crash_gets_a_number_no_live_vm_has() {
     let opts = SetupOptions { probe: true, failure_policy: "FAIL_RELOAD", ..SetupOptions::default() };
     let s = Setup::loaded_with(&[record("live")], 1, opts);
     let raw = serde_json::from_value(json!({"cluster": "keyset", "authority": "keys.internal", "path": MANIFEST_PATH}));
-    let config = keygate::live::KeySetConfig::compile(&raw.unwrap()).unwrap();
+    let config = keygate_core::live::KeySetConfig::compile(&raw.unwrap()).unwrap();
     for count in ["0", "1"] {
         let planted = format!("{} {}", config.vmseq_entry(), hex::encode(count));
         get(s.envoy.port(), Proto::Http1, PATH, &[("x-keygate-probe-shared", &planted)]);

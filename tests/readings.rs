@@ -10,7 +10,7 @@
 mod common;
 
 use common::{Envoy, EnvoyOptions, Proto, Recorded, Response, Upstream};
-use keygate::keys::hash_key;
+use keygate_core::keys::hash_key;
 use serde_json::{json, Value};
 
 const VENUE: &str = "sk_live_0000aaaa_1111111111111111111111111111111111111111111111111111111111111111";

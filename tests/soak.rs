@@ -13,7 +13,7 @@ mod common;
 
 use common::keyset::{Fault, KeySetServer};
 use common::{Envoy, EnvoyOptions, Proto, Upstream};
-use keygate::keys::hash_key;
+use keygate_core::keys::hash_key;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

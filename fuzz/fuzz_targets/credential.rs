@@ -1,3 +1,3 @@
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| keygate::fuzzing::credential(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| keygate_core::fuzzing::credential(data));

@@ -4,15 +4,15 @@
 //! Host calls are made through `proxy_wasm::hostcalls`, whose results are handled here, rather than
 //! through the SDK's trait defaults, which unwrap them.
 
-use crate::keys::{Key, KeyHash, KeyRef, KeySource, Lookup};
-use crate::live::{
+use keygate_core::keys::{Key, KeyHash, KeyRef, KeySource, Lookup};
+use keygate_core::live::{
     apply_shard, apply_sync, decode_key, decode_widths, hold_lease, inline_ids, inline_place, number_vm,
     parse_manifest, parse_shard, prefix_of, prefixes, retire, seconds_since, shard_number, stale_widths,
     stored_position, update_lease, width_bit, write_state, Fetched, FetchedShard, IdIndex, KeySetConfig, Manifest,
     Retired, ShardIndex, ShardRef, Store, SyncState, INLINE, MAX_IN_FLIGHT, SEVERAL,
 };
-use crate::policy::{Decision, Policy, RequestView};
-use crate::reply::DenyKind;
+use keygate_core::policy::{Decision, Policy, RequestView};
+use keygate_core::reply::DenyKind;
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};

@@ -59,7 +59,7 @@ pub fn expires_at(text: &str, now_ms: i64) -> Result<String, String> {
                 .filter(|at| *at < 253_402_300_800_000) // year 10000: RFC 3339 has four-digit years
                 .ok_or_else(|| format!("--expires: {text} is too far in the future"))?
         }
-        None => keygate::time::parse_rfc3339(text).map_err(|_| bad())?,
+        None => keygate_core::time::parse_rfc3339(text).map_err(|_| bad())?,
     };
     if at_ms <= now_ms {
         return Err(format!("--expires: {text} is not in the future, so the key would never work"));
@@ -74,7 +74,7 @@ pub fn expires_at(text: &str, now_ms: i64) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keygate::time::parse_rfc3339;
+    use keygate_core::time::parse_rfc3339;
 
     #[test]
     fn formats_what_the_library_parses() {

@@ -2,9 +2,9 @@
 
 use crate::args::{flag, repeated, value, Opt, Parsed};
 use crate::{check, clock, envoy, help, json, keyset, shards};
-use keygate::config::{compile_key, ConfigError, Expiry, RawKey};
-use keygate::keys::hash_key;
-use keygate::policy::Policy;
+use keygate_core::config::{compile_key, ConfigError, Expiry, RawKey};
+use keygate_core::keys::hash_key;
+use keygate_core::policy::Policy;
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Read, Write};

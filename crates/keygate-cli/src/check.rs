@@ -7,9 +7,9 @@
 
 use crate::envoy;
 use crate::json;
-use keygate::config::{compile_key, compile_keys, ConfigError, RawKey};
-use keygate::keys::{hash_key, KeyHash};
-use keygate::policy::Policy;
+use keygate_core::config::{compile_key, compile_keys, ConfigError, RawKey};
+use keygate_core::keys::{hash_key, KeyHash};
+use keygate_core::policy::Policy;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;

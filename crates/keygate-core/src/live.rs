@@ -2,7 +2,7 @@
 //!
 //! Everything here is host-free: the `key_set` settings, the manifest and shard formats and their
 //! checks, how a key record is stored in shared data, what one sync writes, and the lease that lets
-//! one VM per Envoy process do the polling. The glue in [`crate::filter`] performs the host calls.
+//! one VM per Envoy process do the polling. Each host performs the host calls (the proxy-wasm filter: `keygate-wasm`).
 //!
 //! Shared-data layout, under `keygate/<ns>/` where `<ns>` names the endpoint (so two key sets in one
 //! Envoy never mix):

@@ -9,7 +9,7 @@
 //! manifest and shard checks.
 
 use crate::{json, keyset};
-use keygate::live::{parse_manifest, parse_shard};
+use keygate_core::live::{parse_manifest, parse_shard};
 use std::fs;
 use std::path::Path;
 
@@ -45,7 +45,7 @@ pub fn publish(text: &[u8], dir: &Path, digits: usize, version: &str) -> Result<
         };
         let name = if prefix.is_empty() { "all".to_string() } else { prefix.clone() };
         let path = format!("shards/{name}.json");
-        let etag = hex::encode(keygate::keys::hash_key(document.as_bytes()));
+        let etag = hex::encode(keygate_core::keys::hash_key(document.as_bytes()));
         entries.push(format!(
             "{{\"prefix\": {}, \"path\": {}, \"etag\": \"{etag}\"}}",
             serde_json::Value::String(prefix),
@@ -104,7 +104,7 @@ fn record_lines(text: &[u8]) -> Result<Vec<(String, String)>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use keygate::live::ShardRef;
+    use keygate_core::live::ShardRef;
 
     fn dir(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("keygate-shards-{}-{name}", std::process::id()));

@@ -1,0 +1,22 @@
+//! keygate-core: everything keygate decides, as plain Rust that never talks to a host.
+//!
+//! Credential extraction ([`credential`]), key records and lookup ([`keys`]), path readings and route
+//! patterns ([`routes`]), scopes ([`scopes`]), replies ([`reply`]), configuration compilation
+//! ([`config`]), the one decision ([`policy`]) and live key sets ([`live`]). The hosts (the proxy-wasm
+//! filter, the CLI) depend on this crate; it depends on none of them, and on no host API.
+//!
+//! keygate never logs, counts or echoes a presented key: a key is identified by its record id.
+
+pub mod config;
+pub mod credential;
+/// Fuzz entry points; native only, never in the filter.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod fuzzing;
+pub mod jsonpath;
+pub mod keys;
+pub mod live;
+pub mod policy;
+pub mod reply;
+pub mod routes;
+pub mod scopes;
+pub mod time;
