@@ -10,7 +10,7 @@ mod common;
 use common::keyset::KEYSET_DIR;
 use common::{get, Envoy, EnvoyOptions, KeySetServer, Proto, Upstream, KEYSET_CLUSTER, MANIFEST_PATH};
 use keygate_core::keys::hash_key;
-use keygate_core::policy::Policy;
+use keygate_core::plugin::Plugin;
 use serde_json::Value;
 use std::fs;
 use std::io::Write;
@@ -26,7 +26,11 @@ static BIN: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
         let exe = std::env::current_exe().unwrap();
         exe.parent().and_then(Path::parent).unwrap().join("keygate")
     });
-    assert!(path.is_file(), "no keygate binary at {} (run `cargo build -p keygate-cli`, or set KEYGATE_BIN)", path.display());
+    assert!(
+        path.is_file(),
+        "no keygate binary at {} (run `cargo build -p keygate-cli`, or set KEYGATE_BIN)",
+        path.display()
+    );
     path
 });
 
@@ -131,7 +135,7 @@ fn new_key(s: &Scratch, args: &[&str]) -> String {
 
 fn records(s: &Scratch) -> Vec<Value> {
     let text = s.read("keys.json");
-    Policy::from_json(text.as_bytes()).unwrap_or_else(|e| panic!("keys.json is not valid: {e}\n{text}"));
+    Plugin::from_json(text.as_bytes()).unwrap_or_else(|e| panic!("keys.json is not valid: {e}\n{text}"));
     let file: Value = serde_json::from_str(&text).unwrap();
     file["keys"].as_array().unwrap().clone()
 }
@@ -575,7 +579,7 @@ fn config_prints_a_configuration_the_filter_accepts() {
     let key = new_key(&s, &["--org", "org_1", "--scope", "venues:read"]);
     s.write("routes.json", ROUTES);
     let out = ok(&s, &["config", "--keys", "keys.json", "--routes", "routes.json"]).stdout;
-    let policy = Policy::from_json(out.as_bytes()).unwrap();
+    let policy = Plugin::from_json(out.as_bytes()).unwrap().policy;
     assert_eq!((policy.keys.len(), policy.routes.len()), (1, 2));
     let value: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(value["keys"][0]["hash"], sha256_hex(&key));
@@ -587,7 +591,7 @@ fn config_prints_a_configuration_the_filter_accepts() {
     assert!(order.windows(2).all(|w| w[0] < w[1]), "{out}");
 
     let only_keys = ok(&s, &["config", "--keys", "keys.json"]).stdout;
-    assert_eq!(Policy::from_json(only_keys.as_bytes()).unwrap().keys.len(), 1);
+    assert_eq!(Plugin::from_json(only_keys.as_bytes()).unwrap().policy.keys.len(), 1);
 
     s.write("with-keys.json", r#"{"keys": [], "routes": []}"#);
     let err = fails(&s, &["config", "--keys", "keys.json", "--routes", "with-keys.json"], 1);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::{get, http1, repo_root, wasm_path, Envoy, EnvoyOptions, KeySetServer, Proto, Upstream, KEYSET_CLUSTER};
 use keygate_core::keys::hash_key;
-use keygate_core::policy::Policy;
+use keygate_core::plugin::Plugin;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
@@ -532,7 +532,7 @@ fn check_wasm_plugin(doc: &Node, problems: &mut Vec<String>) {
         // istiod carries pluginConfig as a protobuf Struct, whose numbers are doubles.
         problems.push(format!("line {}: spec.pluginConfig{path}: an integer beyond 2^53 is rounded", config.line()));
     }
-    if let Err(e) = Policy::from_json(json.to_string().as_bytes()) {
+    if let Err(e) = Plugin::from_json(json.to_string().as_bytes()) {
         problems.push(format!("line {}: spec.pluginConfig: keygate refuses it: {e}", config.line()));
     }
 }

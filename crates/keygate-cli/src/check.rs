@@ -1,15 +1,16 @@
 //! `keygate check`: every problem of a plugin configuration, found by the filter's own code.
 //!
 //! The filter stops at the first problem. To find the others, check runs the filter's parser and
-//! compiler ([`Policy::from_json`]) again and again: after each problem it neutralises the field
+//! compiler ([`Plugin::from_json`]) again and again: after each problem it neutralises the field
 //! at fault in a copy of the configuration (removes it, or puts a harmless placeholder in its
 //! place) and runs again, until the configuration compiles. Every message is the filter's own.
 
 use crate::envoy;
 use crate::json;
-use keygate_core::config::{compile_key, compile_keys, ConfigError, RawKey};
+use keygate_core::error::ConfigError;
+use keygate_core::keys::record::{compile_key, compile_keys, RawKey};
 use keygate_core::keys::{hash_key, KeyHash};
-use keygate_core::policy::Policy;
+use keygate_core::plugin::Plugin;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -26,8 +27,8 @@ const MAX_PROBLEMS: usize = 500;
 
 /// Checks a plugin configuration; `Err` lists every problem found, in the order of the text.
 pub fn check(text: &[u8]) -> Result<Summary, Vec<ConfigError>> {
-    let first = match Policy::from_json(text) {
-        Ok(policy) => return Ok(Summary { keys: policy.keys.len(), routes: policy.routes.len() }),
+    let first = match Plugin::from_json(text) {
+        Ok(plugin) => return Ok(Summary { keys: plugin.policy.keys.len(), routes: plugin.policy.routes.len() }),
         Err(e) => e,
     };
     // Bad JSON, or not an object: that one problem is all there is to say.
@@ -83,7 +84,7 @@ fn settle(value: &mut Value, placeholders: &mut u64, limit: usize) -> Vec<Config
     let mut last: Option<ConfigError> = None;
     while found.len() < limit {
         let Ok(bytes) = serde_json::to_vec(value) else { break };
-        let error = match Policy::from_json(&bytes) {
+        let error = match Plugin::from_json(&bytes) {
             Ok(_) => break,
             Err(e) => tidy(e),
         };

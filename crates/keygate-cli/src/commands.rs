@@ -2,9 +2,10 @@
 
 use crate::args::{flag, repeated, value, Opt, Parsed};
 use crate::{check, clock, envoy, help, json, keyset, shards};
-use keygate_core::config::{compile_key, ConfigError, Expiry, RawKey};
+use keygate_core::error::ConfigError;
 use keygate_core::keys::hash_key;
-use keygate_core::policy::Policy;
+use keygate_core::keys::record::{compile_key, Expiry, RawKey};
+use keygate_core::plugin::Plugin;
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Read, Write};
@@ -531,7 +532,7 @@ fn config(p: &Parsed) -> Result<(), Fail> {
         let shown = routes_path.display();
         let text = std::fs::read(&routes_path)
             .map_err(|e| Fail::Error(format!("{shown}: cannot read: {}", keyset::io_reason(&e))))?;
-        Policy::from_json(&text)
+        Plugin::from_json(&text)
             .map_err(|e| Fail::Error(format!("{shown}: {e} (`keygate check {shown}` lists every problem)")))?;
         members = member_texts(&text).map_err(Fail::Error)?;
         if members.iter().any(|(name, _)| name == "keys") {
@@ -542,7 +543,7 @@ fn config(p: &Parsed) -> Result<(), Fail> {
         }
     } else if let Some((shown, _, found)) = &envoy {
         // Everything but the keys stays as the Envoy file has it.
-        Policy::from_json(found.json.as_bytes()).map_err(|e| {
+        Plugin::from_json(found.json.as_bytes()).map_err(|e| {
             Fail::Error(format!(
                 "{shown}:{}: {} (`keygate check --envoy {shown}` lists every problem)",
                 found.line_of(&e.field),
@@ -558,7 +559,7 @@ fn config(p: &Parsed) -> Result<(), Fail> {
         members.iter().map(|(name, raw)| format!("{}:{raw}", serde_json::Value::String(name.clone()))).collect();
     let compact = format!("{{{}}}", body.join(","));
     let out = json::pretty(compact.as_bytes()).map_err(Fail::Error)?;
-    Policy::from_json(out.as_bytes()).map_err(|e| Fail::Error(format!("the configuration made is not valid: {e}")))?;
+    Plugin::from_json(out.as_bytes()).map_err(|e| Fail::Error(format!("the configuration made is not valid: {e}")))?;
     if set.keys.is_empty() {
         note(&format!(
             "keygate: {} holds no keys: the filter will refuse every request that needs one",

@@ -8,7 +8,8 @@
 //! the lock) and is overwritten by the next writer; the key-set file itself is untouched by it.
 
 use crate::json;
-use keygate_core::config::{compile_keys, parse_json, RawKey};
+use keygate_core::json::parse_json;
+use keygate_core::keys::record::{compile_keys, RawKey};
 use serde::Deserialize;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};

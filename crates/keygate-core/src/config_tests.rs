@@ -3,14 +3,22 @@
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
 use super::*;
+use crate::keys::record::parse_hash;
+use crate::plugin::Plugin;
+use crate::policy::Policy;
 use crate::reply::DenyKind;
 use serde_json::{json, Value};
+
+/// The policy a configuration compiles to.
+fn policy_of(text: &[u8]) -> Result<Policy, ConfigError> {
+    Plugin::from_json(text).map(|p| p.policy)
+}
 
 const HASH: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 const HASH2: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
 
 fn error_of(config: Value) -> String {
-    match Policy::from_json(config.to_string().as_bytes()) {
+    match Plugin::from_json(config.to_string().as_bytes()) {
         Ok(_) => panic!("expected {config} to be rejected"),
         Err(e) => e.to_string(),
     }
@@ -43,7 +51,7 @@ fn the_issue_example_compiles() {
                                "body": {"error": "{message}", "missing": "{missing_scopes}"}}
       }
     });
-    let p = Policy::from_json(text.to_string().as_bytes()).unwrap();
+    let p = policy_of(text.to_string().as_bytes()).unwrap();
     assert_eq!(p.keys.len(), 1);
     let reply = p.replies.render(DenyKind::InsufficientScope, &["treatments:read"], "");
     assert_eq!(reply.body, r#"{"error":"Missing scope: treatments:read","missing":["treatments:read"]}"#);
@@ -51,7 +59,7 @@ fn the_issue_example_compiles() {
 
 #[test]
 fn defaults_apply_to_an_empty_object() {
-    let p = Policy::from_json(b"{}").unwrap();
+    let p = policy_of(b"{}").unwrap();
     assert_eq!(p.credential_headers, vec![crate::credential::CredentialHeader::new("authorization")]);
     assert_eq!(p.format.max_length, 256);
     assert!(p.format.prefixes.is_empty());
@@ -73,12 +81,12 @@ fn defaults_apply_to_an_empty_object() {
 
 #[test]
 fn revoked_key_answers_exactly_like_an_invalid_one() {
-    let p = Policy::from_json(br#"{"errors": {"invalid_key": {"status": 403, "message": "Nope"}}}"#).unwrap();
+    let p = policy_of(br#"{"errors": {"invalid_key": {"status": 403, "message": "Nope"}}}"#).unwrap();
     let invalid = p.replies.render(DenyKind::InvalidKey, &[], "r");
     let revoked = p.replies.render(DenyKind::RevokedKey, &[], "r");
     assert_eq!(invalid, revoked);
     assert_eq!(invalid.status, 403);
-    let p = Policy::from_json(br#"{"errors": {"revoked_key": {"code": "revoked"}}}"#).unwrap();
+    let p = policy_of(br#"{"errors": {"revoked_key": {"code": "revoked"}}}"#).unwrap();
     assert_eq!(p.replies.spec(DenyKind::RevokedKey).unwrap().code, "revoked");
 }
 
@@ -88,7 +96,7 @@ fn expiry_accepts_unix_seconds_and_rfc3339() {
         {"id": "a", "hash": HASH, "org": "o", "expires_at": 1_798_761_600},
         {"id": "b", "hash": HASH2, "org": "o", "expires_at": "2027-01-01T00:00:00Z"}
     ]});
-    let p = Policy::from_json(keys.to_string().as_bytes()).unwrap();
+    let p = policy_of(keys.to_string().as_bytes()).unwrap();
     use crate::keys::{KeySource, Lookup};
     for h in [HASH, HASH2] {
         let Lookup::Found(k) = p.keys.lookup(&parse_hash(h).unwrap()) else { panic!("missing") };
@@ -164,7 +172,7 @@ fn text_that_is_not_one_json_object_is_rejected() {
         ("{} {}", "trailing characters"),
         ("[]", "expected a JSON object"),
     ] {
-        let error = Policy::from_json(text.as_bytes()).unwrap_err().to_string();
+        let error = policy_of(text.as_bytes()).unwrap_err().to_string();
         assert!(error.contains(expected), "{text:?}: {error}");
     }
 }
@@ -191,7 +199,7 @@ fn a_name_repeated_inside_an_object_is_rejected_naming_it() {
             "upstream.attribute_headers.venue: repeated name \"venue\"",
         ),
     ] {
-        let error = Policy::from_json(text.as_bytes()).unwrap_err().to_string();
+        let error = policy_of(text.as_bytes()).unwrap_err().to_string();
         assert!(error.starts_with(expected), "{text}\n  got:      {error}\n  expected: {expected}…");
     }
 }
@@ -230,6 +238,6 @@ fn a_route_an_earlier_route_leaves_nothing_to_match_is_rejected() {
         json!({"routes": [{"methods": ["GET"], "path": "/v1/venues/{v}/**"}, {"methods": ["POST"], "path": "/v1/venues/{v}/x"}]}),
         json!({"routes": [{"methods": ["GET"], "path": "/v1/venues/{v}/**"}, {"path": "/v1/venues/{v}/x"}]}),
     ] {
-        assert!(Policy::from_json(ok.to_string().as_bytes()).is_ok(), "{ok}");
+        assert!(policy_of(ok.to_string().as_bytes()).is_ok(), "{ok}");
     }
 }

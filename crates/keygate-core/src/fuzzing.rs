@@ -3,9 +3,9 @@
 
 use crate::credential::{extract, CredentialHeader, KeyFormat};
 use crate::keys::hash_key;
-use crate::live::{
-    decode_key, parse_manifest, parse_shard, Lease, ShardIndex, ShardRef, SyncState, DEFAULT_MAX_MANIFEST_BYTES,
-};
+use crate::keys::stored::decode_key;
+use crate::live::{parse_manifest, parse_shard, Lease, ShardIndex, ShardRef, SyncState, DEFAULT_MAX_MANIFEST_BYTES};
+use crate::plugin::Plugin;
 use crate::policy::{Decision, Policy, RequestView};
 use crate::routes::{Case, PathPattern, PathViews};
 use std::sync::OnceLock;
@@ -24,7 +24,7 @@ fn policy() -> &'static Option<Policy> {
                           {{"path": "/v1/orgs/{{org_id}}/**", "bind": {{"org_id": "org"}}}}],
                "unmatched": "deny"}}"#
         );
-        Policy::from_json(config.as_bytes()).ok()
+        Plugin::from_json(config.as_bytes()).ok().map(|p| p.policy)
     })
 }
 
@@ -98,7 +98,7 @@ pub fn path(data: &[u8]) {
 
 /// Configuration compilation on arbitrary bytes.
 pub fn config(data: &[u8]) {
-    let _ = Policy::from_json(data);
+    let _ = Plugin::from_json(data);
 }
 
 /// The live key set's formats on arbitrary bytes: manifest, shard, stored records, lease, state.

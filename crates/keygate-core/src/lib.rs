@@ -2,19 +2,23 @@
 //!
 //! Credential extraction ([`credential`]), key records and lookup ([`keys`]), path readings and route
 //! patterns ([`routes`]), scopes ([`scopes`]), replies ([`reply`]), configuration compilation
-//! ([`config`]), the one decision ([`policy`]) and live key sets ([`live`]). The hosts (the proxy-wasm
+//! ([`config`]) into a [`plugin::Plugin`], the one decision ([`policy`]) and live key sets ([`live`]). The hosts (the proxy-wasm
 //! filter, the CLI) depend on this crate; it depends on none of them, and on no host API.
 //!
 //! keygate never logs, counts or echoes a presented key: a key is identified by its record id.
 
+pub mod checks;
 pub mod config;
 pub mod credential;
+pub mod error;
 /// Fuzz entry points; native only, never in the filter.
 #[cfg(not(target_arch = "wasm32"))]
 pub mod fuzzing;
+pub mod json;
 pub mod jsonpath;
 pub mod keys;
 pub mod live;
+pub mod plugin;
 pub mod policy;
 pub mod reply;
 pub mod routes;

@@ -9,7 +9,7 @@
 //!
 //! | entry | value |
 //! |---|---|
-//! | `k<ns><hash, base64url>` (no `keygate/` prefix: there may be millions) | one key record ([`encode_key`]), or a one-byte tombstone for a removed key |
+//! | `k<ns><hash, base64url>` (no `keygate/` prefix: there may be millions) | one key record ([`encode_key`](crate::keys::stored::encode_key)), or a one-byte tombstone for a removed key |
 //! | `shard/<prefix>` | the shard's etag, and the hash and id digest of each record it holds ([`ShardIndex`]) |
 //! | `widths` | every shard width whose indexes may hold records, so that no record outlives a layout change ([`WIDTHS`]) |
 //! | `state` | what has loaded: version, key count, time of the last good sync ([`SyncState`]) |
@@ -17,8 +17,11 @@
 //! | `lease` | which VM polls, until when, when the next poll is due, failures in a row, on the monotonic clock ([`Lease`]) |
 //! | `vmseq` | counts the VMs numbered; the compare-and-swap token each VM consumed writing it is its number ([`number_vm`]) |
 
-use crate::config::{parse_hash, parse_json, ConfigError, KeyChecker, RawKey};
+use crate::error::ConfigError;
+use crate::json::parse_json;
 use crate::jsonpath::{path_at, too_deep, Reported};
+use crate::keys::record::{parse_hash, KeyChecker, RawKey};
+use crate::keys::stored::{decode_key, encode_key, TOMBSTONE};
 use crate::keys::{hash_key, Key, KeyHash, KeySet};
 use serde::Deserialize;
 use std::collections::hash_map::Entry;
@@ -717,68 +720,6 @@ pub fn write_state(
     write(&config.state_entry(), &state.encode())
 }
 
-/// Stands where a removed key's record was.
-pub const TOMBSTONE: &[u8] = b"-";
-const RECORD_MAGIC: u8 = 0x4c; // 'L': layout 2 (varint lengths)
-
-/// Encodes a key record compactly (length-prefixed fields), so a request decodes its record with no
-/// JSON work.
-pub fn encode_key(key: &Key) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
-    out.push(RECORD_MAGIC);
-    put(&mut out, &key.id);
-    put(&mut out, &key.org);
-    put(&mut out, key.name.as_deref().unwrap_or_default());
-    put_len(&mut out, key.scopes.len());
-    for s in &key.scopes {
-        put(&mut out, s);
-    }
-    put_len(&mut out, key.attributes.len());
-    for (k, v) in &key.attributes {
-        put(&mut out, k);
-        put(&mut out, v);
-    }
-    out.push(u8::from(key.revoked) | (u8::from(key.expires_at_ms.is_some()) << 1));
-    if let Some(at) = key.expires_at_ms {
-        out.extend_from_slice(&at.to_le_bytes());
-    }
-    out
-}
-
-/// Decodes a stored record; `None` for a tombstone or anything malformed.
-pub fn decode_key(bytes: &[u8]) -> Option<Key> {
-    let (&magic, mut rest) = bytes.split_first()?;
-    if magic != RECORD_MAGIC {
-        return None;
-    }
-    let id = take(&mut rest)?;
-    let org = take(&mut rest)?;
-    let name = take(&mut rest)?;
-    let scopes = (0..take_len(&mut rest)?).map(|_| take(&mut rest)).collect::<Option<Vec<_>>>()?;
-    let attributes =
-        (0..take_len(&mut rest)?).map(|_| Some((take(&mut rest)?, take(&mut rest)?))).collect::<Option<Vec<_>>>()?;
-    let (&flags, tail) = rest.split_first()?;
-    let expires_at_ms = if flags & 2 != 0 { Some(i64::from_le_bytes(tail.get(..8)?.try_into().ok()?)) } else { None };
-    Some(Key {
-        id,
-        org,
-        name: (!name.is_empty()).then_some(name),
-        scopes,
-        attributes,
-        expires_at_ms,
-        revoked: flags & 1 != 0,
-    })
-}
-
-/// Lengths are LEB128 varints: one byte for anything under 128.
-fn put_len(out: &mut Vec<u8>, mut n: usize) {
-    while n >= 0x80 {
-        out.push((n as u8 & 0x7f) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
 fn push_base64url(bytes: &[u8], out: &mut String) {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let sextet = |v: u32, shift: u32| char::from(ALPHABET.get(((v >> shift) & 63) as usize).copied().unwrap_or(b'A'));
@@ -794,31 +735,6 @@ fn push_base64url(bytes: &[u8], out: &mut String) {
             out.push(sextet(v, 0));
         }
     }
-}
-
-fn put(out: &mut Vec<u8>, s: &str) {
-    put_len(out, s.len());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn take_len(rest: &mut &[u8]) -> Option<usize> {
-    let mut n: usize = 0;
-    for shift in (0..35).step_by(7) {
-        let (&byte, tail) = rest.split_first()?;
-        *rest = tail;
-        n |= usize::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(n);
-        }
-    }
-    None
-}
-
-fn take(rest: &mut &[u8]) -> Option<String> {
-    let len = take_len(rest)?;
-    let (s, tail) = (rest.get(..len)?, rest.get(len..)?);
-    *rest = tail;
-    String::from_utf8(s.to_vec()).ok()
 }
 
 /// Shared data as the sync uses it: the host's in the filter, a map in tests. Envoy's semantics: a

@@ -3,7 +3,7 @@
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
 use super::*;
-use crate::config::compile_keys;
+use crate::keys::record::compile_keys;
 use serde_json::json;
 
 /// One shared-data write, as a test sees it.

@@ -1,5 +1,6 @@
 //! The compiled policy and the one decision: from (policy, key source, request) to allow or deny.
 
+use crate::checks::same_to_cgi;
 use crate::credential::{carries_credential, extract, Credential, CredentialHeader, KeyFormat};
 use crate::keys::{hash_key, Key, KeyRef, KeySet, KeySource, Lookup};
 use crate::reply::{DenyKind, Replies};
@@ -20,8 +21,6 @@ pub struct Policy {
     pub scopes: ScopeRules,
     pub upstream: Upstream,
     pub replies: Replies,
-    /// Where a live key set comes from, if one is configured.
-    pub key_set: Option<crate::live::KeySetConfig>,
 }
 
 #[derive(Debug)]
@@ -348,14 +347,6 @@ fn method_readings<'a>(request: &RequestView<'a>) -> Vec<Cow<'a, [u8]>> {
         }
     }
     out
-}
-
-/// True if a CGI-style server reads the two header names as one: equal ignoring case, with every
-/// character other than a letter or digit taken as the same (`_` and `-` for most, `.` or `~` too for
-/// lighttpd).
-pub fn same_to_cgi(a: &str, b: &str) -> bool {
-    let fold = |c: u8| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { b'-' };
-    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| fold(x) == fold(y))
 }
 
 #[cfg(test)]

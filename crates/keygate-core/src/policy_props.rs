@@ -35,7 +35,7 @@ fn policy() -> Policy {
         ],
         "upstream": {"attribute_headers": {"venue": "x-venue-id"}}
     });
-    Policy::from_json(config.to_string().as_bytes()).unwrap()
+    crate::plugin::Plugin::from_json(config.to_string().as_bytes()).unwrap().policy
 }
 
 fn decide_on(p: &Policy, headers: &[(String, Vec<u8>)]) -> Option<DenyKind> {

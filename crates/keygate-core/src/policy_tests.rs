@@ -45,7 +45,7 @@ fn config() -> serde_json::Value {
 }
 
 fn policy_from(config: serde_json::Value) -> Policy {
-    Policy::from_json(config.to_string().as_bytes()).unwrap()
+    crate::plugin::Plugin::from_json(config.to_string().as_bytes()).unwrap().policy
 }
 
 fn headers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {

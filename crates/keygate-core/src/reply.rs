@@ -1,5 +1,6 @@
 //! Deny kinds and the replies keygate sends for them: status, JSON body from a template, headers.
 
+use crate::credential::CredentialHeader;
 use serde_json::Value;
 
 /// Why a request is refused.
@@ -40,6 +41,52 @@ impl DenyKind {
 
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// The reply's `code` unless `errors.<kind>.code` says otherwise.
+    pub fn default_code(self) -> &'static str {
+        match self {
+            DenyKind::MissingKey => "missing_api_key",
+            DenyKind::InvalidKey | DenyKind::RevokedKey => "invalid_api_key",
+            DenyKind::ExpiredKey => "expired_api_key",
+            DenyKind::InsufficientScope => "insufficient_scope",
+            DenyKind::Forbidden => "forbidden",
+            DenyKind::KeySetUnavailable => "key_set_unavailable",
+        }
+    }
+
+    /// The reply's status unless `errors.<kind>.status` says otherwise.
+    pub fn default_status(self) -> u16 {
+        match self {
+            DenyKind::MissingKey | DenyKind::InvalidKey | DenyKind::RevokedKey | DenyKind::ExpiredKey => 401,
+            DenyKind::InsufficientScope | DenyKind::Forbidden => 403,
+            DenyKind::KeySetUnavailable => 503,
+        }
+    }
+
+    /// The reply's message unless `errors.<kind>.message` says otherwise; a missing key's names the
+    /// configured credential headers.
+    pub fn default_message(self, credentials: &[CredentialHeader]) -> String {
+        match self {
+            DenyKind::MissingKey => {
+                let how: Vec<String> = credentials
+                    .iter()
+                    .map(|h| {
+                        if h.bearer {
+                            "Authorization: Bearer <key>".to_string()
+                        } else {
+                            format!("{}: <key>", h.name)
+                        }
+                    })
+                    .collect();
+                format!("No API key was sent. Send it as {}.", how.join(" or "))
+            }
+            DenyKind::InvalidKey | DenyKind::RevokedKey => "The API key is invalid or has been revoked.".into(),
+            DenyKind::ExpiredKey => "The API key has expired.".into(),
+            DenyKind::InsufficientScope => "The API key lacks the scope this request needs: {missing_scopes}.".into(),
+            DenyKind::Forbidden => "The API key may not access this resource.".into(),
+            DenyKind::KeySetUnavailable => "API keys cannot be checked right now; retry shortly.".into(),
+        }
     }
 
     /// The RFC 6750 `error` parameter of `WWW-Authenticate`, where one applies.

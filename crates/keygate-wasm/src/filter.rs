@@ -4,13 +4,15 @@
 //! Host calls are made through `proxy_wasm::hostcalls`, whose results are handled here, rather than
 //! through the SDK's trait defaults, which unwrap them.
 
+use keygate_core::keys::stored::decode_key;
 use keygate_core::keys::{Key, KeyHash, KeyRef, KeySource, Lookup};
 use keygate_core::live::{
-    apply_shard, apply_sync, decode_key, decode_widths, hold_lease, inline_ids, inline_place, number_vm,
-    parse_manifest, parse_shard, prefix_of, prefixes, retire, seconds_since, shard_number, stale_widths,
-    stored_position, update_lease, width_bit, write_state, Fetched, FetchedShard, IdIndex, KeySetConfig, Manifest,
-    Retired, ShardIndex, ShardRef, Store, SyncState, INLINE, MAX_IN_FLIGHT, SEVERAL,
+    apply_shard, apply_sync, decode_widths, hold_lease, inline_ids, inline_place, number_vm, parse_manifest,
+    parse_shard, prefix_of, prefixes, retire, seconds_since, shard_number, stale_widths, stored_position, update_lease,
+    width_bit, write_state, Fetched, FetchedShard, IdIndex, KeySetConfig, Manifest, Retired, ShardIndex, ShardRef,
+    Store, SyncState, INLINE, MAX_IN_FLIGHT, SEVERAL,
 };
+use keygate_core::plugin::Plugin;
 use keygate_core::policy::{Decision, Policy, RequestView};
 use keygate_core::reply::DenyKind;
 use log::{debug, error, info, warn};
@@ -87,6 +89,8 @@ impl Metrics {
 /// What every request context shares: the compiled policy and the metric ids.
 struct Shared {
     policy: Policy,
+    /// Where the live key set comes from, if one is configured.
+    key_set: Option<KeySetConfig>,
     metrics: Metrics,
     /// Set once the live key set has been seen loaded; a loaded set never unloads.
     live_loaded: Cell<bool>,
@@ -144,7 +148,7 @@ impl KeySource for Keys<'_> {
         if let found @ Lookup::Found(_) = shared.policy.keys.lookup(hash) {
             return found;
         }
-        let Some(live) = &shared.policy.key_set else { return Lookup::NotFound };
+        let Some(live) = &shared.key_set else { return Lookup::NotFound };
         if let Some(key) = shared.cache.borrow().records.get(hash) {
             return Lookup::Found(KeyRef::Shared(Rc::clone(key)));
         }
@@ -212,7 +216,7 @@ struct SyncRun {
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let Some(shared) = self.shared.clone() else { return };
-        let Some(config) = &shared.policy.key_set else { return };
+        let Some(config) = &shared.key_set else { return };
         let headers = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
         let header = |name: &str| {
             headers
@@ -259,23 +263,23 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let policy = match Policy::from_json(&text) {
-            Ok(policy) => policy,
+        let Plugin { policy, key_set } = match Plugin::from_json(&text) {
+            Ok(plugin) => plugin,
             Err(e) => {
                 error!("keygate: invalid configuration: {e}");
                 return false;
             }
         };
-        let metrics = Metrics::define(policy.key_set.is_some());
+        let metrics = Metrics::define(key_set.is_some());
         Metrics::record(metrics.keys, policy.keys.len() as u64);
         info!("keygate: configured with {} inline keys, {} routes", policy.keys.len(), policy.routes.len());
         self.live = None;
-        if policy.key_set.is_none() {
+        if key_set.is_none() {
             if let Err(status) = hostcalls::set_tick_period(IDLE_TICK) {
                 warn!("keygate: cannot set the tick period: {status:?}");
             }
         }
-        if let Some(config) = &policy.key_set {
+        if let Some(config) = &key_set {
             let me = match vm_number(config) {
                 Ok(me) => me,
                 Err(reason) => {
@@ -290,15 +294,20 @@ impl RootContext for Root {
             self.live =
                 Some(Live { me, configured_ms: monotonic_ms().unwrap_or_default(), sync: None, inline_ids: None });
         }
-        self.shared =
-            Some(Rc::new(Shared { policy, metrics, live_loaded: Cell::new(false), cache: RefCell::default() }));
+        self.shared = Some(Rc::new(Shared {
+            policy,
+            key_set,
+            metrics,
+            live_loaded: Cell::new(false),
+            cache: RefCell::default(),
+        }));
         true
     }
 
     fn on_tick(&mut self) {
         follow_envoy_log_level();
         let Some(shared) = self.shared.clone() else { return };
-        let Some(config) = &shared.policy.key_set else { return };
+        let Some(config) = &shared.key_set else { return };
         let Some(now) = monotonic_ms() else { return };
         shared.cache.borrow_mut().follow(config);
         self.refresh_gauges(&shared, config, now);

@@ -1,4 +1,10 @@
 //! Key records and the key set: lookup by the SHA-256 of the whole presented key.
+//!
+//! [`record`] reads and checks records as configured and published; [`stored`] is their compact
+//! form in a host's shared store.
+
+pub mod record;
+pub mod stored;
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
