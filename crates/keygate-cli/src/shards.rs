@@ -1,7 +1,6 @@
-//! `keygate config --shards DIR`: the live key-set format (README, "Key distribution"): the
-//! records sharded by the first `digits` hex digits of their hash, one shard document
-//! `{"keys": [...]}` per prefix at `DIR/shards/<prefix or "all">.json`, and `DIR/manifest.json`
-//! listing every shard with its path and the SHA-256 of its bytes.
+//! `keygate config --shards DIR`: the live key-set layout (README, "Key distribution"), laid out
+//! by keygate-core's [`layout`](keygate_core::layout) (the one writer of the format) and written
+//! into DIR.
 //!
 //! Shards are written first and the manifest last, each atomically, under a lock on
 //! `DIR/manifest.json.lock`, so an endpoint serving DIR never offers a manifest whose shards are not
@@ -9,6 +8,7 @@
 //! manifest and shard checks.
 
 use crate::{json, keyset};
+use keygate_core::layout::{self, Layout, Record};
 use keygate_core::live::{parse_manifest, parse_shard};
 use std::fs;
 use std::path::Path;
@@ -22,66 +22,42 @@ pub struct Published {
 
 /// Writes the shards and manifest of the key set `text` (a key-set file's bytes) into `dir`.
 pub fn publish(text: &[u8], dir: &Path, digits: usize, version: &str) -> Result<Published, String> {
-    if digits > 4 {
-        return Err("--digits: from 0 to 4".into());
+    if digits > layout::MAX_DIGITS {
+        return Err(format!("--digits: from 0 to {}", layout::MAX_DIGITS));
     }
-    let records = record_lines(text)?;
-    let shard_dir = dir.join("shards");
-    fs::create_dir_all(&shard_dir)
-        .map_err(|e| format!("{}: cannot create: {}", shard_dir.display(), keyset::io_reason(&e)))?;
-    let manifest_path = dir.join("manifest.json");
-    let lock = keyset::lock(&manifest_path)?;
-    let count = 1usize << (4 * digits);
-    let mut entries = Vec::with_capacity(count);
-    let mut documents = Vec::with_capacity(count);
-    for n in 0..count {
-        let prefix = if digits == 0 { String::new() } else { format!("{n:0digits$x}") };
-        let inside: Vec<&str> =
-            records.iter().filter(|(hash, _)| hash.starts_with(&prefix)).map(|(_, line)| line.as_str()).collect();
-        let document = if inside.is_empty() {
-            "{\"keys\": []}\n".to_string()
-        } else {
-            format!("{{\"keys\": [\n  {}\n]}}\n", inside.join(",\n  "))
-        };
-        let name = if prefix.is_empty() { "all".to_string() } else { prefix.clone() };
-        let path = format!("shards/{name}.json");
-        let etag = hex::encode(keygate_core::keys::hash_key(document.as_bytes()));
-        entries.push(format!(
-            "{{\"prefix\": {}, \"path\": {}, \"etag\": \"{etag}\"}}",
-            serde_json::Value::String(prefix),
-            serde_json::Value::String(path.clone())
-        ));
-        documents.push((path, document));
-    }
-    let manifest = format!(
-        "{{\"version\": {},\n \"shards\": [\n  {}\n]}}\n",
-        serde_json::Value::String(version.to_string()),
-        entries.join(",\n  ")
-    );
+    let lines = record_lines(text)?;
+    let records: Vec<Record<'_>> = lines.iter().map(|(hash, json)| Record { hash, json }).collect();
+    let made = Layout::new(&records, digits, version).map_err(|e| format!("internal: {e}"))?;
+    let files = made.files();
 
     // Read back with the filter's checks before anything is written.
-    let checked =
-        parse_manifest(manifest.as_bytes()).map_err(|e| format!("internal: the manifest made is refused: {e}"))?;
+    let Some(((_, manifest), shard_files)) = files.split_last() else {
+        return Err("internal: no manifest was made".into());
+    };
+    let checked = parse_manifest(manifest).map_err(|e| format!("internal: the manifest made is refused: {e}"))?;
     let mut keys = 0;
-    for (shard, (_, document)) in checked.shards.iter().zip(&documents) {
-        keys += parse_shard(shard, document.as_bytes())
-            .map_err(|e| format!("internal: a shard made is refused: {e}"))?
-            .len();
+    for (shard, (_, document)) in checked.shards.iter().zip(shard_files) {
+        keys += parse_shard(shard, document).map_err(|e| format!("internal: a shard made is refused: {e}"))?.len();
     }
-    if keys != records.len() {
+    if keys != records.len() || checked.shards.len() != shard_files.len() {
         return Err("internal: the shards do not hold every key exactly once".into());
     }
 
-    for (path, document) in &documents {
+    let shard_dir = dir.join("shards");
+    fs::create_dir_all(&shard_dir)
+        .map_err(|e| format!("{}: cannot create: {}", shard_dir.display(), keyset::io_reason(&e)))?;
+    let manifest_path = dir.join(layout::MANIFEST_PATH);
+    let lock = keyset::lock(&manifest_path)?;
+    for (path, document) in shard_files {
         let target = dir.join(path);
         // An unchanged shard is left alone: same bytes, same etag.
-        if fs::read(&target).is_ok_and(|old| old == document.as_bytes()) {
+        if fs::read(&target).is_ok_and(|old| &old == document) {
             continue;
         }
-        keyset::write_atomic(&target, document.as_bytes(), &lock)?;
+        keyset::write_atomic(&target, document, &lock)?;
     }
-    keyset::write_atomic(&manifest_path, manifest.as_bytes(), &lock)?;
-    Ok(Published { shards: count, keys })
+    keyset::write_atomic(&manifest_path, manifest, &lock)?;
+    Ok(Published { shards: made.shards.len(), keys })
 }
 
 /// Each record of a key-set file as (lowercase hash, one line of JSON as written, in file order).

@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod json;
 pub mod jsonpath;
 pub mod keys;
+pub mod layout;
 pub mod live;
 pub mod plugin;
 pub mod policy;
