@@ -22,11 +22,12 @@
 //!
 //! # Publishing
 //!
-//! [`KeySetServer::publish`] lays the key set out exactly as the README's Python `publish` does:
-//! records sharded by the first `digits` hex digits of their lowercase hash, one shard document
-//! `{"keys": [...]}` per prefix at `/keyset/shards/<prefix or "all">.json`, and the manifest at
-//! [`MANIFEST_PATH`] listing each shard with its relative path and the SHA-256 of its bytes. All
-//! of it is swapped in at once, so Envoy never sees a manifest without its shards.
+//! [`KeySetServer::publish`] lays the key set out with keygate-core's
+//! [`layout`](keygate_core::layout), the one writer of the format (the CLI's `keygate config
+//! --shards` writes the same): records sharded by the first `digits` hex digits of their lowercase
+//! hash, one shard document `{"keys": [...]}` per prefix at `/keyset/shards/<prefix or "all">.json`,
+//! and the manifest at [`MANIFEST_PATH`] listing each shard with its relative path and the SHA-256
+//! of its bytes. All of it is swapped in at once, so Envoy never sees a manifest without its shards.
 //! [`Publication`] lets a test tamper with a shard (a wrong etag, a key in the wrong shard)
 //! before publishing it.
 
@@ -38,7 +39,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use keygate_core::layout::{self, Entry, Layout, Record};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::http1;
@@ -127,24 +129,24 @@ pub struct Publication {
 }
 
 impl Publication {
-    /// The README's layout of `records` (JSON key records, as in the configuration's `keys`):
-    /// `16^digits` shards by the first `digits` hex digits of each lowercase `hash`.
+    /// The layout of `records` (JSON key records, as in the configuration's `keys`): `16^digits`
+    /// shards by the first `digits` hex digits of each lowercase `hash`.
     pub fn new(records: &[Value], digits: usize, version: impl ToString) -> Publication {
-        let mut by_prefix: HashMap<String, Vec<Value>> = HashMap::new();
-        for record in records {
-            let hash = record["hash"].as_str().expect("key record without a string hash").to_ascii_lowercase();
-            by_prefix.entry(hash.chars().take(digits).collect()).or_default().push(record.clone());
-        }
-        let count = 16usize.pow(u32::try_from(digits).expect("digits fits u32"));
-        let shards = (0..count)
-            .map(|n| {
-                let prefix = if digits == 0 { String::new() } else { format!("{n:0digits$x}") };
-                let keys = by_prefix.remove(&prefix).unwrap_or_default();
-                let name = if prefix.is_empty() { "all" } else { prefix.as_str() };
-                Shard { path: format!("shards/{name}.json"), body: shard_body(&keys), prefix, etag_override: None }
+        let texts: Vec<(String, String)> = records
+            .iter()
+            .map(|r| {
+                let hash = r["hash"].as_str().expect("key record without a string hash").to_string();
+                (hash, serde_json::to_string(r).expect("record to JSON"))
             })
             .collect();
-        Publication { version: version.to_string(), shards }
+        let records: Vec<Record<'_>> = texts.iter().map(|(hash, json)| Record { hash, json }).collect();
+        let laid_out = Layout::new(&records, digits, &version.to_string()).unwrap_or_else(|e| panic!("layout: {e}"));
+        let shards = laid_out
+            .shards
+            .into_iter()
+            .map(|s| Shard { prefix: s.prefix, path: s.path, body: s.body, etag_override: None })
+            .collect();
+        Publication { version: laid_out.version, shards }
     }
 
     /// The shard whose prefix is `prefix`; panics if none.
@@ -160,20 +162,23 @@ impl Publication {
 
     /// The manifest document.
     pub fn manifest(&self) -> Value {
-        let entries: Vec<Value> =
-            self.shards.iter().map(|s| json!({"prefix": s.prefix, "path": s.path, "etag": s.etag()})).collect();
-        json!({"version": self.version, "shards": entries})
+        serde_json::from_slice(&self.manifest_bytes()).expect("the manifest is JSON")
     }
 
-    /// The manifest's bytes as served.
+    /// The manifest's bytes as served: each shard's etag as [`Shard::etag`] says.
     pub fn manifest_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.manifest()).expect("manifest to JSON")
+        let etags: Vec<String> = self.shards.iter().map(Shard::etag).collect();
+        let entries: Vec<Entry<'_>> =
+            self.shards.iter().zip(&etags).map(|(s, etag)| Entry { prefix: &s.prefix, path: &s.path, etag }).collect();
+        layout::manifest_document(&self.version, &entries)
     }
 }
 
 /// A shard document's bytes: `{"keys": [...]}`.
 pub fn shard_body(records: &[Value]) -> Vec<u8> {
-    serde_json::to_vec(&json!({ "keys": records })).expect("shard to JSON")
+    let texts: Vec<String> = records.iter().map(|r| serde_json::to_string(r).expect("record to JSON")).collect();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    layout::shard_document(&texts)
 }
 
 /// Lowercase hex SHA-256.
@@ -305,8 +310,7 @@ impl KeySetServer {
         lock(&self.state.content).bodies.get(path).cloned()
     }
 
-    /// Lays out `records` as the README's `publish(records, out, version, digits)` does and
-    /// serves it (see the module docs); returns what it served.
+    /// Lays out `records` as `keygate config --shards` does and serves it (see the module docs); returns what it served.
     pub fn publish(&self, records: &[Value], digits: usize, version: impl ToString) -> Publication {
         let publication = Publication::new(records, digits, version);
         self.publish_built(&publication);
