@@ -135,7 +135,8 @@ BENCH_SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 ## bench: the benchmark; prints the tables and saves them to target/bench/report.md
 bench: build envoy bench-noop bench-deps
-	NOOP_WASM=$(CURDIR)/$(NOOP_WASM) python3 bench/bench.py
+	$(CARGO) build --release -p keygate-cli
+	NOOP_WASM=$(CURDIR)/$(NOOP_WASM) KEYGATE=$(CURDIR)/target/release/keygate python3 bench/bench.py
 
 ## bench-noop: the no-op proxy-wasm filter the benchmark compares keygate with (bench/noop)
 bench-noop: wasm-target

@@ -19,7 +19,8 @@ times.
 
 Environment: ROUNDS (5), DURATION (s per run, 5), CONNECTIONS (16), CPU_KEYS (keys in the CPU
 part, 1000000), SCALE (1k,100k,1m), SCALE_CONCURRENCY (2,4), SCALE_TIMEOUT (s, 900),
-PARTS (cpu,scale,size), ENVOY, KEYGATE_WASM, NOOP_WASM, OUT (report path), ENVOY_LOG_LEVEL (warning).
+PARTS (cpu,scale,size), ENVOY, KEYGATE_WASM, NOOP_WASM, KEYGATE (the `keygate` command, which lays out the
+shared variant's key set: target/release/keygate), OUT (report path), ENVOY_LOG_LEVEL (warning).
 A variant that fails to start is reported with Envoy's error, and its log kept in target/bench/logs/.
 Python 3.11 standard library only.
 """
@@ -49,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENVOY = os.environ.get("ENVOY", str(ROOT / ".venv/bin/envoy"))
 KEYGATE_WASM = Path(os.environ.get("KEYGATE_WASM", ROOT / "target/wasm32-wasip1/release/keygate.wasm"))
 NOOP_WASM = Path(os.environ.get("NOOP_WASM", ROOT / "target/bench/noop/wasm32-wasip1/release/keygate_bench_noop.wasm"))
+KEYGATE = Path(os.environ.get("KEYGATE", ROOT / "target/release/keygate"))
 OUT = Path(os.environ.get("OUT", ROOT / "target/bench/report.md"))
 
 ROUNDS = int(os.environ.get("ROUNDS", "5"))
@@ -281,19 +283,23 @@ class KeySetServer:
 
 
 def publish(keys: Keys, out: Path, version: int) -> None:
-    """The README's "Key distribution" layout: manifest.json and shards/<prefix>.json."""
+    """The live key-set layout (README, "Key distribution") of `keys` in `out`, as the `keygate`
+    command writes it: `keygate config --keys FILE --shards out`."""
     digits = 2 if keys.n >= 100_000 else 1
-    shards: dict[str, list[str]] = {}
-    for i in range(keys.n):
-        shards.setdefault(keys.hashes[i][:digits], []).append(keys.record(i))
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    entries = []
-    for n in range(16 ** digits):
-        prefix = format(n, "x").zfill(digits)
-        body = ('{"keys":[' + ",".join(shards.get(prefix, [])) + "]}").encode()
-        (out / "shards" / f"{prefix}.json").write_bytes(body)
-        entries.append({"prefix": prefix, "path": f"shards/{prefix}.json", "etag": hashlib.sha256(body).hexdigest()})
-    (out / "manifest.json").write_text(json.dumps({"version": str(version), "shards": entries}))
+    keys_file = out.parent / "keys.json"
+    with open(keys_file, "w") as f:
+        f.write('{"keys": [\n')
+        f.write(",\n".join(keys.record(i) for i in range(keys.n)))
+        f.write("\n]}\n")
+    try:
+        run = subprocess.run([str(KEYGATE), "config", "--keys", str(keys_file), "--shards", str(out),
+                              "--digits", str(digits), "--manifest-version", str(version)],
+                             capture_output=True, text=True)
+    finally:
+        keys_file.unlink(missing_ok=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"keygate config --shards failed ({run.returncode}): {run.stderr.strip()}")
+    log(run.stderr.strip())
 
 
 # ---- running Envoy ------------------------------------------------------------------------------
@@ -764,6 +770,10 @@ def main() -> int:
             if not path.exists():
                 print(f"bench: {path} is missing: run `{what}` first", file=sys.stderr)
                 return 1
+    if PARTS & {"cpu", "scale"} and not KEYGATE.is_file():
+        print(f"bench: {KEYGATE} is missing: run `cargo build --release -p keygate-cli` (make bench does)",
+              file=sys.stderr)
+        return 1
     if shutil.which("wrk") is None and PARTS & {"cpu", "scale"}:
         print("bench: wrk is missing (make bench installs it)", file=sys.stderr)
         return 1

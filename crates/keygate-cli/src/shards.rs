@@ -26,9 +26,13 @@ pub fn publish(text: &[u8], dir: &Path, digits: usize, version: &str) -> Result<
         return Err(format!("--digits: from 0 to {}", layout::MAX_DIGITS));
     }
     let lines = record_lines(text)?;
+    let record_count = lines.len();
     let records: Vec<Record<'_>> = lines.iter().map(|(hash, json)| Record { hash, json }).collect();
     let made = Layout::new(&records, digits, version).map_err(|e| format!("internal: {e}"))?;
-    let files = made.files();
+    let shard_count = made.shards.len();
+    drop(records);
+    drop(lines);
+    let files = made.into_files();
 
     // Read back with the filter's checks before anything is written.
     let Some(((_, manifest), shard_files)) = files.split_last() else {
@@ -39,7 +43,7 @@ pub fn publish(text: &[u8], dir: &Path, digits: usize, version: &str) -> Result<
     for (shard, (_, document)) in checked.shards.iter().zip(shard_files) {
         keys += parse_shard(shard, document).map_err(|e| format!("internal: a shard made is refused: {e}"))?.len();
     }
-    if keys != records.len() || checked.shards.len() != shard_files.len() {
+    if keys != record_count || checked.shards.len() != shard_count {
         return Err("internal: the shards do not hold every key exactly once".into());
     }
 
@@ -57,7 +61,7 @@ pub fn publish(text: &[u8], dir: &Path, digits: usize, version: &str) -> Result<
         keyset::write_atomic(&target, document, &lock)?;
     }
     keyset::write_atomic(&manifest_path, manifest, &lock)?;
-    Ok(Published { shards: made.shards.len(), keys })
+    Ok(Published { shards: shard_count, keys })
 }
 
 /// Each record of a key-set file as (lowercase hash, one line of JSON as written, in file order).

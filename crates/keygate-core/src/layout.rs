@@ -116,9 +116,10 @@ impl Layout {
 
     /// Every document as (path relative to the served directory, bytes): the shards in prefix
     /// order, then the manifest, which is the order to write them in.
-    pub fn files(&self) -> Vec<(String, Vec<u8>)> {
-        let mut files: Vec<(String, Vec<u8>)> = self.shards.iter().map(|s| (s.path.clone(), s.body.clone())).collect();
-        files.push((MANIFEST_PATH.to_string(), self.manifest()));
+    pub fn into_files(self) -> Vec<(String, Vec<u8>)> {
+        let manifest = self.manifest();
+        let mut files: Vec<(String, Vec<u8>)> = self.shards.into_iter().map(|s| (s.path, s.body)).collect();
+        files.push((MANIFEST_PATH.to_string(), manifest));
         files
     }
 
@@ -212,10 +213,11 @@ mod tests {
             "{{\"version\": \"v \\\"1\\\"\",\n \"shards\": [\n  {{\"prefix\": \"\", \"path\": \"shards/all.json\", \"etag\": \"{etag}\"}}\n]}}\n"
         );
         assert_eq!(String::from_utf8(layout.manifest()).unwrap(), want);
-        let files = layout.files();
+        let manifest = layout.manifest();
+        let files = layout.into_files();
         let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(paths, ["shards/all.json", "manifest.json"]);
-        assert_eq!(files[1].1, layout.manifest());
+        assert_eq!(files[1].1, manifest);
     }
 
     #[test]
