@@ -1,4 +1,5 @@
-# keygate: `make run` starts the demo, `make test` runs everything CI checks.
+# keygate: `make run` starts the demo, `make test` runs everything CI checks, `make help` lists
+# every target. A `## target: text` comment above a target is its line in `make help`.
 ENVOY_VERSION := 1.40.0
 VENV          := .venv
 ENVOY         ?= $(VENV)/bin/envoy
@@ -9,9 +10,23 @@ CONFIG        ?= envoy/envoy.yaml
 export ENVOY
 export KEYGATE_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all build build-probe wasm-opt soak run test unit integration lint envoy wasm-target clean fuzz
+.PHONY: all help build build-probe wasm-opt soak run test unit integration lint envoy wasm-target clean fuzz
 
+## all: the default target: make build
 all: build
+
+## help: this list of targets
+help:
+	@awk -v envoy='$(ENVOY_VERSION)' ' \
+	  /^## [A-Za-z0-9_.-]+: / { name = substr($$2, 1, length($$2) - 1); n++; names[n] = name; \
+	    text[n] = substr($$0, length(name) + 6); lines[n] = 1; open = 1; \
+	    if (length(name) > width) width = length(name); next } \
+	  open && /^## / { more[n, ++lines[n]] = substr($$0, 4); next } \
+	  { open = 0 } \
+	  END { for (i = 1; i <= n; i++) { \
+	    gsub(/\$$\(ENVOY_VERSION\)/, envoy, text[i]); \
+	    printf "  %-" width "s  %s\n", names[i], text[i]; \
+	    for (j = 2; j <= lines[i]; j++) printf "  %-" width "s  %s\n", "", more[i, j] } }' $(MAKEFILE_LIST)
 
 ## build: the filter, target/wasm32-wasip1/release/keygate.wasm (cargo's output, then binaryen's
 ## wasm-opt -O3, which takes about 15 % off)
@@ -23,6 +38,7 @@ build: wasm-target wasm-opt
 	mv $(WASM).tmp $(WASM)
 	@echo "$(WASM): $$(stat -c %s $(WASM)) bytes"
 
+## wasm-opt: binaryen's wasm-opt, installed with apt-get when missing
 wasm-opt:
 	@command -v wasm-opt >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq binaryen; }
 
@@ -31,6 +47,7 @@ build-probe: wasm-target
 	$(CARGO) build --release -p keygate-wasm --lib --target wasm32-wasip1 --features panic-probe --target-dir target/probe
 	cp target/probe/wasm32-wasip1/release/keygate_wasm.wasm target/probe/wasm32-wasip1/release/keygate.wasm
 
+## wasm-target: the wasm32-wasip1 Rust target, added with rustup when missing
 wasm-target:
 	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 
@@ -52,9 +69,12 @@ test: build build-probe envoy image-deps
 	$(CARGO) build -p keygate-cli
 	$(CARGO) test -p keygate-tests --test "*" -- --test-threads 2
 
+## unit: host unit tests alone (every crate's library and binary tests); no Envoy
 unit:
 	$(CARGO) test --workspace --lib --bins
 
+## lint: rustfmt --check, then clippy with warnings as errors on every crate and test, and on the
+## filter for wasm32
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -87,6 +107,7 @@ fuzz:
 	  fi; \
 	done
 
+## clean: cargo clean (removes target/, the built filter included)
 clean:
 	$(CARGO) clean
 
@@ -142,6 +163,7 @@ bench: build envoy bench-noop bench-deps
 bench-noop: wasm-target
 	$(CARGO) build --release --target wasm32-wasip1 --manifest-path bench/noop/Cargo.toml --target-dir target/bench/noop
 
+## bench-deps: wrk, the load generator, installed with apt-get when missing
 bench-deps:
 	@command -v wrk >/dev/null 2>&1 || ($(BENCH_SUDO) apt-get update && $(BENCH_SUDO) apt-get install -y wrk)
 # ---- end of bench ------------------------------------------------------------------------------
