@@ -1,7 +1,7 @@
 //! `keygate`: makes and manages API keys for the keygate Envoy filter, and checks its configuration.
 //!
-//! It shares the filter's code for key records and configuration (the `keygate` library), so what
-//! it accepts is exactly what the filter accepts. It never stores a key, only its SHA-256, and
+//! It shares the filter's code for key records, configuration and the live key-set layout
+//! (`keygate-core`), so what it accepts is exactly what the filter accepts. It never stores a key, only its SHA-256, and
 //! prints a key exactly once: on standard output, when `keygate new` makes it.
 //!
 //! Output goes to standard output; errors are one line on standard error, `keygate: …`. Exit
@@ -26,13 +26,14 @@ mod keyset;
 #[cfg(not(target_arch = "wasm32"))]
 mod shards;
 
-// The filter is the library built for wasm32, at target/wasm32-wasip1/release/keygate.wasm; a
-// wasm32 build of this binary would have the same file name and overwrite it. So building every
-// target for wasm32 stops here, after the filter is built, with the command that builds it alone.
+// The filter is the keygate-wasm library built for wasm32, which `make build` puts at
+// target/wasm32-wasip1/release/keygate.wasm; a wasm32 build of this binary would have the same file
+// name and overwrite it. So building every crate for wasm32 stops here, with the command that builds
+// the filter alone.
 #[cfg(target_arch = "wasm32")]
 compile_error!(
     "the keygate command-line tool runs on the host; build the filter alone with \
-     `cargo build --release --lib --target wasm32-wasip1` (make build)"
+     `cargo build --release -p keygate-wasm --lib --target wasm32-wasip1` (make build)"
 );
 #[cfg(target_arch = "wasm32")]
 fn main() {}
