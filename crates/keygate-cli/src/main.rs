@@ -1,8 +1,8 @@
 //! `keygate`: makes and manages API keys for the keygate Envoy filter, and checks its configuration.
 //!
 //! It shares the filter's code for key records, configuration and the live key-set layout
-//! (`keygate-core`), so what it accepts is exactly what the filter accepts. It never stores a key, only its SHA-256, and
-//! prints a key exactly once: on standard output, when `keygate new` makes it.
+//! (`keygate-core`), so what it accepts is exactly what the filter accepts. It never stores a key,
+//! only its SHA-256, and prints a key exactly once: on standard output, when `keygate new` makes it.
 //!
 //! Output goes to standard output; errors are one line on standard error, `keygate: …`. Exit
 //! status: 0 success, 1 failure (or problems found by `check`), 2 wrong usage.
