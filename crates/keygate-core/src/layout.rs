@@ -230,6 +230,30 @@ mod tests {
     }
 
     #[test]
+    fn what_it_lays_out_loads_with_the_filters_manifest_and_shard_checks() {
+        let list: Vec<(String, String)> =
+            (0..40u8).map(|i| rec(&hex::encode(hash_key(&[i])), &format!("k{i}"))).collect();
+        for digits in 0..=2 {
+            let layout = Layout::new(&records(&list), digits, "1732355000").unwrap();
+            let manifest = crate::live::parse_manifest(&layout.manifest()).unwrap();
+            assert_eq!(manifest.version, "1732355000");
+            let mut ids = Vec::new();
+            for (listed, shard) in manifest.shards.iter().zip(&layout.shards) {
+                assert_eq!(
+                    (listed.prefix.as_str(), listed.path.as_str()),
+                    (shard.prefix.as_str(), shard.path.as_str())
+                );
+                ids.extend(crate::live::parse_shard(listed, &shard.body).unwrap().into_iter().map(|(_, k)| k.id));
+            }
+            assert_eq!(manifest.shards.len(), layout.shards.len());
+            ids.sort();
+            let mut want: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+            want.sort();
+            assert_eq!(ids, want, "digits {digits}");
+        }
+    }
+
+    #[test]
     fn a_hash_without_hex_digits_for_its_prefix_has_no_shard() {
         let list = [rec(&"0".repeat(64), "a"), rec("x", "b")];
         assert_eq!(Layout::new(&records(&list), 1, "1"), Err(LayoutError::Hash { index: 1, digits: 1 }));
