@@ -109,22 +109,24 @@ pub fn retire(
 /// Applies one sync through `write`: every fetched shard ([`apply_shard`]); with `retired` (the shard
 /// layout changed, and every shard was fetched), tombstones for every hash of the old layout that is
 /// not in the new one and voided old indexes; and last the state, which marks the set loaded.
+/// `unchanged_keys` is what the indexes of the shards not fetched hold (their etags matched, so
+/// their indexes are complete): the state counts those and the fetched shards' records, exactly,
+/// whatever an earlier sync that stopped part-way left in the indexes it rewrote.
 #[allow(clippy::too_many_arguments)] // one sync's inputs, all needed; a struct would only rename them
 pub fn apply_sync(
     config: &KeySetConfig,
     manifest: &Manifest,
     fetched: &[FetchedShard],
     retired: Option<&Retired>,
-    previous: &SyncState,
+    unchanged_keys: u64,
     manifest_etag: Option<String>,
     now_ms: i64,
     write: &mut Write,
 ) -> Result<(), String> {
-    let mut keys = if retired.is_some() { 0 } else { previous.keys };
+    let mut keys = if retired.is_some() { 0 } else { unchanged_keys };
     for f in fetched {
         apply_shard(config, f, write)?;
-        let replaced = if retired.is_some() { 0 } else { f.previous.as_ref().map_or(0, |p| p.hashes.len() as u64) };
-        keys = keys.saturating_sub(replaced).saturating_add(f.records.len() as u64);
+        keys = keys.saturating_add(f.records.len() as u64);
     }
     if let Some(retired) = retired {
         let kept: HashSet<&KeyHash> = fetched.iter().flat_map(|f| f.records.iter().map(|(h, _)| h)).collect();

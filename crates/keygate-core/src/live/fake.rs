@@ -60,6 +60,11 @@ impl FakeStore {
     pub fn value(&self, entry: &str) -> Option<Vec<u8>> {
         self.entries.borrow().get(entry).map(|(v, _)| v.clone())
     }
+
+    /// After `n` more writes, every write fails (`None`: writes succeed again).
+    pub fn fail_writes_after(&self, n: Option<usize>) {
+        self.writes_left.set(n);
+    }
 }
 
 /// How a path of the endpoint misbehaves.

@@ -158,6 +158,8 @@ struct Run {
     first_load: bool,
     /// Shards fetched and checked in this sync.
     shards_fetched: usize,
+    /// The records the shards kept as they are (not fetched) hold, by their indexes.
+    unchanged_keys: u64,
 }
 
 fn write_to(store: &dyn Store) -> impl FnMut(&str, &[u8]) -> Result<(), String> + '_ {
@@ -336,7 +338,7 @@ impl Syncer {
             }
             Some(manifest) => {
                 let (retired, etag) = (run.retired.as_ref(), run.manifest_etag.clone());
-                apply_sync(config, manifest, &run.fetched, retired, &run.previous, etag, now, &mut write)?;
+                apply_sync(config, manifest, &run.fetched, retired, run.unchanged_keys, etag, now, &mut write)?;
                 if records_changed {
                     // Records changed: every VM empties its cache on its next tick.
                     write(&config.generation_entry(), now.to_string().as_bytes())?;
@@ -387,6 +389,7 @@ impl Run {
             fetched: Vec::new(),
             first_load,
             shards_fetched: 0,
+            unchanged_keys: 0,
         }
     }
 
@@ -423,7 +426,10 @@ impl Run {
         } else {
             for shard in &manifest.shards {
                 match read_index(store, config, &shard.prefix) {
-                    Some(i) if i.etag == shard.etag => self.ids.add(shard_number(&shard.prefix), i.ids),
+                    Some(i) if i.etag == shard.etag => {
+                        self.unchanged_keys += i.hashes.len() as u64;
+                        self.ids.add(shard_number(&shard.prefix), i.ids);
+                    }
                     index => self.queue.push((shard.clone(), index)),
                 }
             }

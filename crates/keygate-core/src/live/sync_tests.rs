@@ -885,3 +885,27 @@ fn a_late_answer_of_an_abandoned_sync_is_dropped_unread_and_changes_nothing() {
     assert_eq!(e.seen(0, &key(&ids[1])), ids[1]);
     assert_eq!(e.seen(0, &key(&ids[2])), ids[2]);
 }
+
+#[test]
+fn a_store_refusing_writes_part_way_leaves_nothing_a_later_set_cannot_retire() {
+    // Shared data full, say: from the n-th write on, every write fails, wherever the sync is.
+    let k = id_in("victim", "3");
+    let new = id_in("new", "3");
+    for width in [1, 0] {
+        for n in 0..40 {
+            let context = format!("width {width}, writes fail after {n}");
+            let mut e = loaded(1, &[record(&k), record("stays")], 1);
+            e.publish(&Publication::new(&[record("stays"), record(&new)], width, 2));
+            e.world.store.fail_writes_after(Some(n));
+            e.run_ms(1_000);
+            assert_ne!(e.seen(0, &key("stays")), "unavailable", "{context}");
+            e.world.store.fail_writes_after(None);
+            e.publish(&Publication::new(&[record("stays"), record(&new)], width, 3));
+            e.run_until_synced("3", RECOVERY_MS + 1_000);
+            assert_eq!(e.seen(0, &key(&k)), "unknown", "{context}");
+            assert_eq!(e.seen(0, &key(&new)), new, "{context}");
+            assert_eq!(e.seen(0, &key("stays")), "stays", "{context}");
+            assert_eq!(e.gauges(0).unwrap().loaded.unwrap().keys, 2, "{context}");
+        }
+    }
+}

@@ -24,12 +24,12 @@ fn writes_of(
     manifest: &Manifest,
     fetched: &[FetchedShard],
     retired: Option<&Retired>,
-    previous: &SyncState,
+    unchanged_keys: u64,
     etag: Option<String>,
     now: i64,
 ) -> Vec<Written> {
     let mut writes = Vec::new();
-    apply_sync(c, manifest, fetched, retired, previous, etag, now, &mut |entry, value| {
+    apply_sync(c, manifest, fetched, retired, unchanged_keys, etag, now, &mut |entry, value| {
         writes.push(Written { entry: entry.to_string(), value: value.to_vec() });
         Ok(())
     })
@@ -176,8 +176,8 @@ fn a_sync_writes_records_tombstones_indexes_then_state() {
     };
     let manifest = Manifest { version: "42".into(), shards: vec![shard.clone()] };
     let fetched = [FetchedShard::new(fetched_shard, keys, Some(previous), &KeySet::default()).unwrap()];
-    let prior = SyncState { version: "41".into(), keys: 10, synced_ms: 1, manifest_etag: None, width: Some(1) };
-    let writes = writes_of(&c, &manifest, &fetched, None, &prior, Some("\"e1\"".into()), 5_000);
+    // 8 keys in the shards not fetched, and the 2 of this one.
+    let writes = writes_of(&c, &manifest, &fetched, None, 8, Some("\"e1\"".into()), 5_000);
 
     let value = |entry: &str| writes.iter().rev().find(|w| w.entry == entry).map(|w| w.value.clone());
     assert_eq!(value(&c.key_entry(&hash_key(kb.as_bytes()))).as_deref(), Some(TOMBSTONE));
@@ -252,8 +252,7 @@ fn a_new_shard_layout_replaces_the_whole_set() {
         hashes: vec![hash_key(kept.as_bytes()), hash_key(dropped.as_bytes())],
     };
     let fetched = [FetchedShard::new(shard, keys, None, &KeySet::default()).unwrap()];
-    let prior = SyncState { version: "1".into(), keys: 8, synced_ms: 1, manifest_etag: None, width: Some(1) };
-    let writes = writes_of(&c, &manifest, &fetched, Some(&retired), &prior, None, 9);
+    let writes = writes_of(&c, &manifest, &fetched, Some(&retired), 8, None, 9);
     let value = |entry: &str| writes.iter().rev().find(|w| w.entry == entry).map(|w| w.value.clone());
     assert_eq!(value(&c.key_entry(&hash_key(dropped.as_bytes()))).as_deref(), Some(TOMBSTONE));
     assert_eq!(decode_key(&value(&c.key_entry(&hash_key(kept.as_bytes()))).unwrap()).unwrap().id, "k");
