@@ -6,11 +6,12 @@
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
 use crate::keys::{hash_key, KeyHash, KeySet, KeySource, Lookup};
+use crate::live::host::{Answer, Clock, Event, Fetch, Host};
 use crate::live::lease::VmNumber;
 use crate::live::records::LiveSet;
 use crate::live::settings::KeySetConfig;
 use crate::live::store::{Store, StoreError, StoreOp};
-use crate::live::sync::{Answer, Clock, Event, Fetch, Host, Syncer};
+use crate::live::sync::Syncer;
 use serde_json::{json, Value};
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
@@ -530,7 +531,7 @@ impl Envoy {
         self.gauges(0).and_then(|g| g.loaded).map(|l| l.version)
     }
 
-    pub fn gauges(&self, vm: usize) -> Option<crate::live::sync::Gauges> {
+    pub fn gauges(&self, vm: usize) -> Option<crate::live::host::Gauges> {
         self.vms[vm].events.iter().rev().find_map(|e| match e {
             Event::Gauges(g) => Some(g.clone()),
             _ => None,

@@ -8,7 +8,8 @@
 //! - [`lease`]: VM numbers and the polling lease;
 //! - [`ids`]: record ids unique across the set;
 //! - [`apply`]: what one sync writes, in an order that survives any interruption;
-//! - [`sync`]: the sync itself, driven by a host's ticks and answers through small traits;
+//! - [`host`]: the traits a host implements for the sync, and the events the sync reports;
+//! - [`sync`]: the sync itself, driven by a host's ticks and answers;
 //! - [`records`]: the request path's lookup of a live record, with a per-VM cache.
 //!
 //! A host implements [`Store`], [`Fetch`] and [`Clock`], forwards its ticks and the endpoint's
@@ -31,6 +32,7 @@
 
 pub mod apply;
 pub mod formats;
+pub mod host;
 pub mod ids;
 pub mod lease;
 pub mod records;
@@ -40,6 +42,7 @@ pub mod sync;
 
 pub use apply::{apply_shard, apply_sync, retire, write_state, FetchedShard, Retired, Write};
 pub use formats::{parse_manifest, parse_shard, prefixes, Manifest, ShardRef, MAX_DEPTH};
+pub use host::{Answer, Clock, Event, Fetch, Gauges, Host, LoadedSet, Sink};
 pub use ids::{inline_ids, inline_place, prefix_of, shard_number, stored_position, IdIndex, INLINE, SEVERAL};
 pub use lease::{hold_lease, number_vm, seconds_since, update_lease, Lease, VmNumber};
 pub use records::{LiveSet, MAX_CACHED};
@@ -49,7 +52,7 @@ pub use settings::{
 pub use store::{
     decode_widths, id_digest, stale_widths, width_bit, ShardIndex, Store, StoreError, StoreOp, SyncState, PENDING_ETAG,
 };
-pub use sync::{Answer, Clock, Event, Fetch, Gauges, Host, LoadedSet, Sink, Syncer, MAX_IN_FLIGHT};
+pub use sync::{Syncer, MAX_IN_FLIGHT};
 
 #[cfg(test)]
 mod fake;

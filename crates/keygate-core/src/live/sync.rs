@@ -1,8 +1,8 @@
 //! The key-set sync as a state machine that any host drives: on every tick ([`Syncer::on_tick`])
 //! and on every answer of the key-set endpoint ([`Syncer::on_answer`]). It reaches the host only
-//! through small traits (the [`Store`], an HTTP [`Fetch`], a monotonic [`Clock`], and an [`Answer`]
-//! whose body is read only once its size is accepted) and tells the host what happened through a
-//! [`Sink`] of [`Event`]s, which the host logs and counts.
+//! through the small traits of [`crate::live::host`] (the [`Store`], an HTTP fetch, a monotonic clock,
+//! and an [`Answer`] whose body is read only once its size is accepted) and tells the host what
+//! happened through a [`Sink`] of [`Event`]s, which the host logs and counts.
 //!
 //! One sync: the manifest (with `If-None-Match` once the server gave an `ETag`), then every shard
 //! whose etag changed, at most [`MAX_IN_FLIGHT`] at a time; applied all at once when the last one
@@ -13,6 +13,7 @@
 use crate::keys::KeySet;
 use crate::live::apply::{apply_shard, apply_sync, retire, write_state, FetchedShard, Retired};
 use crate::live::formats::{parse_manifest, parse_shard, prefixes, Manifest, ShardRef};
+use crate::live::host::{Answer, Event, Gauges, Host, LoadedSet, Sink};
 use crate::live::ids::{inline_ids, inline_place, prefix_of, shard_number, stored_position, IdIndex, INLINE, SEVERAL};
 use crate::live::lease::{hold_lease, seconds_since, update_lease};
 use crate::live::records::LiveSet;
@@ -21,108 +22,10 @@ use crate::live::store::{
     read_index, read_state, read_widths, stale_widths, width_bit, write_entry, ShardIndex, Store, SyncState,
 };
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::rc::Rc;
 
 /// Most shard fetches in flight at once during one sync.
 pub const MAX_IN_FLIGHT: usize = 4;
-
-/// HTTP requests to the key-set endpoint.
-pub trait Fetch {
-    /// Sends a request with `headers` (`:method`, `:path`, `:authority`, maybe `if-none-match`) to
-    /// `cluster`, to be answered within `timeout_ms`; returns the token its answer will carry.
-    fn get(&self, cluster: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Result<u32, String>;
-}
-
-/// The host's monotonic clock, one for every VM of the process (Envoy's steady clock).
-pub trait Clock {
-    /// Milliseconds on the monotonic clock; `None` when the host cannot tell.
-    fn monotonic_ms(&self) -> Option<i64>;
-}
-
-/// One answer of the key-set endpoint. Its body is asked for only once the sync expects the answer,
-/// has accepted its announced size and needs the bytes, so a body past its limit (or one for a sync
-/// already abandoned) is never copied.
-pub trait Answer {
-    /// The HTTP status; 0 when no answer came (refused, reset or timed out).
-    fn status(&self) -> u16;
-    /// The `ETag` header.
-    fn etag(&self) -> Option<String>;
-    fn body(&self) -> Vec<u8>;
-}
-
-/// The host calls a sync makes.
-#[derive(Clone, Copy)]
-pub struct Host<'a> {
-    pub store: &'a dyn Store,
-    pub fetch: &'a dyn Fetch,
-    pub clock: &'a dyn Clock,
-}
-
-/// What the host shows of the live set (stats `keygate.key_set.*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Gauges {
-    /// Since the last good sync, or since this VM was configured when none has happened.
-    pub seconds_since_sync: u64,
-    /// The loaded set, once there is one.
-    pub loaded: Option<LoadedSet>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoadedSet {
-    /// The version when it is all digits, else 0.
-    pub version: u64,
-    pub keys: u64,
-}
-
-/// What the sync tells its host.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    /// Refreshed gauges: on every tick, and after every good sync.
-    Gauges(Gauges),
-    /// A good sync (an unchanged `304` included). `shards` is `None` when the manifest was unchanged.
-    Synced { version: String, shards: Option<usize>, changed: bool },
-    /// A sync failed and was abandoned; the set that was serving keeps serving.
-    Failed { reason: String, keeping: Option<String>, next_try_ms: i64 },
-    /// The lease could not be taken or renewed (the store refused).
-    LeaseTrouble(String),
-    /// The next poll could not be scheduled (the store refused).
-    ScheduleTrouble(String),
-}
-
-/// The host's log line of an event, after `keygate: `. No line holds a key: at most a key id.
-impl fmt::Display for Event {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Event::Gauges(g) => write!(f, "key set: {} s since the last sync", g.seconds_since_sync),
-            Event::Synced { version, shards: None, .. } => write!(f, "key set version {version} unchanged"),
-            Event::Synced { version, shards: Some(n), .. } => {
-                write!(f, "key set version {version} loaded, {n} shards fetched")
-            }
-            Event::Failed { reason, keeping, next_try_ms } => {
-                write!(f, "key-set sync failed: {reason}; keeping ")?;
-                match keeping {
-                    Some(version) => write!(f, "version {version}")?,
-                    None => f.write_str("none loaded yet")?,
-                }
-                write!(f, "; next try in {next_try_ms} ms")
-            }
-            Event::LeaseTrouble(reason) => write!(f, "cannot take the key-set lease: {reason}"),
-            Event::ScheduleTrouble(reason) => write!(f, "cannot schedule the next key-set poll: {reason}"),
-        }
-    }
-}
-
-/// Where the sync's events go: the host's logs and stats, a list in tests.
-pub trait Sink {
-    fn report(&mut self, event: Event);
-}
-
-impl<F: FnMut(Event)> Sink for F {
-    fn report(&mut self, event: Event) {
-        self(event);
-    }
-}
 
 /// This VM's part in keeping a live key set.
 #[derive(Debug)]

@@ -9,8 +9,8 @@
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
 use super::fake::*;
+use crate::live::host::{Event, Gauges, LoadedSet};
 use crate::live::lease::Lease;
-use crate::live::sync::{Event, Gauges, LoadedSet};
 use serde_json::{json, Value};
 
 /// How long a recovery may take once the endpoint behaves: the backoff cap, the timeout, a tick.
