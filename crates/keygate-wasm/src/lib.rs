@@ -6,8 +6,8 @@
 //! the sync reports. keygate never logs, counts or echoes a presented key.
 
 pub mod filter;
-mod host;
-mod metrics;
+pub mod host;
+pub mod metrics;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);
