@@ -30,6 +30,8 @@ pub struct FakeStore {
     next_cas: Cell<u32>,
     /// Writes that still succeed before every write fails; `None`: no limit.
     writes_left: Cell<Option<usize>>,
+    /// Failed writes of entries other than the lease and the VM counter.
+    data_write_failures: Cell<usize>,
 }
 
 impl Store for FakeStore {
@@ -40,6 +42,9 @@ impl Store for FakeStore {
     fn set(&self, entry: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
         if let Some(left) = self.writes_left.get() {
             if left == 0 {
+                if !entry.ends_with("/lease") && !entry.ends_with("/vmseq") {
+                    self.data_write_failures.set(self.data_write_failures.get() + 1);
+                }
                 return Err(StoreError::new(StoreOp::Write, entry, "InternalFailure"));
             }
             self.writes_left.set(Some(left - 1));
@@ -65,6 +70,10 @@ impl FakeStore {
     /// After `n` more writes, every write fails (`None`: writes succeed again).
     pub fn fail_writes_after(&self, n: Option<usize>) {
         self.writes_left.set(n);
+    }
+
+    pub fn data_write_failures(&self) -> usize {
+        self.data_write_failures.get()
     }
 }
 
@@ -210,6 +219,8 @@ pub struct World {
     next_token: Cell<u32>,
     /// The paths of the answers whose bodies a sync read, in order.
     pub bodies_read: RefCell<Vec<String>>,
+    /// [`FakeStore::data_write_failures`] when the last good sync ended.
+    pub clean_at: Cell<Option<usize>>,
 }
 
 struct Call {
@@ -289,6 +300,14 @@ pub struct Vm {
     pub stalled: bool,
 }
 
+/// Keeps a VM's event, noting when a good sync ended.
+fn keep(world: &World, events: &mut Vec<Event>, event: Event) {
+    if matches!(event, Event::Synced { .. }) {
+        world.clean_at.set(Some(world.store.data_write_failures()));
+    }
+    events.push(event);
+}
+
 /// One Envoy process.
 pub struct Envoy {
     pub world: World,
@@ -319,6 +338,7 @@ impl Envoy {
             calls: RefCell::default(),
             next_token: Cell::new(0),
             bodies_read: RefCell::default(),
+            clean_at: Cell::new(None),
         };
         let mut envoy = Envoy { world, vms: Vec::new() };
         for i in 0..vms {
@@ -380,7 +400,7 @@ impl Envoy {
             vm.next_tick = now + self.world.config.tick_ms() as i64;
             let calls = Calls { world: &self.world, vm: i };
             let host = Host { store: &self.world.store, fetch: &calls, clock: &self.world };
-            vm.sync.on_tick(&host, &vm.live, &mut |e: Event| vm.events.push(e));
+            vm.sync.on_tick(&host, &vm.live, &mut |e: Event| keep(&self.world, &mut vm.events, e));
         }
         self.deliver();
     }
@@ -411,7 +431,8 @@ impl Envoy {
         let calls = Calls { world, vm };
         let host = Host { store: &world.store, fetch: &calls, clock: world };
         let answer = Handed { world, canned };
-        v.sync.on_answer(&host, &v.live, &v.inline, token, canned.size, &answer, &mut |e: Event| v.events.push(e));
+        let sink = &mut |e: Event| keep(world, &mut v.events, e);
+        v.sync.on_answer(&host, &v.live, &v.inline, token, canned.size, &answer, sink);
     }
 
     /// The calls not answered yet: (vm, token, path).

@@ -57,6 +57,8 @@ pub use sync::{Syncer, MAX_IN_FLIGHT};
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
+mod sync_props;
+#[cfg(test)]
 mod sync_tests;
 #[cfg(test)]
 mod unit_tests;
