@@ -99,6 +99,7 @@ impl Sink for Report<'_> {
                 Metrics::bump(m.sync_failures);
                 warn!("keygate: {event}");
             }
+            Event::Abandoned { .. } => info!("keygate: {event}"),
             Event::LeaseTrouble(_) | Event::ScheduleTrouble(_) => warn!("keygate: {event}"),
         }
     }

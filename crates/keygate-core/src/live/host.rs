@@ -62,6 +62,9 @@ pub enum Event {
     Synced { version: String, shards: Option<usize>, changed: bool },
     /// A sync failed and was abandoned; the set that was serving keeps serving.
     Failed { reason: String, keeping: Option<String>, next_try_ms: i64 },
+    /// A sync was dropped unapplied: while it ran (this VM stalled, say), the lease moved to VM
+    /// `holder`, which polls now.
+    Abandoned { holder: u32 },
     /// The lease could not be taken or renewed (the store refused).
     LeaseTrouble(String),
     /// The next poll could not be scheduled (the store refused).
@@ -84,6 +87,9 @@ impl fmt::Display for Event {
                     None => f.write_str("none loaded yet")?,
                 }
                 write!(f, "; next try in {next_try_ms} ms")
+            }
+            Event::Abandoned { holder } => {
+                write!(f, "key-set sync dropped: the lease moved to VM {holder} while it ran")
             }
             Event::LeaseTrouble(reason) => write!(f, "cannot take the key-set lease: {reason}"),
             Event::ScheduleTrouble(reason) => write!(f, "cannot schedule the next key-set poll: {reason}"),

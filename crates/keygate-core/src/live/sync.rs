@@ -15,7 +15,7 @@ use crate::live::apply::{apply_shard, apply_sync, retire, write_state, FetchedSh
 use crate::live::formats::{parse_manifest, parse_shard, prefixes, Manifest, ShardRef};
 use crate::live::host::{Answer, Event, Gauges, Host, LoadedSet, Sink};
 use crate::live::ids::{inline_ids, inline_place, prefix_of, shard_number, stored_position, IdIndex, INLINE, SEVERAL};
-use crate::live::lease::{hold_lease, seconds_since, update_lease};
+use crate::live::lease::{hold_lease, seconds_since, update_lease, Lease};
 use crate::live::records::LiveSet;
 use crate::live::settings::{Fetched, KeySetConfig};
 use crate::live::store::{
@@ -53,8 +53,8 @@ struct Run {
     retired: Option<Retired>,
     /// The ids of the set being built, to refuse one loaded twice.
     ids: IdIndex,
-    queue: Vec<(ShardRef, Option<ShardIndex>)>,
-    in_flight: HashMap<u32, (ShardRef, Option<ShardIndex>)>,
+    queue: Vec<ShardRef>,
+    in_flight: HashMap<u32, ShardRef>,
     fetched: Vec<FetchedShard>,
     /// No set has loaded yet, so there is no last good one to keep: each shard is written as it
     /// arrives (a VM's memory never shrinks, and a first load may be the whole set).
@@ -86,8 +86,8 @@ impl Syncer {
     }
 
     /// Every tick: follow the generation, refresh the gauges, take or renew the lease (also while a
-    /// sync runs: a large first load outlasts the lease), abandon a sync gone silent, and start one
-    /// when this VM holds the lease and a poll is due.
+    /// sync runs: a large first load outlasts the lease), abandon a sync gone silent, drop one whose
+    /// lease another VM took meanwhile, and start one when this VM holds the lease and a poll is due.
     pub fn on_tick(&mut self, host: &Host<'_>, live: &LiveSet, sink: &mut dyn Sink) {
         let Some(now) = host.clock.monotonic_ms() else { return };
         let config = live.config();
@@ -98,6 +98,10 @@ impl Syncer {
             None
         });
         if let Some(run) = &self.run {
+            if let Some(holder) = lease.is_none().then(|| self.lease_moved(host.store, config)).flatten() {
+                self.run = None;
+                return sink.report(Event::Abandoned { holder });
+            }
             if now.saturating_sub(run.last_answer_ms) > config.silence_limit_ms() {
                 self.fail(host, live, "no answer from the key-set endpoint", sink);
             }
@@ -125,11 +129,17 @@ impl Syncer {
         let Some(run) = &self.run else { return };
         let what = if run.manifest_token == Some(token) {
             Fetched::Manifest
-        } else if let Some((shard, _)) = run.in_flight.get(&token) {
+        } else if let Some(shard) = run.in_flight.get(&token) {
             Fetched::Shard(&shard.prefix)
         } else {
             return;
         };
+        if let Some(holder) = self.lease_moved(host.store, live.config()) {
+            // Another VM polls now and may have written a newer set: applying this one's plan
+            // could only write an older set over it.
+            self.run = None;
+            return sink.report(Event::Abandoned { holder });
+        }
         // The size first: a body past its limit is never copied into the VM, let alone parsed.
         let outcome = match live.config().refuse_body(what, body_size) {
             Some(reason) => Err(reason),
@@ -138,6 +148,12 @@ impl Syncer {
         if let Err(reason) = outcome {
             self.fail(host, live, &reason, sink);
         }
+    }
+
+    /// The VM that holds the lease now, when it is not this one.
+    fn lease_moved(&self, store: &dyn Store, config: &KeySetConfig) -> Option<u32> {
+        let (value, _) = store.get(&config.lease_entry()).ok()??;
+        Lease::decode(&value).map(|l| l.owner).filter(|owner| *owner != self.me)
     }
 
     /// The gauges at monotonic time `now`.
@@ -192,17 +208,17 @@ impl Syncer {
             let manifest = parse_manifest(&answer.body()).map_err(|e| e.to_string())?;
             let ids = Rc::clone(self.inline_ids.get_or_insert_with(|| Rc::new(inline_ids(inline))));
             run.plan(host.store, config, manifest, answer.etag(), ids)?;
-        } else if let Some((shard, previous)) = run.in_flight.remove(&token) {
-            run.take_shard(host.store, config, inline, shard, previous, answer)?;
+        } else if let Some(shard) = run.in_flight.remove(&token) {
+            run.take_shard(host.store, config, inline, shard, answer)?;
         } else {
             return Ok(());
         }
         while run.in_flight.len() < MAX_IN_FLIGHT {
-            let Some((shard, previous)) = run.queue.pop() else { break };
+            let Some(shard) = run.queue.pop() else { break };
             let path = config.shard_request_path(&shard.path);
             let headers = [(":method", "GET"), (":path", path.as_str()), (":authority", config.authority.as_str())];
             let token = host.fetch.get(&config.cluster, &headers, config.timeout_ms)?;
-            run.in_flight.insert(token, (shard, previous));
+            run.in_flight.insert(token, shard);
         }
         if run.in_flight.is_empty() && run.queue.is_empty() {
             return self.finish(host, live, sink);
@@ -212,7 +228,7 @@ impl Syncer {
 
     /// Applies the sync in progress to shared data, then schedules the next poll.
     fn finish(&mut self, host: &Host<'_>, live: &LiveSet, sink: &mut dyn Sink) -> Result<(), String> {
-        let Some(run) = self.run.take() else { return Ok(()) };
+        let Some(mut run) = self.run.take() else { return Ok(()) };
         let (config, store) = (live.config(), host.store);
         let mut write = write_to(store);
         let now = host.clock.monotonic_ms().unwrap_or(run.started_ms);
@@ -240,6 +256,11 @@ impl Syncer {
                 (manifest.version.clone(), Some(run.shards_fetched))
             }
             Some(manifest) => {
+                // What each shard's index lists now, not when the sync was planned: whatever wrote
+                // it since, a record it lists and the new shard lacks is retired.
+                for f in &mut run.fetched {
+                    f.previous = read_index(store, config, &f.shard.prefix);
+                }
                 let (retired, etag) = (run.retired.as_ref(), run.manifest_etag.clone());
                 apply_sync(config, manifest, &run.fetched, retired, run.unchanged_keys, etag, now, &mut write)?;
                 if records_changed {
@@ -322,9 +343,10 @@ impl Run {
                 retired.hashes.extend(read_index(store, config, &prefix).map(|i| i.hashes).unwrap_or_default());
                 retired.prefixes.push(prefix);
             }
-            // Each shard with the index its own width holds now: what that index lists and the new
-            // shard lacks is retired too (a failed sync at another width must not spare it).
-            self.queue.extend(manifest.shards.iter().map(|s| (s.clone(), read_index(store, config, &s.prefix))));
+            // Each shard is written against the index its own width holds then: what that index
+            // lists and the new shard lacks is retired too (a failed sync at another width must
+            // not spare it).
+            self.queue.extend(manifest.shards.iter().cloned());
             self.retired = Some(retired);
         } else {
             for shard in &manifest.shards {
@@ -333,7 +355,7 @@ impl Run {
                         self.unchanged_keys += i.hashes.len() as u64;
                         self.ids.add(shard_number(&shard.prefix), i.ids);
                     }
-                    index => self.queue.push((shard.clone(), index)),
+                    _ => self.queue.push(shard.clone()),
                 }
             }
         }
@@ -349,7 +371,6 @@ impl Run {
         config: &KeySetConfig,
         inline: &KeySet,
         shard: ShardRef,
-        previous: Option<ShardIndex>,
         answer: &dyn Answer,
     ) -> Result<(), String> {
         let status = answer.status();
@@ -373,10 +394,11 @@ impl Run {
             n => in_shard(prefix_of(n, width), digest, id),
         };
         self.ids.check(&shard, &keys, place_of).map_err(|e| e.to_string())?;
-        let fetched = FetchedShard::new(shard, keys, previous, inline).map_err(|e| e.to_string())?;
+        let mut fetched = FetchedShard::new(shard, keys, None, inline).map_err(|e| e.to_string())?;
         self.ids.add(shard_number(&fetched.shard.prefix), fetched.ids.iter().copied());
         self.shards_fetched += 1;
         if self.first_load {
+            fetched.previous = read_index(store, config, &fetched.shard.prefix);
             apply_shard(config, &fetched, &mut write_to(store))?;
         } else {
             self.fetched.push(fetched);

@@ -167,23 +167,43 @@ fn the_backoff_survives_the_lease_moving_to_another_vm() {
 }
 
 #[test]
-fn a_failure_reported_after_the_lease_moved_still_counts() {
+fn a_sync_that_outlived_its_lease_is_dropped_unapplied() {
     let mut e = loaded(2, &records(&["live"]), 1);
     // The poller's next poll gets no answer in time; it stalls with the call in flight.
     e.origin().faults.insert(MANIFEST.into(), Fault::Slow(1_000));
     e.run_until(2_000, |e| e.vms.iter().any(|vm| vm.sync.syncing())).unwrap();
-    let poller = e.vms.iter().position(|vm| vm.sync.syncing()).unwrap();
-    e.vms[poller].stalled = true;
+    let stalled = e.vms.iter().position(|vm| vm.sync.syncing()).unwrap();
+    e.vms[stalled].stalled = true;
     e.origin().faults.insert(MANIFEST.into(), Fault::Status(503));
-    // The other VM takes the lease and fails once.
+    // The other VM takes the lease and fails once: that failure is in the lease.
     e.run_until(5_000, |e| e.failures().len() == 1).unwrap();
-    // The stalled VM wakes up and gets its answer: the slow one, past the timeout by now (status 0).
-    e.vms[poller].stalled = false;
+    let holder = e.vms[1 - stalled].sync.me();
+    // The stalled VM wakes up to its answer: it drops its sync, unread, and counts nothing.
+    e.vms[stalled].stalled = false;
+    e.world.bodies_read.borrow_mut().clear();
     e.step();
-    assert_eq!(e.failures().len(), 2);
+    assert!(!e.vms[stalled].sync.syncing());
+    assert!(e.world.bodies_read.borrow().is_empty());
+    assert_eq!(e.failures().len(), 1);
+    assert_eq!(
+        e.vms[stalled].events.iter().rfind(|e| !matches!(e, Event::Gauges(_))).map(|e| e.to_string()),
+        Some(format!("key-set sync dropped: the lease moved to VM {holder} while it ran"))
+    );
     let lease = Lease::decode(&e.world.store.value(&e.world.config.lease_entry()).unwrap()).unwrap();
-    assert_ne!(lease.owner, e.vms[poller].sync.me());
-    assert_eq!(lease.failures, 2, "both failures count, whichever VM holds the lease");
+    assert_eq!((lease.owner, lease.failures), (holder, 1));
+
+    // Stalled with no answer due, it drops its sync on its first tick instead.
+    e.origin().faults.insert(MANIFEST.into(), Fault::Lost);
+    e.run_until(RECOVERY_MS, |e| e.vms[1 - stalled].sync.syncing()).unwrap();
+    e.vms[1 - stalled].stalled = true;
+    e.run_until(5_000, |e| e.vms[stalled].sync.syncing()).unwrap();
+    e.vms[1 - stalled].stalled = false;
+    e.run_ms(110);
+    assert!(!e.vms[1 - stalled].sync.syncing());
+    assert_eq!(
+        e.vms[1 - stalled].events.iter().rfind(|e| !matches!(e, Event::Gauges(_))).map(|e| e.to_string()),
+        Some(format!("key-set sync dropped: the lease moved to VM {} while it ran", e.vms[stalled].sync.me()))
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -908,4 +928,31 @@ fn a_store_refusing_writes_part_way_leaves_nothing_a_later_set_cannot_retire() {
             assert_eq!(e.gauges(0).unwrap().loaded.unwrap().keys, 2, "{context}");
         }
     }
+}
+
+#[test]
+fn a_vm_that_stalled_mid_sync_past_its_lease_leaves_no_record_unlisted() {
+    // VM A plans a sync of version 2 (shard X gains y), then stalls with shard X's answer on its
+    // way, past its lease. VM B takes over and loads version 3 (shard X gains n too). A wakes up
+    // and applies its version 2. Version 4 drops n again, with shard X as version 2 had it.
+    let x = id_in("sx", "7");
+    let (y, n) = (id_in("sy", "7"), id_in("sn", "7"));
+    let mut e = loaded(2, &[record(&x)], 1);
+    e.publish(&Publication::new(&[record(&x), record(&y)], 1, 2));
+    e.origin().faults.insert(Publication::served_path("7"), Fault::Slow(200));
+    e.run_until(2_000, |e| e.pending().iter().any(|(_, _, p)| p.ends_with("/7.json"))).unwrap();
+    let a = e.pending()[0].0;
+    e.vms[a].stalled = true;
+    e.origin().faults.clear();
+    e.publish(&Publication::new(&[record(&x), record(&y), record(&n)], 1, 3));
+    e.run_until_synced("3", 5_000);
+    assert_eq!(e.seen(1 - a, &key(&n)), n);
+    e.vms[a].stalled = false;
+    e.step();
+    let state = crate::live::store::read_state(&e.world.store, &e.world.config).unwrap();
+    assert_eq!(state.version, "3", "the stalled VM wrote its older set over the newer one");
+    e.publish(&Publication::new(&[record(&x), record(&y)], 1, 4));
+    e.run_until_synced("4", 5_000);
+    e.run_ms(200);
+    assert_eq!(e.seen_by_all(&key(&n)), "unknown", "{:#?}", e.log());
 }
