@@ -69,8 +69,10 @@ pub fn hold_lease(store: &dyn Store, config: &KeySetConfig, me: u32, now: i64) -
     Ok(store.set(&entry, &claimed.encode(), Some(cas))?.then_some(claimed))
 }
 
-/// Changes the lease with compare-and-swap, whichever VM holds it now: a sync's outcome counts
-/// even when the lease moved while it ran (the failure count of the backoff must survive a move).
+/// Changes the lease with compare-and-swap, whichever VM holds it now, keeping its holder: the
+/// failure count and the schedule belong to the lease, not to a VM, so the backoff survives a move.
+/// (A sync that notices the lease moved while it ran is dropped instead:
+/// [`Syncer`](crate::live::sync::Syncer).)
 pub fn update_lease(
     store: &dyn Store,
     config: &KeySetConfig,
