@@ -150,10 +150,10 @@ impl Syncer {
         }
     }
 
-    /// The VM that holds the lease now, when it is not this one.
+    /// The VM that holds the lease now, when it is not this one (0, a lease just created, is no VM).
     fn lease_moved(&self, store: &dyn Store, config: &KeySetConfig) -> Option<u32> {
         let (value, _) = store.get(&config.lease_entry()).ok()??;
-        Lease::decode(&value).map(|l| l.owner).filter(|owner| *owner != self.me)
+        Lease::decode(&value).map(|l| l.owner).filter(|owner| *owner != self.me && *owner != 0)
     }
 
     /// The gauges at monotonic time `now`.

@@ -956,3 +956,18 @@ fn a_vm_that_stalled_mid_sync_past_its_lease_leaves_no_record_unlisted() {
     e.run_ms(200);
     assert_eq!(e.seen_by_all(&key(&n)), "unknown", "{:#?}", e.log());
 }
+
+#[test]
+fn a_lease_recreated_by_another_vm_while_a_sync_runs_does_not_drop_it() {
+    // A VM that found the lease absent a moment ago creates it with no holder (shared data has no
+    // create-if-absent): no VM holds it, so the sync in progress goes on.
+    let mut e = loaded(2, &records(&["a"]), 1);
+    e.publish(&Publication::new(&records(&["a", "b"]), 1, 2));
+    e.origin().faults.insert(MANIFEST.into(), Fault::Slow(50));
+    e.run_until(2_000, |e| e.vms.iter().any(|vm| vm.sync.syncing())).unwrap();
+    let nobody = Lease { owner: 0, expires_ms: 0, next_due_ms: 0, failures: 0 };
+    crate::live::store::write_entry(&e.world.store, &e.world.config.lease_entry(), &nobody.encode()).unwrap();
+    e.run_until_synced("2", 200);
+    assert!(e.log().iter().all(|line| !line.contains("dropped")), "{:#?}", e.log());
+    assert_eq!(e.seen_by_all(&key("b")), "b");
+}
