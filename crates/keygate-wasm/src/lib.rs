@@ -1,9 +1,13 @@
 //! keygate as a proxy-wasm filter: the host glue around [`keygate_core`], which decides.
 //!
-//! [`filter`] reads the configuration, gathers each request's view, acts on the core's decision and
-//! performs the key-set sync's host calls. keygate never logs, counts or echoes a presented key.
+//! [`filter`] reads the configuration, gathers each request's view and acts on the core's decision,
+//! and forwards ticks and the key-set endpoint's answers to the core's sync; [`host`] implements
+//! the host traits that sync runs against; [`metrics`] defines the stats and logs and counts what
+//! the sync reports. keygate never logs, counts or echoes a presented key.
 
 pub mod filter;
+pub mod host;
+pub mod metrics;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Trace);

@@ -1,10 +1,15 @@
-//! Unit tests of the live key set's formats, checks and plans.
+//! Unit tests of the live key set's settings, formats, layout, lease and writes, each part on its
+//! own (the sync as a whole: `sync_tests.rs`).
 //!
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
+use super::fake::FakeStore;
 use super::*;
-use crate::keys::record::compile_keys;
+use crate::keys::record::{compile_keys, RawKey};
+use crate::keys::stored::{decode_key, encode_key, TOMBSTONE};
+use crate::keys::{hash_key, Key, KeyHash, KeySet};
 use serde_json::json;
+use std::collections::HashSet;
 
 /// One shared-data write, as a test sees it.
 struct Written {
@@ -19,12 +24,12 @@ fn writes_of(
     manifest: &Manifest,
     fetched: &[FetchedShard],
     retired: Option<&Retired>,
-    previous: &SyncState,
+    unchanged_keys: u64,
     etag: Option<String>,
     now: i64,
 ) -> Vec<Written> {
     let mut writes = Vec::new();
-    apply_sync(c, manifest, fetched, retired, previous, etag, now, &mut |entry, value| {
+    apply_sync(c, manifest, fetched, retired, unchanged_keys, etag, now, &mut |entry, value| {
         writes.push(Written { entry: entry.to_string(), value: value.to_vec() });
         Ok(())
     })
@@ -141,7 +146,8 @@ fn shard_is_checked_against_its_etag_and_prefix() {
 #[test]
 fn records_round_trip_through_shared_data_encoding() {
     let body = json!({"keys": [record("a", "k1"), {"id": "b", "hash": "0".repeat(64), "org": "o", "revoked": true}]});
-    let entries = compile_keys(&serde_json::from_value::<RawShard>(body).unwrap().keys, "keys").unwrap().into_entries();
+    let raw: Vec<RawKey> = serde_json::from_value(body["keys"].clone()).unwrap();
+    let entries = compile_keys(&raw, "keys").unwrap().into_entries();
     for (_, key) in entries {
         assert_eq!(decode_key(&encode_key(&key)), Some(key));
     }
@@ -169,9 +175,9 @@ fn a_sync_writes_records_tombstones_indexes_then_state() {
         ids: vec![id_digest("a"), id_digest("b")],
     };
     let manifest = Manifest { version: "42".into(), shards: vec![shard.clone()] };
-    let prior = SyncState { version: "41".into(), keys: 10, synced_ms: 1, manifest_etag: None, width: Some(1) };
     let fetched = [FetchedShard::new(fetched_shard, keys, Some(previous), &KeySet::default()).unwrap()];
-    let writes = writes_of(&c, &manifest, &fetched, None, &prior, Some("\"e1\"".into()), 5_000);
+    // 8 keys in the shards not fetched, and the 2 of this one.
+    let writes = writes_of(&c, &manifest, &fetched, None, 8, Some("\"e1\"".into()), 5_000);
 
     let value = |entry: &str| writes.iter().rev().find(|w| w.entry == entry).map(|w| w.value.clone());
     assert_eq!(value(&c.key_entry(&hash_key(kb.as_bytes()))).as_deref(), Some(TOMBSTONE));
@@ -245,9 +251,8 @@ fn a_new_shard_layout_replaces_the_whole_set() {
         prefixes: prefixes(1).collect(),
         hashes: vec![hash_key(kept.as_bytes()), hash_key(dropped.as_bytes())],
     };
-    let prior = SyncState { version: "1".into(), keys: 8, synced_ms: 1, manifest_etag: None, width: Some(1) };
     let fetched = [FetchedShard::new(shard, keys, None, &KeySet::default()).unwrap()];
-    let writes = writes_of(&c, &manifest, &fetched, Some(&retired), &prior, None, 9);
+    let writes = writes_of(&c, &manifest, &fetched, Some(&retired), 8, None, 9);
     let value = |entry: &str| writes.iter().rev().find(|w| w.entry == entry).map(|w| w.value.clone());
     assert_eq!(value(&c.key_entry(&hash_key(dropped.as_bytes()))).as_deref(), Some(TOMBSTONE));
     assert_eq!(decode_key(&value(&c.key_entry(&hash_key(kept.as_bytes()))).unwrap()).unwrap().id, "k");
@@ -295,33 +300,6 @@ fn long_fields_round_trip_through_varint_lengths() {
         revoked: true,
     };
     assert_eq!(decode_key(&encode_key(&key)), Some(key));
-}
-
-/// Shared data as Envoy keeps it (proxy-wasm-cpp-host's `SharedData`): one token counter for the
-/// process, starting at 1; a write without a token, or to an absent entry, always succeeds.
-#[derive(Default)]
-struct FakeStore {
-    entries: std::cell::RefCell<std::collections::HashMap<String, (Vec<u8>, u32)>>,
-    next_cas: std::cell::Cell<u32>,
-}
-
-impl Store for FakeStore {
-    fn get(&self, entry: &str) -> Result<Option<(Vec<u8>, u32)>, String> {
-        Ok(self.entries.borrow().get(entry).cloned())
-    }
-
-    fn set(&self, entry: &str, value: &[u8], cas: Option<u32>) -> Result<bool, String> {
-        let mut entries = self.entries.borrow_mut();
-        if let (Some((_, current)), Some(cas)) = (entries.get(entry), cas) {
-            if *current != cas {
-                return Ok(false);
-            }
-        }
-        let token = self.next_cas.get().max(1);
-        self.next_cas.set(token + 1);
-        entries.insert(entry.to_string(), (value.to_vec(), token));
-        Ok(true)
-    }
 }
 
 fn settings(extra: serde_json::Value) -> KeySetConfig {
@@ -491,7 +469,7 @@ fn a_schedule_or_lease_set_against_a_clock_that_stepped_back_is_not_waited_out()
 
 /// Shared data as a map, written through `apply_shard`/`retire` and read back.
 fn apply_to(store: &FakeStore, run: impl FnOnce(&mut Write) -> Result<(), String>) {
-    run(&mut |entry, value| store.set(entry, value, None).map(|_| ())).unwrap();
+    run(&mut |entry, value| store::write_entry(store, entry, value)).unwrap();
 }
 
 fn stored(store: &FakeStore, entry: &str) -> Option<Vec<u8>> {
