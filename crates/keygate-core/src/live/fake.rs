@@ -5,6 +5,7 @@
 //!
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
+use crate::layout::{self, manifest_document, Entry, Layout, Record};
 use crate::keys::{hash_key, KeyHash, KeySet, KeySource, Lookup};
 use crate::live::host::{Answer, Clock, Event, Fetch, Host};
 use crate::live::lease::VmNumber;
@@ -156,7 +157,7 @@ impl Origin {
     }
 }
 
-/// A publication as the README's `publish` lays it out: records sharded by the first `width` hex
+/// A publication as `keygate config --shards` lays it out: records sharded by the first `width` hex
 /// digits of their hash, shard `<prefix or "all">.json` beside the manifest.
 #[derive(Clone, Debug)]
 pub struct Publication {
@@ -166,21 +167,18 @@ pub struct Publication {
 }
 
 impl Publication {
+    /// Lays `records` out with [`crate::layout`], the one writer of the layout.
     pub fn new(records: &[Value], width: usize, version: impl ToString) -> Self {
-        let shards = crate::live::formats::prefixes(width)
-            .map(|prefix| {
-                let inside: Vec<&Value> =
-                    records.iter().filter(|r| r["hash"].as_str().unwrap().starts_with(&prefix)).collect();
-                let body = json!({ "keys": inside }).to_string().into_bytes();
-                let etag = hash_key(&body);
-                (prefix, body, etag)
-            })
-            .collect();
-        Publication { version: version.to_string(), shards }
+        let texts: Vec<String> = records.iter().map(Value::to_string).collect();
+        let laid: Vec<Record<'_>> =
+            records.iter().zip(&texts).map(|(r, json)| Record { hash: r["hash"].as_str().unwrap(), json }).collect();
+        let layout = Layout::new(&laid, width, &version.to_string()).unwrap();
+        let shards = layout.shards.into_iter().map(|s| (s.prefix, s.body.clone(), hash_key(&s.body))).collect();
+        Publication { version: layout.version, shards }
     }
 
     pub fn shard_path(prefix: &str) -> String {
-        format!("shards/{}.json", if prefix.is_empty() { "all" } else { prefix })
+        layout::shard_path(prefix)
     }
 
     pub fn served_path(prefix: &str) -> String {
@@ -198,14 +196,15 @@ impl Publication {
     }
 
     pub fn manifest(&self) -> Vec<u8> {
-        let shards: Vec<Value> = self
+        let paths: Vec<(String, String)> =
+            self.shards.iter().map(|(prefix, _, etag)| (Publication::shard_path(prefix), hex::encode(etag))).collect();
+        let entries: Vec<Entry<'_>> = self
             .shards
             .iter()
-            .map(|(prefix, _, etag)| {
-                json!({"prefix": prefix, "path": Publication::shard_path(prefix), "etag": hex::encode(etag)})
-            })
+            .zip(&paths)
+            .map(|((prefix, _, _), (path, etag))| Entry { prefix, path, etag })
             .collect();
-        json!({"version": self.version, "shards": shards}).to_string().into_bytes()
+        manifest_document(&self.version, &entries)
     }
 }
 
