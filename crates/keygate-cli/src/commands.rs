@@ -169,7 +169,7 @@ fn option_of(e: &ConfigError) -> String {
     } else {
         format!("--{field}")
     };
-    format!("{option}: {}", e.message)
+    format!("{option}: {}", e.message())
 }
 
 fn new(p: &Parsed) -> Result<(), Fail> {
@@ -546,7 +546,7 @@ fn config(p: &Parsed) -> Result<(), Fail> {
         Plugin::from_json(found.json.as_bytes()).map_err(|e| {
             Fail::Error(format!(
                 "{shown}:{}: {} (`keygate check --envoy {shown}` lists every problem)",
-                found.line_of(&e.field),
+                found.line_of(&e.first().field),
                 e
             ))
         })?;

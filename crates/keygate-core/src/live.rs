@@ -374,9 +374,9 @@ fn check_depth(place: &str, body: &[u8]) -> Result<(), ConfigError> {
     }
 }
 
-fn within(place: &str, e: ConfigError) -> ConfigError {
-    let field = if e.field.is_empty() { place.to_string() } else { format!("{place}: {}", e.field) };
-    ConfigError::new(field, e.message)
+fn within(place: &str, mut e: ConfigError) -> ConfigError {
+    e.field = if e.field.is_empty() { place.to_string() } else { format!("{place}: {}", e.field) };
+    e
 }
 
 /// What a shard entry in shared data remembers: the etag loaded, and the hashes written for it with
