@@ -339,4 +339,44 @@ mod tests {
         assert_eq!(got.len(), 1, "{got:#?}");
         assert!(got[0].starts_with("errors.invalid_key.message: "), "{got:#?}");
     }
+
+    #[test]
+    fn problems_keep_their_kind_and_a_record_read_alone_its_index() {
+        let text = format!(
+            r#"{{"keys": [{{"id": "a", "hash": "{H}", "org": "o"}}, {{"id": "a", "hash": "{H2}", "org": "o"}},
+                {{"id": "b", "hash": "{H2}"}}], "unmatched": "x"}}"#
+        );
+        let got: Vec<(String, ErrorKind)> =
+            check(text.as_bytes()).unwrap_err().into_iter().map(|p| (p.field, p.kind)).collect();
+        assert_eq!(
+            got,
+            [
+                ("keys[1].id".to_string(), ErrorKind::Duplicate { of: "keys[0]".into() }),
+                ("keys[2]".to_string(), ErrorKind::Missing { name: "org".into() }),
+                ("keys[2].hash".to_string(), ErrorKind::Duplicate { of: "keys[1]".into() }),
+                ("unmatched".to_string(), ErrorKind::Unknown { allowed: &["authenticate", "deny"] }),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_a_syntax_error_keeps_its_position() {
+        let got = check(b"{\n  \"keys\": [\n}").unwrap_err();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].kind, ErrorKind::Syntax);
+        assert_eq!(got[0].position, Some(keygate_core::error::Position { line: 3, column: 1 }));
+        let got = check(br#"{"keys": [{"id": "a"}]}"#).unwrap_err();
+        assert!(got.iter().all(|p| p.position.is_none()), "{got:#?}");
+    }
+
+    #[test]
+    fn a_missing_field_is_the_one_taken_out_only_if_its_path_matches() {
+        let missing = ConfigError::of_kind(ErrorKind::Missing { name: "cluster".into() }, "key_set", "");
+        assert!(lacks(&missing, "key_set.cluster"));
+        assert!(!lacks(&missing, "key_set.path"));
+        assert!(!lacks(&missing, "cluster"));
+        let at_root = ConfigError::of_kind(ErrorKind::Missing { name: "cluster".into() }, "", "");
+        assert!(lacks(&at_root, "cluster"));
+        assert!(!lacks(&ConfigError::new("key_set", ""), "key_set.cluster"), "not a missing field");
+    }
 }
