@@ -226,11 +226,20 @@ impl Problems {
 
     /// `value()` if no problem was found, else every problem.
     pub fn finish<T>(self, value: impl FnOnce() -> T) -> Result<T, ConfigErrors> {
-        let mut kept = self.kept.into_iter();
-        match kept.next() {
+        match self.into_errors() {
             None => Ok(value()),
-            Some(first) => Err(ConfigErrors { first: Box::new(first), rest: kept.collect(), dropped: self.dropped }),
+            Some(errors) => Err(errors),
         }
+    }
+
+    /// Every problem, if any was found.
+    pub fn into_errors(self) -> Option<ConfigErrors> {
+        if self.kept.is_empty() {
+            return None;
+        }
+        let mut kept = self.kept.into_iter();
+        let first = kept.next()?;
+        Some(ConfigErrors { first: Box::new(first), rest: kept.collect(), dropped: self.dropped })
     }
 }
 

@@ -113,7 +113,10 @@ impl<'f> KeyChecker<'f> {
         self.next += 1;
         let here = format!("{}[{i}]", self.field);
         match compile_key_all(record, &here) {
-            Ok((hash, key)) => self.duplicates(record, &here, Some(hash)).finish(|| (hash, key)),
+            Ok(compiled) => match self.duplicates(record, &here, Some(compiled.0)).into_errors() {
+                None => Ok(compiled),
+                Some(errors) => Err(errors),
+            },
             Err(mut errors) => {
                 errors.extend(self.duplicates(record, &here, parse_hash(&record.hash).ok()));
                 Err(errors)
@@ -229,19 +232,20 @@ pub fn compile_key_all(raw: &RawKey, field: &str) -> Result<(KeyHash, Key), Conf
             .take(s.checked_mul(1_000).ok_or_else(|| ConfigError::new(at("expires_at"), "Unix seconds out of range"))),
         Some(Expiry::Text(t)) => problems.take(parse_rfc3339(t).map_err(|m| ConfigError::new(at("expires_at"), m))),
     };
-    // Run only when every check passed, so the hash is there.
-    problems.finish(|| {
-        let key = Key {
-            id: raw.id.clone(),
-            org: raw.org.clone(),
-            name: raw.name.clone(),
-            scopes: raw.scopes.clone(),
-            attributes: raw.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            expires_at_ms,
-            revoked: raw.revoked,
-        };
-        (hash.unwrap_or_default(), key)
-    })
+    if let Some(errors) = problems.into_errors() {
+        return Err(errors);
+    }
+    let key = Key {
+        id: raw.id.clone(),
+        org: raw.org.clone(),
+        name: raw.name.clone(),
+        scopes: raw.scopes.clone(),
+        attributes: raw.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        expires_at_ms,
+        revoked: raw.revoked,
+    };
+    // Every check passed, so the hash is there.
+    Ok((hash.unwrap_or_default(), key))
 }
 
 /// Decodes a 64-hex-digit SHA-256, either case.
