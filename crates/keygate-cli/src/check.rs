@@ -133,7 +133,8 @@ fn lacks(error: &ConfigError, field: &str) -> bool {
     member == Some(name.as_str())
 }
 
-/// The position is in the text check read, which for a copy is not the user's: the field says where.
+/// Without where reading stopped: the field says where the problem is, and for a copy check reads,
+/// the position would be in the copy, not in the user's text.
 fn without_position(mut e: ConfigError) -> ConfigError {
     e.position = None;
     e
