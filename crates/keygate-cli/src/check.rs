@@ -1,19 +1,23 @@
 //! `keygate check`: every problem of a plugin configuration, found by the filter's own code.
 //!
-//! The filter stops at the first problem. To find the others, check runs the filter's parser and
-//! compiler ([`Plugin::from_json`]) again and again: after each problem it neutralises the field
-//! at fault in a copy of the configuration (removes it, or puts a harmless placeholder in its
-//! place) and runs again, until the configuration compiles. Every message is the filter's own.
+//! One compile ([`Plugin::from_json`]) reports every problem of what it read. Reading stops at the
+//! first problem of the text, though (a field of the wrong type, an unknown or missing field), so
+//! after such a problem check takes the field at fault out of a copy of the configuration, or puts
+//! a harmless placeholder in its place ([`neutralise`]), and reads again, until the copy reads
+//! whole. Key records are read alone first, so that a large key set with many records that do not
+//! read costs one pass over it, not one per problem. Every message is the filter's own; which
+//! field to take out is told by the error's kind and field, never by its text.
+
+mod neutralise;
 
 use crate::envoy;
 use crate::json;
-use keygate_core::error::ConfigError;
-use keygate_core::keys::record::{compile_key, compile_keys, RawKey};
-use keygate_core::keys::{hash_key, KeyHash};
+use keygate_core::error::{ConfigError, ErrorKind};
+use keygate_core::keys::record::RawKey;
 use keygate_core::plugin::Plugin;
+use neutralise::neutralise;
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use std::collections::HashMap;
 
 /// What a valid configuration holds.
 #[derive(Debug, PartialEq, Eq)]
@@ -27,45 +31,23 @@ const MAX_PROBLEMS: usize = 500;
 
 /// Checks a plugin configuration; `Err` lists every problem found, in the order of the text.
 pub fn check(text: &[u8]) -> Result<Summary, Vec<ConfigError>> {
-    let first = match Plugin::from_json(text) {
+    let errors = match Plugin::from_json(text) {
         Ok(plugin) => return Ok(Summary { keys: plugin.policy.keys.len(), routes: plugin.policy.routes.len() }),
-        Err(e) => e,
+        Err(errors) => errors,
     };
-    // Bad JSON, or not an object: that one problem is all there is to say.
-    let mut value: Value = match serde_json::from_slice(text) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => return Err(vec![tidy_syntax(first)]),
+    // Bad JSON, or not an object: that one problem, at its line and column, is all there is to say.
+    let value = match serde_json::from_slice(text) {
+        Ok(v @ Value::Object(_)) if errors.first().kind != ErrorKind::Syntax => v,
+        _ => return Err(vec![errors.into_first()]),
     };
-    let mut problems = vec![tidy(first)];
-    let mut placeholders = 0u64;
-    // Each key record alone first (a record's problems do not depend on the rest), so that a large
-    // key set with many bad records costs one pass over it, not one per problem.
-    if let Some(Value::Array(records)) = value.get_mut("keys") {
-        for (i, record) in records.iter_mut().enumerate() {
-            let fine = RawKey::deserialize(&*record).is_ok_and(|raw| compile_key(&raw, "").is_ok());
-            if fine {
-                continue;
-            }
-            let mut alone = Map::new();
-            alone.insert("keys".into(), Value::Array(vec![record.take()]));
-            let mut alone = Value::Object(alone);
-            for e in settle(&mut alone, &mut placeholders, MAX_PROBLEMS.saturating_sub(problems.len())) {
-                let field = match e.field.strip_prefix("keys[0]") {
-                    Some(rest) => format!("keys[{i}]{rest}"),
-                    None => e.field,
-                };
-                push_new(&mut problems, ConfigError::new(field, e.message));
-            }
-            if let Some(settled) = alone.pointer_mut("/keys/0") {
-                *record = settled.take();
-            }
-        }
-        for e in duplicates(records, &mut placeholders) {
-            push_new(&mut problems, e);
-        }
+    let read_whole = errors.first().position.is_none();
+    let mut problems: Vec<ConfigError> = Vec::new();
+    for e in errors {
+        push_new(&mut problems, without_position(e));
     }
-    for e in settle(&mut value, &mut placeholders, MAX_PROBLEMS.saturating_sub(problems.len())) {
-        push_new(&mut problems, e);
+    // Unless reading stopped at a problem, the compile saw everything: its problems are all.
+    if !read_whole {
+        settle_everything(value, &mut problems);
     }
     // In the order of the text: the offset of each field (or of what exists of its path).
     let mut locator = json::Locator::new(text);
@@ -76,18 +58,53 @@ pub fn check(text: &[u8]) -> Result<Summary, Vec<ConfigError>> {
     Err(problems)
 }
 
-/// Compiles `value` again and again, neutralising each problem found, until it compiles, a problem
-/// cannot be neutralised, or `limit` problems are found; returns the problems.
+/// The problems of a configuration whose reading stopped at a problem: each key record that does
+/// not read is settled alone (a record's problems do not depend on the rest), then the whole.
+fn settle_everything(mut value: Value, problems: &mut Vec<ConfigError>) {
+    let mut placeholders = 0u64;
+    if let Some(Value::Array(records)) = value.get_mut("keys") {
+        for (i, record) in records.iter_mut().enumerate() {
+            if RawKey::deserialize(&*record).is_ok() {
+                continue;
+            }
+            let mut alone = Map::new();
+            alone.insert("keys".into(), Value::Array(vec![record.take()]));
+            let mut alone = Value::Object(alone);
+            for mut e in settle(&mut alone, &mut placeholders, MAX_PROBLEMS.saturating_sub(problems.len())) {
+                if let Some(rest) = e.field.strip_prefix("keys[0]") {
+                    e.field = format!("keys[{i}]{rest}");
+                }
+                push_new(problems, e);
+            }
+            if let Some(settled) = alone.pointer_mut("/keys/0") {
+                *record = settled.take();
+            }
+        }
+    }
+    for e in settle(&mut value, &mut placeholders, MAX_PROBLEMS.saturating_sub(problems.len())) {
+        push_new(problems, e);
+    }
+}
+
+/// Reads `value` again and again, neutralising each reading error, until it reads whole (then
+/// the compile's problems are all there is), a problem cannot be neutralised, or `limit` problems
+/// are found; returns the problems.
 fn settle(value: &mut Value, placeholders: &mut u64, limit: usize) -> Vec<ConfigError> {
     let mut found: Vec<ConfigError> = Vec::new();
     let mut neutralised: Vec<String> = Vec::new();
     let mut last: Option<ConfigError> = None;
     while found.len() < limit {
         let Ok(bytes) = serde_json::to_vec(value) else { break };
-        let error = match Plugin::from_json(&bytes) {
+        let errors = match Plugin::from_json(&bytes) {
             Ok(_) => break,
-            Err(e) => tidy(e),
+            Err(errors) => errors,
         };
+        // No position: problems of what was read, which was everything.
+        if errors.first().position.is_none() {
+            found.extend(errors);
+            break;
+        }
+        let error = without_position(errors.into_first());
         // The same problem again: neutralising it did not work, so stop rather than loop.
         if last.as_ref() == Some(&error) {
             break;
@@ -105,259 +122,27 @@ fn settle(value: &mut Value, placeholders: &mut u64, limit: usize) -> Vec<Config
     found
 }
 
-/// Duplicate ids and hashes among valid records, in one pass, each reported as the filter reports
-/// it (its message, from compiling the two records together) and neutralised with a placeholder.
-fn duplicates(records: &mut [Value], placeholders: &mut u64) -> Vec<ConfigError> {
-    let mut found = Vec::new();
-    let mut ids: HashMap<String, (usize, RawKey)> = HashMap::new();
-    let mut hashes: HashMap<KeyHash, (usize, RawKey)> = HashMap::new();
-    for (i, record) in records.iter_mut().enumerate() {
-        let Ok(mut raw) = RawKey::deserialize(&*record) else { continue };
-        let Ok((mut hash, _)) = compile_key(&raw, "") else { continue };
-        let mut report = |(j, earlier): &(usize, RawKey), raw: &RawKey| {
-            if let Err(e) = compile_keys(&[earlier.clone(), raw.clone()], "keys") {
-                let field = e.field.replacen("keys[1]", &format!("keys[{i}]"), 1);
-                found.push(ConfigError::new(field, e.message.replace("(also keys[0])", &format!("(also keys[{j}])"))));
-            }
-        };
-        if let Some(first) = ids.get(&raw.id) {
-            report(first, &raw);
-            raw.id = placeholder(placeholders);
-            if let Some(object) = record.as_object_mut() {
-                object.insert("id".into(), Value::String(raw.id.clone()));
-            }
-        }
-        if let Some(first) = hashes.get(&hash) {
-            report(first, &raw);
-            let id = placeholder(placeholders);
-            hash = hash_key(id.as_bytes());
-            raw.hash = hex::encode(hash);
-            if let Some(object) = record.as_object_mut() {
-                object.insert("hash".into(), Value::String(raw.hash.clone()));
-            }
-        }
-        ids.insert(raw.id.clone(), (i, raw.clone()));
-        hashes.insert(hash, (i, raw));
-    }
-    found
+/// True if `error` is that the object at its field lacks the member whose path is `field`.
+fn lacks(error: &ConfigError, field: &str) -> bool {
+    let ErrorKind::Missing { name } = &error.kind else { return false };
+    let member = if error.field.is_empty() {
+        Some(field)
+    } else {
+        field.strip_prefix(error.field.as_str()).and_then(|rest| rest.strip_prefix('.'))
+    };
+    member == Some(name.as_str())
 }
 
-/// True if `error` is `missing field `X`` at the object whose field X is `field`.
-fn lacks(error: &ConfigError, field: &str) -> bool {
-    let Some(name) = error.message.strip_prefix("missing field `").and_then(|m| m.split_once('`')).map(|(f, _)| f)
-    else {
-        return false;
-    };
-    let expected = if error.field.is_empty() { name.to_string() } else { format!("{}.{name}", error.field) };
-    field == expected
+/// Without where reading stopped: the field says where the problem is, and for a copy check reads,
+/// the position would be in the copy, not in the user's text.
+fn without_position(mut e: ConfigError) -> ConfigError {
+    e.position = None;
+    e
 }
 
 fn push_new(problems: &mut Vec<ConfigError>, e: ConfigError) {
     if problems.len() < MAX_PROBLEMS && !problems.contains(&e) {
         problems.push(e);
-    }
-}
-
-/// serde's messages end with the line and column in the text it read: for the copies check
-/// compiles, that position means nothing, so it goes (the field path says where).
-fn tidy(mut e: ConfigError) -> ConfigError {
-    if let Some(at) = e.message.rfind(" at line ") {
-        let tail = e.message.get(at + " at line ".len()..).unwrap_or_default();
-        let position = tail.split_once(" column ").is_some_and(|(l, c)| {
-            !l.is_empty()
-                && l.bytes().all(|b| b.is_ascii_digit())
-                && !c.is_empty()
-                && c.bytes().all(|b| b.is_ascii_digit())
-        });
-        if position {
-            e.message.truncate(at);
-        }
-    }
-    e
-}
-
-/// A JSON syntax error keeps its line and column; where serde_path_to_error could not name the
-/// field it was reading (`keys[0].?`), the path stops at what it could name.
-fn tidy_syntax(mut e: ConfigError) -> ConfigError {
-    if let Some(known) = e.field.strip_suffix('?') {
-        let known = known.strip_suffix('.').unwrap_or(known).len();
-        e.field.truncate(known);
-    }
-    e
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Seg {
-    Key(String),
-    Index(usize),
-}
-
-/// The segments of `field` that exist in `value`, and the part of `field` that does not.
-fn resolve<'f>(value: &Value, field: &'f str) -> (Vec<Seg>, &'f str) {
-    let mut segs = Vec::new();
-    let mut node = value;
-    let mut rest = field;
-    loop {
-        let here = rest.strip_prefix('.').unwrap_or(rest);
-        if here.is_empty() {
-            return (segs, here);
-        }
-        match node {
-            Value::Object(map) => {
-                let found = map
-                    .iter()
-                    .filter(|(name, _)| {
-                        here.strip_prefix(name.as_str())
-                            .is_some_and(|after| after.is_empty() || after.starts_with(['.', '[']))
-                    })
-                    .max_by_key(|(name, _)| name.len());
-                let Some((name, next)) = found else { return (segs, rest) };
-                rest = here.get(name.len()..).unwrap_or_default();
-                segs.push(Seg::Key(name.clone()));
-                node = next;
-            }
-            Value::Array(items) => {
-                let parsed = here
-                    .strip_prefix('[')
-                    .and_then(|s| s.split_once(']'))
-                    .and_then(|(i, after)| i.parse::<usize>().ok().map(|i| (i, after)));
-                let Some((index, after)) = parsed else { return (segs, rest) };
-                let Some(next) = items.get(index) else { return (segs, rest) };
-                rest = after;
-                segs.push(Seg::Index(index));
-                node = next;
-            }
-            _ => return (segs, rest),
-        }
-    }
-}
-
-fn get_mut<'v>(value: &'v mut Value, segs: &[Seg]) -> Option<&'v mut Value> {
-    segs.iter().try_fold(value, |node, seg| match (seg, node) {
-        (Seg::Key(k), Value::Object(map)) => map.get_mut(k),
-        (Seg::Index(i), Value::Array(items)) => items.get_mut(*i),
-        _ => None,
-    })
-}
-
-/// A placeholder no real configuration holds: letters only, so that it is a valid scope, method,
-/// header name or prefix, and different each time, so that it is never a duplicate.
-fn placeholder(n: &mut u64) -> String {
-    *n += 1;
-    let mut s = String::from("zzkeygatecheck");
-    let mut k = *n;
-    while k > 0 {
-        s.push(char::from(b'a' + (k % 26) as u8));
-        k /= 26;
-    }
-    s
-}
-
-fn placeholder_record(n: &mut u64) -> Map<String, Value> {
-    let id = placeholder(n);
-    let hash = hex::encode(hash_key(id.as_bytes()));
-    let mut record = Map::new();
-    record.insert("id".into(), Value::String(id));
-    record.insert("hash".into(), Value::String(hash));
-    record.insert("org".into(), Value::String("placeholder".into()));
-    record
-}
-
-/// Makes `error` go away in `value` without hiding any other problem; false if it cannot.
-fn neutralise(value: &mut Value, error: &ConfigError, n: &mut u64) -> bool {
-    let key = |s: &Seg, name: &str| matches!(s, Seg::Key(k) if k == name);
-    // `missing field `org``: the path is the object that lacks it.
-    if let Some(missing) = error.message.strip_prefix("missing field `").and_then(|m| m.split_once('`')).map(|(f, _)| f)
-    {
-        let (segs, rest) = resolve(value, &error.field);
-        if !rest.is_empty() {
-            return false;
-        }
-        let in_keys = matches!(segs.as_slice(), [k, Seg::Index(_)] if key(k, "keys"));
-        let in_routes = matches!(segs.as_slice(), [k, Seg::Index(_)] if key(k, "routes"));
-        let Some(Value::Object(object)) = get_mut(value, &segs) else { return false };
-        match missing {
-            "id" | "hash" | "org" if in_keys => {
-                if let Some(v) = placeholder_record(n).remove(missing) {
-                    object.insert(missing.to_string(), v);
-                }
-            }
-            "path" if in_routes => {
-                object.insert("path".into(), Value::String("/".into()));
-                object.remove("bind");
-            }
-            // Any other object that lacks a field (`key_set`) is an optional member: it goes.
-            _ => {
-                return match segs.split_last() {
-                    Some((Seg::Key(name), parent)) => remove(value, parent, name),
-                    _ => false,
-                }
-            }
-        }
-        return true;
-    }
-    let (mut segs, rest) = resolve(value, &error.field);
-    if !rest.is_empty() {
-        // `revoked_key` inherits what it lacks from `invalid_key`: the fault may be there.
-        let Some(inherited) = error.field.strip_prefix("errors.revoked_key") else { return false };
-        let field = format!("errors.invalid_key{inherited}");
-        let (s, r) = resolve(value, &field);
-        if !r.is_empty() {
-            return false;
-        }
-        segs = s;
-    }
-    let Some((last, parent)) = segs.split_last() else { return false };
-    match (parent, last) {
-        ([k], Seg::Index(_)) if key(k, "keys") => set(value, &segs, Value::Object(placeholder_record(n))),
-        ([k], Seg::Index(_)) if key(k, "routes") => {
-            let mut route = Map::new();
-            route.insert("path".into(), Value::String("/".into()));
-            set(value, &segs, Value::Object(route))
-        }
-        ([k, Seg::Index(_)], Seg::Key(f)) if key(k, "keys") && matches!(f.as_str(), "id" | "hash" | "org") => {
-            let record = placeholder_record(n);
-            let Some(v) = record.get(f.as_str()) else { return false };
-            set(value, &segs, v.clone())
-        }
-        ([k, Seg::Index(_)], Seg::Key(f)) if key(k, "keys") && f == "attributes" => {
-            match get_mut(value, &segs) {
-                // "attribute names must be non-empty": only the nameless one goes.
-                Some(Value::Object(attributes)) if attributes.contains_key("") => attributes.remove("").is_some(),
-                _ => remove(value, parent, f),
-            }
-        }
-        ([k, Seg::Index(_)], Seg::Key(f)) if key(k, "routes") && f == "path" => {
-            let route_segs = parent.to_vec();
-            if let Some(Value::Object(route)) = get_mut(value, &route_segs) {
-                route.remove("bind");
-            }
-            set(value, &segs, Value::String("/".into()))
-        }
-        // A header name set to null is disabled, and clashes with nothing.
-        ([k], Seg::Key(f)) if key(k, "upstream") && f.ends_with("_header") => set(value, &segs, Value::Null),
-        ([k, a], Seg::Key(_)) if key(k, "upstream") && key(a, "attribute_headers") => set(value, &segs, Value::Null),
-        // An item of a list of strings (scopes, methods, headers, prefixes).
-        (_, Seg::Index(_)) => set(value, &segs, Value::String(placeholder(n))),
-        // Anything else is optional: left out, it takes its default.
-        (_, Seg::Key(f)) => remove(value, parent, f),
-    }
-}
-
-fn set(value: &mut Value, segs: &[Seg], new: Value) -> bool {
-    match get_mut(value, segs) {
-        Some(slot) if *slot != new => {
-            *slot = new;
-            true
-        }
-        _ => false,
-    }
-}
-
-fn remove(value: &mut Value, parent: &[Seg], name: &str) -> bool {
-    match get_mut(value, parent) {
-        Some(Value::Object(map)) => map.remove(name).is_some(),
-        _ => false,
     }
 }
 
@@ -370,7 +155,7 @@ pub fn report_json(label: &str, text: &[u8], out: &mut impl std::io::Write) -> s
         }
         Err(problems) => {
             for p in problems {
-                writeln!(out, "{label}: {}", described(&p))?;
+                writeln!(out, "{label}: {p}")?;
             }
             Ok(false)
         }
@@ -420,7 +205,7 @@ pub fn report_envoy(label: &str, text: &[u8], out: &mut impl std::io::Write) -> 
             Err(problems) => {
                 clean = false;
                 for p in problems {
-                    writeln!(out, "{label}:{}: {}", found.line_of(&p.field), described(&p))?;
+                    writeln!(out, "{label}:{}: {p}", found.line_of(&p.field))?;
                 }
             }
         }
@@ -431,14 +216,6 @@ pub fn report_envoy(label: &str, text: &[u8], out: &mut impl std::io::Write) -> 
 fn summary(s: &Summary) -> String {
     let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     format!("{}, {}", plural(s.keys, "key"), plural(s.routes, "route"))
-}
-
-fn described(p: &ConfigError) -> String {
-    if p.field.is_empty() {
-        p.message.clone()
-    } else {
-        format!("{}: {}", p.field, p.message)
-    }
 }
 
 #[cfg(test)]
@@ -562,5 +339,45 @@ mod tests {
         let got = fields(r#"{"errors": {"invalid_key": {"message": "{nope}"}}}"#);
         assert_eq!(got.len(), 1, "{got:#?}");
         assert!(got[0].starts_with("errors.invalid_key.message: "), "{got:#?}");
+    }
+
+    #[test]
+    fn problems_keep_their_kind_and_a_record_read_alone_its_index() {
+        let text = format!(
+            r#"{{"keys": [{{"id": "a", "hash": "{H}", "org": "o"}}, {{"id": "a", "hash": "{H2}", "org": "o"}},
+                {{"id": "b", "hash": "{H2}"}}], "unmatched": "x"}}"#
+        );
+        let got: Vec<(String, ErrorKind)> =
+            check(text.as_bytes()).unwrap_err().into_iter().map(|p| (p.field, p.kind)).collect();
+        assert_eq!(
+            got,
+            [
+                ("keys[1].id".to_string(), ErrorKind::Duplicate { of: "keys[0]".into() }),
+                ("keys[2]".to_string(), ErrorKind::Missing { name: "org".into() }),
+                ("keys[2].hash".to_string(), ErrorKind::Duplicate { of: "keys[1]".into() }),
+                ("unmatched".to_string(), ErrorKind::Unknown { allowed: &["authenticate", "deny"] }),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_a_syntax_error_keeps_its_position() {
+        let got = check(b"{\n  \"keys\": [\n}").unwrap_err();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].kind, ErrorKind::Syntax);
+        assert_eq!(got[0].position, Some(keygate_core::error::Position { line: 3, column: 1 }));
+        let got = check(br#"{"keys": [{"id": "a"}]}"#).unwrap_err();
+        assert!(got.iter().all(|p| p.position.is_none()), "{got:#?}");
+    }
+
+    #[test]
+    fn a_missing_field_is_the_one_taken_out_only_if_its_path_matches() {
+        let missing = ConfigError::of_kind(ErrorKind::Missing { name: "cluster".into() }, "key_set", "");
+        assert!(lacks(&missing, "key_set.cluster"));
+        assert!(!lacks(&missing, "key_set.path"));
+        assert!(!lacks(&missing, "cluster"));
+        let at_root = ConfigError::of_kind(ErrorKind::Missing { name: "cluster".into() }, "", "");
+        assert!(lacks(&at_root, "cluster"));
+        assert!(!lacks(&ConfigError::new("key_set", ""), "key_set.cluster"), "not a missing field");
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
-use super::*;
+use crate::error::{ConfigErrors, ErrorKind};
 use crate::keys::record::parse_hash;
 use crate::plugin::Plugin;
 use crate::policy::Policy;
@@ -10,7 +10,7 @@ use crate::reply::DenyKind;
 use serde_json::{json, Value};
 
 /// The policy a configuration compiles to.
-fn policy_of(text: &[u8]) -> Result<Policy, ConfigError> {
+fn policy_of(text: &[u8]) -> Result<Policy, ConfigErrors> {
     Plugin::from_json(text).map(|p| p.policy)
 }
 
@@ -240,4 +240,141 @@ fn a_route_an_earlier_route_leaves_nothing_to_match_is_rejected() {
     ] {
         assert!(policy_of(ok.to_string().as_bytes()).is_ok(), "{ok}");
     }
+}
+
+/// Every problem of a configuration, as (field, kind).
+fn problems_of(config: Value) -> Vec<(String, ErrorKind)> {
+    match Plugin::from_json(config.to_string().as_bytes()) {
+        Ok(_) => panic!("expected {config} to be rejected"),
+        Err(errors) => errors.into_iter().map(|e| (e.field, e.kind)).collect(),
+    }
+}
+
+fn invalid(field: &str) -> (String, ErrorKind) {
+    (field.to_string(), ErrorKind::Invalid)
+}
+
+fn duplicate(field: &str, of: &str) -> (String, ErrorKind) {
+    (field.to_string(), ErrorKind::Duplicate { of: of.to_string() })
+}
+
+#[test]
+fn one_compile_reports_every_problem_in_the_order_of_its_steps() {
+    let config = json!({
+        "credential": {"headers": ["x-api-key", "bad header", "X-Api-Key"], "max_length": 0},
+        "keys": [key("a", HASH), key("b", "zz"), key("a", HASH2), {"id": "c", "hash": HASH, "org": " o"}],
+        "routes": [
+            {"path": "v1", "methods": [], "scopes": ["a b"]},
+            {"path": "/v1/{id}", "bind": {"venue": "venue"}},
+            {"path": "/x"},
+            {"path": "/x"}
+        ],
+        "scope_implies": {"rw": ["r w"]},
+        "upstream": {"org_header": "x-api-key", "key_id_header": "x_api_key_id"},
+        "errors": {"forbidden": {"status": 200, "message": "{nope}"}, "body": {"e": "{oops}"}}
+    });
+    assert_eq!(
+        problems_of(config),
+        [
+            // Met while the records were read.
+            invalid("keys[1].hash"),
+            duplicate("keys[2].id", "keys[0]"),
+            invalid("keys[3].org"),
+            duplicate("keys[3].hash", "keys[0]"),
+            invalid("credential.headers[1]"),
+            duplicate("credential.headers[2]", "credential.headers[0]"),
+            invalid("credential.max_length"),
+            invalid("routes[0].path"),
+            invalid("routes[0].methods"),
+            invalid("routes[0].scopes[0]"),
+            invalid("routes[1].bind.venue"),
+            invalid("routes[3]"),
+            invalid("scope_implies.rw[0]"),
+            duplicate("upstream.org_header", "credential.headers"),
+            invalid("errors.body"),
+            invalid("errors.forbidden.status"),
+            invalid("errors.forbidden.message"),
+        ]
+    );
+}
+
+#[test]
+fn several_problems_show_the_first_as_a_lone_one_would_then_how_many_more() {
+    let error = error_of(json!({"keys": [key("a", "zz")], "routes": [{"path": "v1"}]}));
+    assert_eq!(error, "keys[0].hash: expected 64 hex characters (a SHA-256), got 2 (and 1 more problem)");
+    let error = error_of(json!({"keys": [key("a", "zz")]}));
+    assert_eq!(error, "keys[0].hash: expected 64 hex characters (a SHA-256), got 2");
+}
+
+#[test]
+fn a_duplicate_names_the_first_record_with_that_id_or_hash() {
+    let config = json!({"keys": [key("a", HASH), key("b", HASH2), key("a", &HASH.to_uppercase()), key("a", HASH2)]});
+    assert_eq!(
+        problems_of(config),
+        [
+            duplicate("keys[2].id", "keys[0]"),
+            duplicate("keys[2].hash", "keys[0]"),
+            duplicate("keys[3].id", "keys[0]"),
+            duplicate("keys[3].hash", "keys[1]"),
+        ]
+    );
+}
+
+#[test]
+fn a_record_with_a_bad_field_still_has_its_id_checked() {
+    let config = json!({"keys": [key("a", HASH), {"id": "a", "hash": HASH2, "org": "o", "scopes": ["a b"]}]});
+    assert_eq!(problems_of(config), [invalid("keys[1].scopes[0]"), duplicate("keys[1].id", "keys[0]")]);
+}
+
+#[test]
+fn an_inherited_reply_setting_is_refused_once_where_it_is_written() {
+    let config = json!({"errors": {"invalid_key": {"status": 700, "message": "{nope}", "body": {"{x}": 1}}}});
+    assert_eq!(
+        problems_of(config),
+        [
+            invalid("errors.invalid_key.status"),
+            invalid("errors.invalid_key.message"),
+            invalid("errors.invalid_key.body")
+        ]
+    );
+}
+
+#[test]
+fn reading_errors_have_a_kind_and_a_position() {
+    let text = "{\"keys\": [\n  {\"id\": \"a\", \"hash\": \"x\"}\n]}";
+    let e = Plugin::from_json(text.as_bytes()).unwrap_err().into_first();
+    assert_eq!((e.field.as_str(), &e.kind), ("keys[0]", &ErrorKind::Missing { name: "org".into() }));
+    assert_eq!(e.position, Some(crate::error::Position { line: 2, column: 26 }));
+    assert_eq!(e.to_string(), "keys[0]: missing field `org` at line 2 column 26");
+
+    let e = policy_of(br#"{"keys": [{"id": "a", "hash": "x", "org": "o", "secret": 1}]}"#).unwrap_err().into_first();
+    assert_eq!(e.field, "keys[0].secret");
+    let ErrorKind::Unknown { allowed } = e.kind else { panic!("{e:?}") };
+    assert_eq!(allowed, ["id", "hash", "org", "name", "scopes", "attributes", "expires_at", "revoked"]);
+
+    let e = policy_of(br#"{"unmatched": "allow"}"#).unwrap_err().into_first();
+    assert_eq!((e.field.as_str(), e.kind), ("unmatched", ErrorKind::Unknown { allowed: &["authenticate", "deny"] }));
+    let e = policy_of(br#"{"routes": [{"path": 7}]}"#).unwrap_err().into_first();
+    assert_eq!((e.field.as_str(), e.kind), ("routes[0].path", ErrorKind::Type));
+    let e = policy_of(br#"{"errors": {"forbidden": {"status": 70000}}}"#).unwrap_err().into_first();
+    assert_eq!((e.field.as_str(), e.kind), ("errors.forbidden.status", ErrorKind::Invalid));
+    let e = policy_of(br#"{"keys": [], "keys": []}"#).unwrap_err().into_first();
+    assert_eq!((e.field.as_str(), e.kind), ("", ErrorKind::Duplicate { of: "keys".into() }));
+    let e = policy_of(br#"{"scope_implies": {"rw": [], "rw": []}}"#).unwrap_err().into_first();
+    assert_eq!(
+        (e.field.as_str(), e.kind),
+        ("scope_implies.rw", ErrorKind::Duplicate { of: "scope_implies.rw".into() })
+    );
+    let e = policy_of(b"{\n  \"keys\": [\n}").unwrap_err().into_first();
+    assert_eq!((e.field.as_str(), &e.kind), ("keys[0]", &ErrorKind::Syntax));
+    assert_eq!(e.position, Some(crate::error::Position { line: 3, column: 1 }));
+}
+
+#[test]
+fn reading_stops_at_the_first_problem_of_the_text() {
+    // The records' problems are met first, but a problem of the text after them ends the reading,
+    // and only it is reported.
+    let errors = policy_of(json!({"keys": [key("a", "zz")], "unmatched": "x"}).to_string().as_bytes()).unwrap_err();
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors.first().field, "unmatched");
 }

@@ -6,10 +6,11 @@ use crate::config::{
     check_no_route_shadowed, compile_credential_headers, compile_errors, compile_format, compile_route,
     compile_upstream, RawConfig, Unmatched,
 };
-use crate::error::ConfigError;
+use crate::error::{ConfigErrors, Problems};
 use crate::json::parse_json;
+use crate::keys::record::InlineKeys;
 use crate::live::KeySetConfig;
-use crate::policy::Policy;
+use crate::policy::{Policy, Route};
 use crate::scopes::ScopeRules;
 
 /// One compiled configuration.
@@ -21,43 +22,51 @@ pub struct Plugin {
 }
 
 impl Plugin {
-    /// Parses and compiles a plugin configuration (JSON text).
-    pub fn from_json(text: &[u8]) -> Result<Plugin, ConfigError> {
+    /// Parses and compiles a plugin configuration (JSON text). Reading stops at the first problem
+    /// of the text; compiling what was read reports every problem it finds.
+    pub fn from_json(text: &[u8]) -> Result<Plugin, ConfigErrors> {
         Plugin::compile(parse_json::<RawConfig>(text)?)
     }
 
-    /// Compiles a parsed configuration.
-    pub fn compile(raw: RawConfig) -> Result<Plugin, ConfigError> {
-        let credential_headers = compile_credential_headers(raw.credential.headers.as_deref())?;
-        let format = compile_format(&raw.credential)?;
-        let keys = raw.keys.0;
-        let routes = raw
+    /// Compiles a parsed configuration; every problem found, in the order of the steps: the key
+    /// records' (met while they were read), then the credential, routes, scope implications,
+    /// upstream headers, replies and key set.
+    pub fn compile(raw: RawConfig) -> Result<Plugin, ConfigErrors> {
+        let mut problems = Problems::default();
+        let InlineKeys { set: keys, problems: in_keys } = raw.keys;
+        problems.append(in_keys);
+        let credential_headers = compile_credential_headers(raw.credential.headers.as_deref(), &mut problems);
+        let format = compile_format(&raw.credential, &mut problems);
+        let routes: Vec<(usize, Route)> = raw
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| compile_route(r, &format!("routes[{i}]")))
-            .collect::<Result<Vec<_>, _>>()?;
-        check_no_route_shadowed(&routes)?;
+            .filter_map(|(i, r)| compile_route(r, &format!("routes[{i}]"), &mut problems).map(|route| (i, route)))
+            .collect();
+        check_no_route_shadowed(&routes, &mut problems);
         for (scope, implied) in &raw.scope_implies {
-            check_scope(scope, &format!("scope_implies.{scope}"))?;
+            problems.take(check_scope(scope, &format!("scope_implies.{scope}")));
             for (i, s) in implied.iter().enumerate() {
-                check_scope(s, &format!("scope_implies.{scope}[{i}]"))?;
+                problems.take(check_scope(s, &format!("scope_implies.{scope}[{i}]")));
             }
         }
-        let upstream = compile_upstream(&raw.upstream, &credential_headers)?;
-        let replies = compile_errors(&raw.errors, &credential_headers)?;
-        let key_set = raw.key_set.as_ref().map(KeySetConfig::compile).transpose()?;
-        let policy = Policy {
-            credential_headers,
-            format,
-            keys,
-            routes_lower_ascii: routes.iter().all(|r| r.pattern.literals_are_lower_ascii()),
-            routes,
-            deny_unmatched: raw.unmatched == Unmatched::Deny,
-            scopes: ScopeRules::new(&raw.scope_implies),
-            upstream,
-            replies,
-        };
-        Ok(Plugin { policy, key_set })
+        let upstream = compile_upstream(&raw.upstream, &credential_headers, &mut problems);
+        let replies = compile_errors(&raw.errors, &credential_headers, &mut problems);
+        let key_set = raw.key_set.as_ref().and_then(|k| problems.take(KeySetConfig::compile(k)));
+        problems.finish(|| {
+            let routes: Vec<Route> = routes.into_iter().map(|(_, r)| r).collect();
+            let policy = Policy {
+                credential_headers,
+                format,
+                keys,
+                routes_lower_ascii: routes.iter().all(|r| r.pattern.literals_are_lower_ascii()),
+                routes,
+                deny_unmatched: raw.unmatched == Unmatched::Deny,
+                scopes: ScopeRules::new(&raw.scope_implies),
+                upstream,
+                replies,
+            };
+            Plugin { policy, key_set }
+        })
     }
 }

@@ -91,7 +91,7 @@ pub(super) fn config(p: &Parsed) -> Result<(), Fail> {
         Plugin::from_json(found.json.as_bytes()).map_err(|e| {
             Fail::Error(format!(
                 "{shown}:{}: {} (`keygate check --envoy {shown}` lists every problem)",
-                found.line_of(&e.field),
+                found.line_of(&e.first().field),
                 e
             ))
         })?;

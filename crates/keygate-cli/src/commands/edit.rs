@@ -28,7 +28,7 @@ fn option_of(e: &ConfigError) -> String {
     } else {
         format!("--{field}")
     };
-    format!("{option}: {}", e.message)
+    format!("{option}: {}", e.message())
 }
 
 pub(super) fn new(p: &Parsed) -> Result<(), Fail> {

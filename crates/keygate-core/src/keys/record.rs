@@ -3,10 +3,11 @@
 
 use super::{Key, KeyHash, KeySet};
 use crate::checks::{check_header_value, check_scope};
-use crate::error::ConfigError;
-use crate::json::{unique_names, COMPILE_ERROR};
+use crate::error::{ConfigError, ConfigErrors, Problems};
+use crate::json::unique_names;
 use crate::time::parse_rfc3339;
 use serde::{Deserialize, Deserializer};
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
@@ -68,13 +69,16 @@ impl<'de> Deserialize<'de> for Expiry {
     }
 }
 
-/// Compiles key records; `field` names the list (`keys`, or a key-set file's `keys`).
+/// Compiles key records; `field` names the list (`keys`, or a key-set file's `keys`). Stops at the
+/// first problem.
 pub fn compile_keys(raw: &[RawKey], field: &str) -> Result<KeySet, ConfigError> {
-    let mut builder = KeySetBuilder::new(field, raw.len());
+    let mut checker = KeyChecker::new(field, raw.len());
+    let mut by_hash = HashMap::with_capacity(raw.len());
     for record in raw {
-        builder.add(record)?;
+        let (hash, key) = checker.check(record)?;
+        by_hash.insert(hash, key);
     }
-    Ok(builder.finish())
+    Ok(KeySet::new(by_hash))
 }
 
 /// Compiles key records one at a time, in order, refusing a duplicate id or hash.
@@ -96,51 +100,70 @@ impl<'f> KeyChecker<'f> {
         }
     }
 
-    /// Compiles the next record of the list.
+    /// Compiles the next record of the list; stops at its first problem.
     pub fn check(&mut self, record: &RawKey) -> Result<(KeyHash, Key), ConfigError> {
-        let (field, i) = (self.field, self.next);
+        self.check_all(record).map_err(ConfigErrors::into_first)
+    }
+
+    /// Compiles the next record of the list, with every problem it has: its own fields', and an id
+    /// or hash an earlier record has (even when another of its fields is wrong, as long as its id or
+    /// hash is itself well-formed).
+    pub fn check_all(&mut self, record: &RawKey) -> Result<(KeyHash, Key), ConfigErrors> {
+        let i = self.next;
         self.next += 1;
-        let here = format!("{field}[{i}]");
-        let (hash, key) = compile_key(record, &here)?;
-        if let Some(j) = self.first_of_id.insert(record.id.clone(), i) {
-            return Err(ConfigError::new(
-                format!("{here}.id"),
-                format!("duplicate id {:?} (also {field}[{j}])", record.id),
-            ));
+        let here = format!("{}[{i}]", self.field);
+        match compile_key_all(record, &here) {
+            Ok(compiled) => match self.duplicates(record, &here, Some(compiled.0)).into_errors() {
+                None => Ok(compiled),
+                Some(errors) => Err(errors),
+            },
+            Err(mut errors) => {
+                errors.extend(self.duplicates(record, &here, parse_hash(&record.hash).ok()));
+                Err(errors)
+            }
         }
-        if let Some(j) = self.first_of_hash.insert(hash, i) {
-            return Err(ConfigError::new(format!("{here}.hash"), format!("duplicate hash (also {field}[{j}])")));
+    }
+
+    /// An id or hash an earlier record has; the first record of each is remembered.
+    fn duplicates(&mut self, record: &RawKey, here: &str, hash: Option<KeyHash>) -> Problems {
+        let (field, i) = (self.field, self.next - 1);
+        let mut problems = Problems::default();
+        if id_is_valid(&record.id) {
+            match self.first_of_id.entry(record.id.clone()) {
+                Entry::Occupied(first) => problems.push(ConfigError::duplicate(
+                    format!("{here}.id"),
+                    format!("{field}[{}]", first.get()),
+                    format!("duplicate id {:?} (also {field}[{}])", record.id, first.get()),
+                )),
+                Entry::Vacant(slot) => {
+                    slot.insert(i);
+                }
+            }
         }
-        Ok((hash, key))
-    }
-}
-
-/// Builds a key set from records checked one at a time.
-struct KeySetBuilder<'f> {
-    checker: KeyChecker<'f>,
-    by_hash: HashMap<KeyHash, Key>,
-}
-
-impl<'f> KeySetBuilder<'f> {
-    fn new(field: &'f str, capacity: usize) -> Self {
-        KeySetBuilder { checker: KeyChecker::new(field, capacity), by_hash: HashMap::with_capacity(capacity) }
-    }
-
-    fn add(&mut self, record: &RawKey) -> Result<(), ConfigError> {
-        let (hash, key) = self.checker.check(record)?;
-        self.by_hash.insert(hash, key);
-        Ok(())
-    }
-
-    fn finish(self) -> KeySet {
-        KeySet::new(self.by_hash)
+        if let Some(hash) = hash {
+            match self.first_of_hash.entry(hash) {
+                Entry::Occupied(first) => problems.push(ConfigError::duplicate(
+                    format!("{here}.hash"),
+                    format!("{field}[{}]", first.get()),
+                    format!("duplicate hash (also {field}[{}])", first.get()),
+                )),
+                Entry::Vacant(slot) => {
+                    slot.insert(i);
+                }
+            }
+        }
+        problems
     }
 }
 
 /// The configuration's `keys`, compiled record by record while the JSON is read, so that a large
-/// inline set is never held both as parsed records and as the compiled table.
+/// inline set is never held both as parsed records and as the compiled table. A record's problems
+/// do not stop the reading: they are kept, for the compile to report with the rest.
 #[derive(Debug, Default)]
-pub struct InlineKeys(pub KeySet);
+pub struct InlineKeys {
+    pub set: KeySet,
+    pub problems: Problems,
+}
 
 impl<'de> Deserialize<'de> for InlineKeys {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -153,46 +176,65 @@ impl<'de> Deserialize<'de> for InlineKeys {
             }
 
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<InlineKeys, A::Error> {
-                let mut builder = KeySetBuilder::new("keys", seq.size_hint().unwrap_or(0));
+                let capacity = seq.size_hint().unwrap_or(0);
+                let mut checker = KeyChecker::new("keys", capacity);
+                let mut by_hash = HashMap::with_capacity(capacity);
+                let mut problems = Problems::default();
                 while let Some(record) = seq.next_element::<RawKey>()? {
-                    builder.add(&record).map_err(|e| {
-                        serde::de::Error::custom(format!("{COMPILE_ERROR}{}{COMPILE_ERROR}{}", e.field, e.message))
-                    })?;
+                    match checker.check_all(&record) {
+                        Ok((hash, key)) => {
+                            by_hash.insert(hash, key);
+                        }
+                        Err(errors) => problems.extend(errors),
+                    }
                 }
-                Ok(InlineKeys(builder.finish()))
+                Ok(InlineKeys { set: KeySet::new(by_hash), problems })
             }
         }
         d.deserialize_seq(Records)
     }
 }
 
-/// Checks and compiles one key record; `field` is where it stands (`keys[3]`).
+fn id_is_valid(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|c| c.is_ascii_graphic())
+}
+
+/// Checks and compiles one key record; `field` is where it stands (`keys[3]`). Stops at the first
+/// problem.
 pub fn compile_key(raw: &RawKey, field: &str) -> Result<(KeyHash, Key), ConfigError> {
+    compile_key_all(raw, field).map_err(ConfigErrors::into_first)
+}
+
+/// Checks and compiles one key record, with every problem it has, in the order of its fields.
+pub fn compile_key_all(raw: &RawKey, field: &str) -> Result<(KeyHash, Key), ConfigErrors> {
     let at = |name: &str| format!("{field}.{name}");
-    if raw.id.is_empty() || !raw.id.bytes().all(|c| c.is_ascii_graphic()) {
-        return Err(ConfigError::new(at("id"), "must be non-empty visible ASCII"));
+    let mut problems = Problems::default();
+    if !id_is_valid(&raw.id) {
+        problems.push(ConfigError::new(at("id"), "must be non-empty visible ASCII"));
     }
-    let hash = parse_hash(&raw.hash).map_err(|m| ConfigError::new(at("hash"), m))?;
-    check_header_value(&raw.org, &at("org"))?;
+    let hash = problems.take(parse_hash(&raw.hash).map_err(|m| ConfigError::new(at("hash"), m)));
+    problems.take(check_header_value(&raw.org, &at("org")));
     if let Some(name) = &raw.name {
-        check_header_value(name, &at("name"))?;
+        problems.take(check_header_value(name, &at("name")));
     }
     for (i, s) in raw.scopes.iter().enumerate() {
-        check_scope(s, &at(&format!("scopes[{i}]")))?;
+        problems.take(check_scope(s, &at(&format!("scopes[{i}]"))));
     }
     for (name, value) in &raw.attributes {
         if name.is_empty() || !name.bytes().all(|c| c.is_ascii_graphic()) {
-            return Err(ConfigError::new(at("attributes"), "attribute names must be non-empty visible ASCII"));
+            problems.push(ConfigError::new(at("attributes"), "attribute names must be non-empty visible ASCII"));
         }
-        check_header_value(value, &at(&format!("attributes.{name}")))?;
+        problems.take(check_header_value(value, &at(&format!("attributes.{name}"))));
     }
     let expires_at_ms = match &raw.expires_at {
         None => None,
-        Some(Expiry::UnixSeconds(s)) => {
-            Some(s.checked_mul(1_000).ok_or_else(|| ConfigError::new(at("expires_at"), "Unix seconds out of range"))?)
-        }
-        Some(Expiry::Text(t)) => Some(parse_rfc3339(t).map_err(|m| ConfigError::new(at("expires_at"), m))?),
+        Some(Expiry::UnixSeconds(s)) => problems
+            .take(s.checked_mul(1_000).ok_or_else(|| ConfigError::new(at("expires_at"), "Unix seconds out of range"))),
+        Some(Expiry::Text(t)) => problems.take(parse_rfc3339(t).map_err(|m| ConfigError::new(at("expires_at"), m))),
     };
+    if let Some(errors) = problems.into_errors() {
+        return Err(errors);
+    }
     let key = Key {
         id: raw.id.clone(),
         org: raw.org.clone(),
@@ -202,7 +244,8 @@ pub fn compile_key(raw: &RawKey, field: &str) -> Result<(KeyHash, Key), ConfigEr
         expires_at_ms,
         revoked: raw.revoked,
     };
-    Ok((hash, key))
+    // Every check passed, so the hash is there.
+    Ok((hash.unwrap_or_default(), key))
 }
 
 /// Decodes a 64-hex-digit SHA-256, either case.

@@ -5,8 +5,8 @@
 //!
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
-use crate::layout::{self, manifest_document, Entry, Layout, Record};
 use crate::keys::{hash_key, KeyHash, KeySet, KeySource, Lookup};
+use crate::layout::{self, manifest_document, Entry, Layout, Record};
 use crate::live::host::{Answer, Clock, Event, Fetch, Host};
 use crate::live::lease::VmNumber;
 use crate::live::records::LiveSet;
@@ -198,12 +198,8 @@ impl Publication {
     pub fn manifest(&self) -> Vec<u8> {
         let paths: Vec<(String, String)> =
             self.shards.iter().map(|(prefix, _, etag)| (Publication::shard_path(prefix), hex::encode(etag))).collect();
-        let entries: Vec<Entry<'_>> = self
-            .shards
-            .iter()
-            .zip(&paths)
-            .map(|((prefix, _, _), (path, etag))| Entry { prefix, path, etag })
-            .collect();
+        let entries: Vec<Entry<'_>> =
+            self.shards.iter().zip(&paths).map(|((prefix, _, _), (path, etag))| Entry { prefix, path, etag }).collect();
         manifest_document(&self.version, &entries)
     }
 }

@@ -169,7 +169,7 @@ fn check_depth(place: &str, body: &[u8]) -> Result<(), ConfigError> {
     }
 }
 
-fn within(place: &str, e: ConfigError) -> ConfigError {
-    let field = if e.field.is_empty() { place.to_string() } else { format!("{place}: {}", e.field) };
-    ConfigError::new(field, e.message)
+fn within(place: &str, mut e: ConfigError) -> ConfigError {
+    e.field = if e.field.is_empty() { place.to_string() } else { format!("{place}: {}", e.field) };
+    e
 }

@@ -131,7 +131,7 @@ fn shard_is_checked_against_its_etag_and_prefix() {
 
     let truncated = &body[..body.len() / 2];
     let err = parse_shard(&shard_ref("0", &body), truncated).unwrap_err();
-    assert!(err.message.contains("does not match its etag"), "{err}");
+    assert!(err.message().contains("does not match its etag"), "{err}");
 
     let k1 = key_with_prefix("1");
     let wrong = json!({"keys": [record("b", &k1)]}).to_string().into_bytes();
@@ -213,7 +213,7 @@ fn a_shard_key_that_is_also_inline_refuses_the_sync() {
     let keys = parse_shard(&shard, &body).unwrap();
     let inline = compile_keys(&[serde_json::from_value(record("inline", "k1")).unwrap()], "keys").unwrap();
     let err = FetchedShard::new(shard, keys, None, &inline).unwrap_err();
-    assert!(err.message.contains("also an inline key"), "{err}");
+    assert!(err.message().contains("also an inline key"), "{err}");
 }
 
 #[test]
@@ -354,7 +354,7 @@ fn deeply_nested_manifest_is_refused_at_once_naming_the_field() {
     let err = parse_manifest(&body).unwrap_err();
     let took = start.elapsed();
     assert_eq!(err.field, "manifest: version[0][0][0][0][0][0]");
-    assert_eq!(err.message, "nested more than 8 levels deep");
+    assert_eq!(err.message(), "nested more than 8 levels deep");
     assert!(took < std::time::Duration::from_millis(100), "2 MiB refused in {took:?}");
 }
 
@@ -369,7 +369,7 @@ fn a_version_or_expiry_of_the_wrong_type_is_refused_at_its_first_character() {
     let err = parse_manifest(&body).unwrap_err();
     assert_eq!(err.field, "manifest: version");
     assert!(
-        err.message
+        err.message()
             .starts_with("invalid type: sequence, expected a string or a non-negative integer at line 1 column 13"),
         "{err}"
     );
@@ -381,7 +381,10 @@ fn a_version_or_expiry_of_the_wrong_type_is_refused_at_its_first_character() {
     shard.extend_from_slice(b"[]]}]}");
     let err = parse_shard(&shard_ref("", &shard), &shard).unwrap_err();
     assert_eq!(err.field, "shard \"\" (shards/.json): keys[0].expires_at");
-    assert!(err.message.starts_with("invalid type: sequence, expected RFC 3339 text or integer Unix seconds"), "{err}");
+    assert!(
+        err.message().starts_with("invalid type: sequence, expected RFC 3339 text or integer Unix seconds"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -545,7 +548,7 @@ fn an_id_loaded_in_another_shard_refuses_the_shard_naming_both_places() {
     };
     let err = ids.check(&shard_3, &keys, place_of).unwrap_err();
     assert_eq!(err.field, "shard \"3\" (shards/3.json): keys[1].id");
-    assert_eq!(err.message, "\"k_1\" is also shard \"a\" keys[1].id");
+    assert_eq!(err.message(), "\"k_1\" is also shard \"a\" keys[1].id");
 
     // A digest that matches an id it is not (digests collide) refuses nothing.
     assert_eq!(ids.check(&shard_3, &keys, |_, _, _| None), Ok(()));
@@ -565,7 +568,7 @@ fn an_id_also_inline_refuses_the_shard() {
         })
         .unwrap_err();
     assert_eq!(err.field, "shard \"\" (shards/.json): keys[0].id");
-    assert_eq!(err.message, "\"k_1\" is also the id of an inline key (the configuration's `keys`)");
+    assert_eq!(err.message(), "\"k_1\" is also the id of an inline key (the configuration's `keys`)");
 }
 
 #[test]
