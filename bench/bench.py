@@ -63,7 +63,7 @@ SCALE = [s.strip().lower() for s in os.environ.get("SCALE", "1k,100k,1m").split(
 SCALE_CONCURRENCY = [int(c) for c in os.environ.get("SCALE_CONCURRENCY", "2,4").split(",") if c.strip()]
 SCALE_TIMEOUT = float(os.environ.get("SCALE_TIMEOUT", "900"))
 PARTS = {p.strip() for p in os.environ.get("PARTS", "cpu,scale,size").split(",") if p.strip()}
-SIZE_TARGET_KIB = 400
+SIZE_TARGET_KIB = 448
 
 PATH = "/v1/venues/v_7/treatments"        # the bench key is bound to venue v_7
 BENCH_INDEX = 7                           # key i: org_{i % 1000}, venue v_{i % 1000}
