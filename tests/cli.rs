@@ -18,21 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// The `keygate` binary of the `keygate-cli` crate, built into the same target directory as this test
-/// (`make test` builds it; `KEYGATE_BIN` names another).
-static BIN: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
-    let path = std::env::var_os("KEYGATE_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        // target/<profile>/deps/cli-<hash> → target/<profile>/keygate
-        let exe = std::env::current_exe().unwrap();
-        exe.parent().and_then(Path::parent).unwrap().join("keygate")
-    });
-    assert!(
-        path.is_file(),
-        "no keygate binary at {} (run `cargo build -p keygate-cli`, or set KEYGATE_BIN)",
-        path.display()
-    );
-    path
-});
+/// The `keygate` binary (see [`common::keygate_binary`]).
+static BIN: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(common::keygate_binary);
 
 /// A directory for one test, removed at the end unless the test failed.
 struct Scratch(PathBuf);

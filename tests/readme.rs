@@ -10,6 +10,8 @@
 // Test code: a failed step is a panic, as in a #[test] function.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod common;
+
 use keygate_core::live::{parse_manifest, parse_shard};
 use keygate_core::plugin::Plugin;
 use std::collections::BTreeSet;
@@ -17,21 +19,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The `keygate` binary of the `keygate-cli` crate, built into the same target directory as this test
-/// (`make test` builds it; `KEYGATE_BIN` names another).
-static BIN: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(|| {
-    let path = std::env::var_os("KEYGATE_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        // target/<profile>/deps/readme-<hash> → target/<profile>/keygate
-        let exe = std::env::current_exe().unwrap();
-        exe.parent().and_then(Path::parent).unwrap().join("keygate")
-    });
-    assert!(
-        path.is_file(),
-        "no keygate binary at {} (run `cargo build -p keygate-cli`, or set KEYGATE_BIN)",
-        path.display()
-    );
-    path
-});
+/// The `keygate` binary (see [`common::keygate_binary`]).
+static BIN: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(common::keygate_binary);
 
 fn readme() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");

@@ -38,6 +38,22 @@ pub fn envoy_binary() -> PathBuf {
     path
 }
 
+/// The `keygate` binary of the `keygate-cli` crate: `$KEYGATE_BIN`, else the one built into the same
+/// target directory as the running test (`make test` builds it); panics if missing.
+pub fn keygate_binary() -> PathBuf {
+    let path = std::env::var_os("KEYGATE_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        // target/<profile>/deps/<test>-<hash> → target/<profile>/keygate
+        let exe = std::env::current_exe().unwrap();
+        exe.parent().and_then(Path::parent).unwrap().join("keygate")
+    });
+    assert!(
+        path.is_file(),
+        "no keygate binary at {} (run `cargo build -p keygate-cli`, or set KEYGATE_BIN)",
+        path.display()
+    );
+    path
+}
+
 /// `$KEYGATE_WASM`, else `<repo>/target/wasm32-wasip1/release/keygate.wasm`; panics if missing.
 pub fn wasm_path() -> PathBuf {
     let path = match std::env::var_os("KEYGATE_WASM") {

@@ -99,6 +99,6 @@ pub mod keyset;
 pub mod upstream;
 
 pub use client::{get, raw_http1, send, send_body, try_raw_http1, try_send, Proto, Response};
-pub use envoy::{envoy_binary, repo_root, wasm_path, Envoy, EnvoyOptions, KEYSET_CLUSTER};
+pub use envoy::{envoy_binary, keygate_binary, repo_root, wasm_path, Envoy, EnvoyOptions, KEYSET_CLUSTER};
 pub use keyset::{Fault, KeySetRequest, KeySetServer, Publication, MANIFEST_PATH};
 pub use upstream::{Recorded, Upstream, UPSTREAM_BODY};
