@@ -1034,18 +1034,6 @@ fn resharding_drops_the_keys_left_out() {
 // ---------------------------------------------------------------------------------------------
 // Hostile bodies: size limits, nesting, error paths linear in the input
 
-/// `{"version": [` then `[[…]]` elements 100 deep, `len` bytes in all: the manifest that made the
-/// error path quadratic.
-fn nested_manifest(len: usize) -> Vec<u8> {
-    let mut body = br#"{"version": ["#.to_vec();
-    let unit = format!("{}{},", "[".repeat(100), "]".repeat(100));
-    while body.len() < len {
-        body.extend_from_slice(unit.as_bytes());
-    }
-    body.extend_from_slice(br#"[]], "shards": []}"#);
-    body
-}
-
 /// The slowest answers seen while a hostile body was being served.
 #[derive(Debug, Default)]
 struct Slowest {
@@ -1145,13 +1133,17 @@ fn a_2_mib_nested_manifest_read_in_full_leaves_requests_and_ready_under_a_second
     // The limit raised past the body, so that it is read and parsed.
     let s = hostile_setup(json!({"max_manifest_bytes": 8 << 20}));
     let why = "manifest: version[0][0][0][0][0][0]: nested more than 8 levels deep";
-    hostile_body_changes_nothing(&s, |s| s.server.put(MANIFEST_PATH, nested_manifest(2 << 20)), why);
+    hostile_body_changes_nothing(
+        &s,
+        |s| s.server.put(MANIFEST_PATH, keygate_core::fuzzing::nested_manifest(2 << 20)),
+        why,
+    );
 }
 
 #[test]
 fn a_manifest_past_max_manifest_bytes_is_refused_unread() {
     let s = hostile_setup(json!({"max_manifest_bytes": 1 << 20}));
-    let body = nested_manifest(2 << 20);
+    let body = keygate_core::fuzzing::nested_manifest(2 << 20);
     let why = format!("manifest: the body is {} bytes, more than key_set.max_manifest_bytes (1048576)", body.len());
     hostile_body_changes_nothing(&s, |s| s.server.put(MANIFEST_PATH, body), &why);
 }

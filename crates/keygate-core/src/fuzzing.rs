@@ -116,3 +116,15 @@ pub fn keyset(data: &[u8]) {
     let _ = ShardIndex::decode(data);
     let _ = SyncState::decode(data);
 }
+
+/// A hostile manifest: `{"version": [` then `[[…]]` elements 100 deep, `len` bytes in all, the body
+/// that once made the error path quadratic. The unit tests and the Envoy tests both serve it.
+pub fn nested_manifest(len: usize) -> Vec<u8> {
+    let mut body = br#"{"version": ["#.to_vec();
+    let unit = format!("{}{},", "[".repeat(100), "]".repeat(100));
+    while body.len() < len {
+        body.extend_from_slice(unit.as_bytes());
+    }
+    body.extend_from_slice(br#"[]], "shards": []}"#);
+    body
+}

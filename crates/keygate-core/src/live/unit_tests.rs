@@ -335,21 +335,9 @@ fn body_limits_have_defaults_and_bounds() {
     }
 }
 
-/// `{"version": [` then `[[…]]` 100 deep until `len` bytes: the body that made the error path
-/// quadratic.
-fn nested_manifest(len: usize) -> Vec<u8> {
-    let mut body = br#"{"version": ["#.to_vec();
-    let unit = format!("{}{},", "[".repeat(100), "]".repeat(100));
-    while body.len() < len {
-        body.extend_from_slice(unit.as_bytes());
-    }
-    body.extend_from_slice(br#"[]], "shards": []}"#);
-    body
-}
-
 #[test]
 fn deeply_nested_manifest_is_refused_at_once_naming_the_field() {
-    let body = nested_manifest(2 << 20);
+    let body = crate::fuzzing::nested_manifest(2 << 20);
     let start = std::time::Instant::now();
     let err = parse_manifest(&body).unwrap_err();
     let took = start.elapsed();
