@@ -10,7 +10,7 @@ CONFIG        ?= envoy/envoy.yaml
 export ENVOY
 export KEYGATE_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all help build build-probe wasm-opt soak run test unit integration lint envoy wasm-target clean fuzz
+.PHONY: all help build build-probe wasm-opt soak run test unit lint envoy wasm-target clean fuzz
 
 ## all: the default target: make build
 all: build
