@@ -6,6 +6,7 @@
 //! - [`formats`]: the manifest and shard documents and their checks;
 //! - [`store`]: the shared store a host provides ([`Store`]) and what its entries hold;
 //! - [`lease`]: VM numbers and the polling lease;
+//! - [`memory`]: a [`Store`] in process memory, for a host without shared data;
 //! - [`ids`]: record ids unique across the set;
 //! - [`apply`]: what one sync writes, in an order that survives any interruption;
 //! - [`host`]: the traits a host implements for the sync, and the events the sync reports;
@@ -35,6 +36,7 @@ pub mod formats;
 pub mod host;
 pub mod ids;
 pub mod lease;
+pub mod memory;
 pub mod records;
 pub mod settings;
 pub mod store;
@@ -45,6 +47,7 @@ pub use formats::{parse_manifest, parse_shard, prefixes, Manifest, ShardRef, MAX
 pub use host::{Answer, Clock, Event, Fetch, Gauges, Host, LoadedSet, Sink};
 pub use ids::{inline_ids, inline_place, prefix_of, shard_number, stored_position, IdIndex, INLINE, SEVERAL};
 pub use lease::{hold_lease, number_vm, seconds_since, update_lease, Lease, VmNumber};
+pub use memory::MemoryStore;
 pub use records::{LiveSet, MAX_CACHED};
 pub use settings::{
     Fetched, KeySetConfig, RawKeySet, DEFAULT_MAX_MANIFEST_BYTES, DEFAULT_MAX_SHARD_BYTES, LAYOUT, WIDTHS,
