@@ -54,7 +54,7 @@ pub trait Stream: Log {
     fn request_headers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable>;
     /// Removes every value of a request header.
     fn remove_request_header(&mut self, name: &str) -> bool;
-    /// Replaces every value of a request header with one value.
+    /// Replaces every value of a request header with one value, which is not empty.
     fn set_request_header(&mut self, name: &str, value: &str) -> bool;
     /// Answers the request locally; nothing goes upstream.
     fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str);
@@ -160,7 +160,15 @@ impl Filter {
                     }
                 }
                 for (name, value) in &edits.set {
-                    if !stream.set_request_header(name, value) {
+                    // Envoy 1.40's ABI cannot set an empty value (`http_set_header` removes the
+                    // header then, `http_add_header` refuses): the header is removed, so no copy a
+                    // client sent survives, where the wasm filter sends it empty.
+                    let done = if value.is_empty() {
+                        stream.remove_request_header(name)
+                    } else {
+                        stream.set_request_header(name, value)
+                    };
+                    if !done {
                         stream.log(Level::Error, &format!("keygate: cannot set header {name}"));
                         return refuse(stream, "header edit failed");
                     }
