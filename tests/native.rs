@@ -277,6 +277,9 @@ fn outcome(reply: &Response, seen: &[Recorded]) -> Value {
     })
 }
 
+/// A request: method, path and headers.
+type Case = (&'static str, String, Vec<(&'static str, String)>);
+
 /// The same requests through the wasm filter and the native module, side by side: every outcome
 /// is the same. (The key without scopes is left out: see the test above.)
 #[test]
@@ -285,7 +288,7 @@ fn native_module_answers_every_request_as_the_wasm_filter_does() {
     let native = native();
     let token = format!("Token {PLATFORM_KEY}");
     let long = format!("Bearer sk_live_{}", "a".repeat(8 * 1024));
-    let cases: Vec<(&str, String, Vec<(&str, String)>)> = vec![
+    let cases: Vec<Case> = vec![
         ("GET", "/v1/venues".into(), vec![]),
         ("GET", "/v1/venues".into(), vec![("authorization", bearer(UNKNOWN_KEY))]),
         ("GET", "/v1/venues".into(), vec![("authorization", bearer(REVOKED_KEY))]),

@@ -29,20 +29,24 @@
 //! - **R6 threads**: the configuration hooks run on the main thread, a stream's hooks on its
 //!   worker thread; several workers run hooks of one configuration at once.
 //!
-//! No panic crosses the boundary: every hook runs its body in [`guarded`]. The release profile
-//! has `panic = "abort"` for the whole workspace, and that applies to this crate too (Cargo does
-//! not let one package of a profile choose another panic strategy): in a release build a panic
-//! aborts Envoy before `catch_unwind` could see it. So the code must never panic, which the
-//! workspace's clippy lints enforce (no `unwrap`, `expect`, `panic!` or indexing outside tests),
-//! and `catch_unwind` is the second line for builds that unwind (the tests): there a panic still
-//! fails closed, a refused request or a refused configuration.
+//! No panic crosses the boundary. Every hook that does more than return a constant runs its body
+//! in [`guarded`] (`catch_unwind`), whose fallback fails closed: a refused request (500) or a
+//! refused configuration. But the workspace's release profile has `panic = "abort"`, and it
+//! applies to this crate as well: a profile has one panic strategy for every package (Cargo refuses
+//! `panic` in a per-package override), so in the `libkeygate.so` Envoy loads, a panic aborts the
+//! whole Envoy process before `catch_unwind` can see it. The code therefore must simply never
+//! panic: the workspace's clippy lints deny `unwrap`, `expect`, `panic!` and indexing outside
+//! tests, and the request path is property-tested on the host (filter_tests.rs). `guarded` takes
+//! effect in builds that unwind (the host tests prove its fallback), and would in the shipped module
+//! if the release profile unwound: that would turn a defect into one refused request instead of an
+//! Envoy crash, and would not change the wasm filter (wasm32-wasip1 can only abort). Either way no
+//! unwinding can leave an `extern "C"` function: Rust aborts there.
 
 // Every unsafe operation sits in its own block with its reason, unsafe functions included.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-use crate::filter::{self, ConfigHost, Filter, Level, Log, Stream, Unreadable, Verdict};
+use crate::filter::{self, guarded, ConfigHost, Filter, Level, Log, Stream, Unreadable, Verdict};
 use std::ffi::{c_char, c_void};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
 
 /// The one spelling of the ABI version, for [`ABI_VERSION`] and its C string.
@@ -211,11 +215,6 @@ extern "C" {
 }
 
 // ---- Safe handles --------------------------------------------------------------------------------
-
-/// Runs a hook's body, turning a panic (in a build that unwinds) into `fallback`.
-fn guarded<R>(fallback: impl FnOnce() -> R, body: impl FnOnce() -> R) -> R {
-    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|_| fallback())
-}
 
 /// Envoy's log, shared by both handles.
 struct EnvoyLog;

@@ -230,6 +230,12 @@ pub fn owned_headers<'a>(
     Ok(out)
 }
 
+/// Runs a hook's body, turning a panic into `fallback` in a build that unwinds (the tests). A
+/// release build aborts on a panic instead (see [`crate::ffi`]): the code is written not to panic.
+pub fn guarded<R>(fallback: impl FnOnce() -> R, body: impl FnOnce() -> R) -> R {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|_| fallback())
+}
+
 // Every worker thread reads the same `Filter` through the pointer Envoy keeps for it.
 const _: fn() = || {
     fn shared_across_threads<T: Send + Sync>() {}
