@@ -9,7 +9,8 @@
 
 mod common;
 
-use common::{Envoy, EnvoyOptions, Host, Proto, Recorded, Response, Upstream};
+use common::envoy::Host;
+use common::{Envoy, EnvoyOptions, Proto, Recorded, Response, Upstream};
 use keygate_core::keys::hash_key;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};

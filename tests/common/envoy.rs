@@ -75,6 +75,9 @@ pub fn probe_wasm_path() -> PathBuf {
 }
 
 // ---- The native dynamic module (crates/keygate-native) -----------------------------------------
+// `EnvoyOptions::host = Host::Native` runs the plugin configuration in `libkeygate.so` (from
+// `native_dir()`, a missing module is a panic that says so) instead of the wasm filter; tests
+// reach these items as `common::envoy::…`.
 
 /// The environment variable through which Envoy finds a dynamic module by name (`lib<name>.so`).
 pub const DYNAMIC_MODULES_SEARCH_PATH: &str = "ENVOY_DYNAMIC_MODULES_SEARCH_PATH";

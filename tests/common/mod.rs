@@ -15,9 +15,6 @@
 //! Envoy is `$ENVOY`, else `<repo>/.venv/bin/envoy` (`make envoy`); the filter is
 //! `$KEYGATE_WASM`, else `<repo>/target/wasm32-wasip1/release/keygate.wasm` (`make build`).
 //! A missing one is a panic that says so. The wasm is needed only when a wasm filter is configured.
-//! The native dynamic module ([`EnvoyOptions::host`] = [`Host::Native`]) is
-//! `<dir>/libkeygate.so` with `<dir>` = `$KEYGATE_NATIVE_DIR`, else `<repo>/target/release`
-//! (`make build-native`); every Envoy gets that directory as `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`.
 //!
 //! # Envoy processes
 //!
@@ -102,6 +99,6 @@ pub mod keyset;
 pub mod upstream;
 
 pub use client::{get, raw_http1, send, send_body, try_raw_http1, try_send, Proto, Response};
-pub use envoy::{envoy_binary, keygate_binary, repo_root, wasm_path, Envoy, EnvoyOptions, Host, KEYSET_CLUSTER};
+pub use envoy::{envoy_binary, keygate_binary, repo_root, wasm_path, Envoy, EnvoyOptions, KEYSET_CLUSTER};
 pub use keyset::{Fault, KeySetRequest, KeySetServer, Publication, MANIFEST_PATH};
 pub use upstream::{Recorded, Upstream, UPSTREAM_BODY};
