@@ -126,6 +126,22 @@ fn module_loads_and_envoy_reports_the_abi_version_it_matched() {
     assert!(log.contains("keygate: configured with 5 inline keys, 4 routes"), "{log}");
 }
 
+/// `dynamic_module_config.module.local.filename` instead of a name on the search path.
+#[test]
+fn module_also_loads_by_file_path() {
+    let upstream = Upstream::start();
+    let mut bootstrap = options(Host::Native, &config().to_string(), &upstream).bootstrap();
+    let listener = &mut bootstrap["static_resources"]["listeners"][0];
+    let filter = &mut listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0];
+    let path = common::envoy::native_module_path();
+    filter["typed_config"]["dynamic_module_config"] = json!({"module": {"local": {"filename": path}}});
+    let envoy =
+        Envoy::try_start_bootstrap(&bootstrap, 1).unwrap_or_else(|log| panic!("{}", common::envoy::tail(&log, 20)));
+    assert_eq!(common::get(envoy.port(), Proto::Http1, "/v1/venues", &[]).status, 401);
+    let reply = common::get(envoy.port(), Proto::Http1, "/v1/venues", &[("x-api-key", PLATFORM_KEY)]);
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}
+
 #[test]
 fn missing_key_is_401_with_the_wasm_filters_body() {
     let body = json!({"error": "missing_api_key",
