@@ -8,7 +8,8 @@
 //! instantiations, visible in the binary's strings). Only what keygate calls is declared: no
 //! bindgen, no SDK.
 //!
-//! Rules of the ABI this module relies on (the `// SAFETY:` comments name them):
+//! Rules of the ABI this module relies on, from `abi.h`'s OWNERSHIP and PRECONDITION notes (the
+//! `// SAFETY:` comments name them):
 //!
 //! - **R1 buffers in**: a buffer Envoy passes to a hook (`envoy_dynamic_module_type_envoy_buffer`)
 //!   is owned by Envoy and valid, for `length` bytes, until the hook returns; it may be null when
@@ -21,8 +22,9 @@
 //!   valid until the hook returns or a header is changed.
 //! - **R4 config pointer**: the pointer `on_http_filter_config_new` returns is owned by the
 //!   module and handed back to every later hook of that configuration until
-//!   `on_http_filter_config_destroy`, which Envoy calls once, after the last stream made from
-//!   it is gone (each of Envoy's stream filters holds a shared reference to its configuration).
+//!   `on_http_filter_config_destroy`, after which the module may free it. Envoy calls that once,
+//!   after the last stream made from the configuration is gone: each of its stream filters holds
+//!   a shared reference to its configuration (Envoy's `DynamicModuleHttpFilter`).
 //! - **R5 Envoy pointers**: `filter_config_envoy_ptr` is valid during `on_http_filter_config_new`,
 //!   `filter_envoy_ptr` during every hook of its stream; callbacks take them back unchanged, on the
 //!   thread of the hook.
@@ -57,12 +59,14 @@ macro_rules! abi_version {
 }
 
 /// The ABI version keygate is written against, returned from `envoy_dynamic_module_on_program_init`.
-/// Envoy 1.40.0 compares it with its own `ENVOY_DYNAMIC_MODULES_ABI_VERSION` ("v0.2.0": the one
-/// version string in the 1.40.0 binary, next to the loader's "Dynamic module ABI version {}
-/// matched." message) and logs a warning, but still loads the module, when they differ. The
-/// stored `abi.h` of the 1.39 line says "v0.1.0" and lacks callbacks 1.40.0 exports (such as
-/// `envoy_dynamic_module_callback_log_v2`); none of the declarations below changed between them.
-/// tests/native.rs asserts that Envoy logs the match.
+/// It is Envoy 1.40.0's `ENVOY_DYNAMIC_MODULES_ABI_VERSION`: the only `vX.Y.Z` string in the
+/// 1.40.0 binary's read-only data, and the one its loader answers with "Dynamic module ABI version
+/// v0.2.0 matched." (tests/native.rs asserts that line). On another version Envoy 1.40.0 logs a
+/// warning ("... is deprecated. Please recompile ...") and loads the module all the same. The
+/// `abi.h` these declarations follow is the newest stored one, which still says "v0.1.0" and lacks
+/// callbacks 1.40.0 exports (such as `envoy_dynamic_module_callback_log_v2`); every declaration
+/// below is in both, and behaves as declared in 1.40.0 (tests/native.rs: the headers read back, the
+/// edits the upstream sees, the replies, the stats, the log lines).
 pub const ABI_VERSION: &str = abi_version!();
 /// [`ABI_VERSION`] as the null-terminated string the ABI wants (it must outlive `on_program_init`).
 static ABI_VERSION_C: &str = concat!(abi_version!(), "\0");
