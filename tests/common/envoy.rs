@@ -74,6 +74,61 @@ pub fn probe_wasm_path() -> PathBuf {
     path
 }
 
+// ---- The native dynamic module (crates/keygate-native) -----------------------------------------
+// `EnvoyOptions::host = Host::Native` runs the plugin configuration in `libkeygate.so` (from
+// `native_dir()`, a missing module is a panic that says so) instead of the wasm filter; tests
+// reach these items as `common::envoy::…`.
+
+/// The environment variable through which Envoy finds a dynamic module by name (`lib<name>.so`).
+pub const DYNAMIC_MODULES_SEARCH_PATH: &str = "ENVOY_DYNAMIC_MODULES_SEARCH_PATH";
+
+/// Which build of keygate a generated configuration runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// `envoy.filters.http.wasm` with the `.wasm` ([`wasm_path`]).
+    Wasm,
+    /// `envoy.filters.http.dynamic_modules` with `libkeygate.so` from [`native_dir`].
+    Native,
+}
+
+/// The directory holding the native module: `$KEYGATE_NATIVE_DIR`, else `<repo>/target/release`
+/// (`make build-native`). Every Envoy the harness starts gets it as
+/// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`; only a configuration with a dynamic module reads it.
+pub fn native_dir() -> PathBuf {
+    match std::env::var_os("KEYGATE_NATIVE_DIR") {
+        Some(p) => repo_root().join(p), // an absolute KEYGATE_NATIVE_DIR replaces the root
+        None => repo_root().join("target/release"),
+    }
+}
+
+/// `libkeygate.so` in [`native_dir`]; panics if missing.
+pub fn native_module_path() -> PathBuf {
+    let path = native_dir().join("libkeygate.so");
+    assert!(
+        path.is_file(),
+        "no native keygate module at {} (run `make build-native`, or set KEYGATE_NATIVE_DIR)",
+        path.display()
+    );
+    path
+}
+
+/// The HTTP filter that runs `plugin` (keygate's JSON configuration) in the native module, loaded
+/// by name from the search path.
+pub fn native_filter(plugin: &str) -> serde_json::Value {
+    native_module_path();
+    json!({
+        "name": "keygate",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+            "dynamic_module_config": { "name": "keygate" },
+            "filter_name": "keygate",
+            "filter_config": { "@type": "type.googleapis.com/google.protobuf.StringValue", "value": plugin },
+        },
+    })
+}
+
+// ---- end of the native module ---------------------------------------------------------------------
+
 /// What to run Envoy with; build it with [`EnvoyOptions::new`] and adjust the fields.
 #[derive(Clone, Debug)]
 pub struct EnvoyOptions {
@@ -93,6 +148,9 @@ pub struct EnvoyOptions {
     pub keyset_port: Option<u16>,
     /// The filter's `.wasm`; `None` is [`wasm_path`].
     pub wasm: Option<PathBuf>,
+    /// Which build of keygate runs the plugin configuration: the wasm filter (the default) or the
+    /// native dynamic module (see [`Host`]).
+    pub host: Host,
 }
 
 /// The name of the cluster [`EnvoyOptions::keyset_port`] adds.
@@ -112,13 +170,17 @@ impl EnvoyOptions {
             normalize_path: false,
             keyset_port: None,
             wasm: None,
+            host: Host::Wasm,
         }
     }
 
     /// The Envoy bootstrap these options produce (JSON).
     pub fn bootstrap(&self) -> serde_json::Value {
         let mut http_filters = Vec::new();
-        if let Some(plugin) = &self.plugin_config {
+        if let (Host::Native, Some(plugin)) = (self.host, &self.plugin_config) {
+            http_filters.push(native_filter(plugin));
+        }
+        if let (Host::Wasm, Some(plugin)) = (self.host, &self.plugin_config) {
             let mut config = json!({
                 "name": "keygate",
                 "root_id": "keygate",
@@ -300,7 +362,19 @@ impl Envoy {
     /// (credentials included) and the whole listener configuration (the plugin configuration
     /// included) into the full [`Envoy::log`]. Flushed like `log`.
     pub fn wasm_log(&self) -> String {
-        log_entries(&self.log()).into_iter().filter(|entry| entry.contains("][wasm]")).collect::<Vec<_>>().join("\n")
+        self.component_log("wasm")
+    }
+
+    /// The log entries of Envoy's `dynamic_modules` component: the native module's own messages
+    /// (`keygate: ...`) and Envoy's about loading it. The native counterpart of [`Envoy::wasm_log`].
+    pub fn module_log(&self) -> String {
+        self.component_log("dynamic_modules")
+    }
+
+    /// The log entries of one Envoy component, each with its continuation lines.
+    fn component_log(&self, component: &str) -> String {
+        let tag = format!("][{component}]");
+        log_entries(&self.log()).into_iter().filter(|entry| entry.contains(&tag)).collect::<Vec<_>>().join("\n")
     }
 
     /// Waits up to `timeout` for `needle` to appear in the log; returns whether it did.
@@ -511,7 +585,9 @@ fn launch(config: &str, ext: &str, concurrency: u32, files: &[(&str, &str)]) -> 
         .arg(&admin_address)
         .stdin(Stdio::null())
         .stdout(stdio)
-        .stderr(stdio2);
+        .stderr(stdio2)
+        // Where Envoy finds `libkeygate.so` for a native filter (unread by a wasm-only configuration).
+        .env(DYNAMIC_MODULES_SEARCH_PATH, native_dir());
     let parent = libc::pid_t::try_from(std::process::id()).expect("pid fits pid_t");
     // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between fork and exec.
     unsafe {

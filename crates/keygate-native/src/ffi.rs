@@ -1,0 +1,646 @@
+//! Envoy's dynamic-module ABI, as far as keygate uses it, and every `unsafe` of this crate.
+//!
+//! Written against Envoy 1.40.0 (commit 9e5580933739775e8bce696a57a2e1bc99368f23): the types and
+//! functions below follow `source/extensions/dynamic_modules/abi/abi.h` (C names in the doc
+//! comments), and each callback declared here is one that the 1.40.0 binary exports
+//! (`nm -D --defined-only envoy | grep envoy_dynamic_module_callback_`). The hooks' signatures match
+//! the function-pointer types Envoy 1.40.0 resolves them as (its `getFunctionPointer<T>`
+//! instantiations, visible in the binary's strings). Only what keygate calls is declared: no
+//! bindgen, no SDK.
+//!
+//! Rules of the ABI this module relies on, from `abi.h`'s OWNERSHIP and PRECONDITION notes (the
+//! `// SAFETY:` comments name them):
+//!
+//! - **R1 buffers in**: a buffer Envoy passes to a hook (`envoy_dynamic_module_type_envoy_buffer`)
+//!   is owned by Envoy and valid, for `length` bytes, until the hook returns; it may be null when
+//!   empty.
+//! - **R2 buffers out**: a buffer the module passes to a callback
+//!   (`envoy_dynamic_module_type_module_buffer`, `..._module_http_header`) is only read during
+//!   the call; Envoy copies what it keeps.
+//! - **R3 header array**: `http_get_headers` writes exactly `http_get_headers_size` entries into
+//!   the array it is given (the caller sizes it), each pointing into Envoy's header map; they stay
+//!   valid until the hook returns or a header is changed.
+//! - **R4 config pointer**: the pointer `on_http_filter_config_new` returns is owned by the
+//!   module and handed back to every later hook of that configuration until
+//!   `on_http_filter_config_destroy`, after which the module may free it. Envoy calls that once,
+//!   after the last stream made from the configuration is gone: each of its stream filters holds
+//!   a shared reference to its configuration (Envoy's `DynamicModuleHttpFilter`).
+//! - **R5 Envoy pointers**: `filter_config_envoy_ptr` is valid during `on_http_filter_config_new`,
+//!   `filter_envoy_ptr` during every hook of its stream; callbacks take them back unchanged, on the
+//!   thread of the hook.
+//! - **R6 threads**: the configuration hooks run on the main thread, a stream's hooks on its
+//!   worker thread; several workers run hooks of one configuration at once.
+//!
+//! No panic crosses the boundary. Every hook that does more than return a constant runs its body
+//! in [`guarded`] (`catch_unwind`), whose fallback fails closed: a refused request (500) or a
+//! refused configuration. But the workspace's release profile has `panic = "abort"`, and it
+//! applies to this crate as well: a profile has one panic strategy for every package (Cargo refuses
+//! `panic` in a per-package override), so in the `libkeygate.so` Envoy loads, a panic aborts the
+//! whole Envoy process before `catch_unwind` can see it. The code therefore must simply never
+//! panic: the workspace's clippy lints deny `unwrap`, `expect`, `panic!` and indexing outside
+//! tests, and the request path is property-tested on the host (filter_tests.rs). `guarded` takes
+//! effect in builds that unwind (the host tests prove its fallback), and would in the shipped module
+//! if the release profile unwound: that would turn a defect into one refused request instead of an
+//! Envoy crash, and would not change the wasm filter (wasm32-wasip1 can only abort). Either way no
+//! unwinding can leave an `extern "C"` function: Rust aborts there.
+
+// Every unsafe operation sits in its own block with its reason, unsafe functions included.
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use crate::filter::{self, guarded, ConfigHost, Filter, Level, Log, Stream, Unreadable, Verdict};
+use std::ffi::{c_char, c_void};
+use std::ptr;
+
+/// The one spelling of the ABI version, for [`ABI_VERSION`] and its C string.
+macro_rules! abi_version {
+    () => {
+        "v0.2.0"
+    };
+}
+
+/// The ABI version keygate is written against, returned from `envoy_dynamic_module_on_program_init`.
+/// It is Envoy 1.40.0's `ENVOY_DYNAMIC_MODULES_ABI_VERSION`: the only `vX.Y.Z` string in the
+/// 1.40.0 binary's read-only data, and the one its loader answers with "Dynamic module ABI version
+/// v0.2.0 matched." (tests/native.rs asserts that line). On another version Envoy 1.40.0 logs a
+/// warning ("... is deprecated. Please recompile ...") and loads the module all the same. The
+/// `abi.h` these declarations follow is the newest stored one, which still says "v0.1.0" and lacks
+/// callbacks 1.40.0 exports (such as `envoy_dynamic_module_callback_log_v2`); every declaration
+/// below is in both, and behaves as declared in 1.40.0 (tests/native.rs: the headers read back, the
+/// edits the upstream sees, the replies, the stats, the log lines).
+pub const ABI_VERSION: &str = abi_version!();
+/// [`ABI_VERSION`] as the null-terminated string the ABI wants (it must outlive `on_program_init`).
+static ABI_VERSION_C: &str = concat!(abi_version!(), "\0");
+
+// ---- Types (abi.h "Common Types", "HTTP Filter Types") -------------------------------------------
+
+/// `envoy_dynamic_module_type_envoy_buffer`: bytes owned by Envoy.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EnvoyBuffer {
+    ptr: *const c_char,
+    length: usize,
+}
+
+/// `envoy_dynamic_module_type_module_buffer`: bytes owned by the module.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ModuleBuffer {
+    ptr: *const c_char,
+    length: usize,
+}
+
+impl ModuleBuffer {
+    fn of(bytes: &[u8]) -> ModuleBuffer {
+        ModuleBuffer { ptr: bytes.as_ptr().cast(), length: bytes.len() }
+    }
+
+    /// The null buffer: as a header value, "remove the header".
+    const NULL: ModuleBuffer = ModuleBuffer { ptr: ptr::null(), length: 0 };
+}
+
+/// `envoy_dynamic_module_type_envoy_http_header`: one header of Envoy's map.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EnvoyHttpHeader {
+    key_ptr: *const c_char,
+    key_length: usize,
+    value_ptr: *const c_char,
+    value_length: usize,
+}
+
+/// `envoy_dynamic_module_type_module_http_header`: one header of a reply keygate sends.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ModuleHttpHeader {
+    key_ptr: *const c_char,
+    key_length: usize,
+    value_ptr: *const c_char,
+    value_length: usize,
+}
+
+/// `envoy_dynamic_module_type_http_header_type` (a C enum: an `int`-sized integer).
+type HeaderType = u32;
+/// `envoy_dynamic_module_type_http_header_type_RequestHeader`.
+const REQUEST_HEADER: HeaderType = 0;
+
+/// `envoy_dynamic_module_type_log_level`: Trace 0, Debug 1, Info 2, Warn 3, Error 4, Critical 5, Off 6.
+type LogLevel = u32;
+
+fn log_level(level: Level) -> LogLevel {
+    match level {
+        Level::Debug => 1,
+        Level::Info => 2,
+        Level::Warn => 3,
+        Level::Error => 4,
+    }
+}
+
+/// `envoy_dynamic_module_type_metrics_result`; 0 is `Success`.
+type MetricsResult = u32;
+const METRICS_SUCCESS: MetricsResult = 0;
+
+/// `envoy_dynamic_module_type_on_http_filter_request_headers_status` and the other status
+/// enums of the stream hooks: 0 is `Continue` in each, 1 `StopIteration` in the headers ones.
+type Status = u32;
+const CONTINUE: Status = 0;
+const STOP_ITERATION: Status = 1;
+
+/// `envoy_dynamic_module_type_http_filter_config_envoy_ptr`.
+type ConfigEnvoyPtr = *mut c_void;
+/// `envoy_dynamic_module_type_http_filter_config_module_ptr`.
+type ConfigModulePtr = *const c_void;
+/// `envoy_dynamic_module_type_http_filter_envoy_ptr`.
+type FilterEnvoyPtr = *mut c_void;
+/// `envoy_dynamic_module_type_http_filter_module_ptr`.
+type FilterModulePtr = *const c_void;
+
+// ---- Callbacks (implemented by Envoy) -------------------------------------------------------------
+
+extern "C" {
+    /// Logs under Envoy's `dynamic_modules` component. (1.40 also has `log_v2`, with a source
+    /// location; this one, in every release since the version string, is enough.)
+    fn envoy_dynamic_module_callback_log(level: LogLevel, message: ModuleBuffer);
+    fn envoy_dynamic_module_callback_log_enabled(level: LogLevel) -> bool;
+
+    fn envoy_dynamic_module_callback_http_filter_config_define_counter(
+        filter_config_envoy_ptr: ConfigEnvoyPtr,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        counter_id_ptr: *mut usize,
+    ) -> MetricsResult;
+    fn envoy_dynamic_module_callback_http_filter_increment_counter(
+        filter_envoy_ptr: FilterEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+    fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+        filter_config_envoy_ptr: ConfigEnvoyPtr,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        gauge_id_ptr: *mut usize,
+    ) -> MetricsResult;
+    fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+        filter_config_envoy_ptr: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+
+    fn envoy_dynamic_module_callback_http_get_headers_size(
+        filter_envoy_ptr: FilterEnvoyPtr,
+        header_type: HeaderType,
+    ) -> usize;
+    fn envoy_dynamic_module_callback_http_get_headers(
+        filter_envoy_ptr: FilterEnvoyPtr,
+        header_type: HeaderType,
+        result_headers: *mut EnvoyHttpHeader,
+    ) -> bool;
+    /// Replaces every value of `key`; a null `value` removes the header. Keys are lower-cased by
+    /// Envoy.
+    fn envoy_dynamic_module_callback_http_set_header(
+        filter_envoy_ptr: FilterEnvoyPtr,
+        header_type: HeaderType,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_send_response(
+        filter_envoy_ptr: FilterEnvoyPtr,
+        status_code: u32,
+        headers_vector: *mut ModuleHttpHeader,
+        headers_vector_size: usize,
+        body: ModuleBuffer,
+        details: ModuleBuffer,
+    );
+}
+
+// ---- Safe handles --------------------------------------------------------------------------------
+
+/// Envoy's log, shared by both handles.
+struct EnvoyLog;
+
+impl Log for EnvoyLog {
+    fn enabled(&self, level: Level) -> bool {
+        // SAFETY: a module-wide callback with a plain integer argument; callable from any hook.
+        unsafe { envoy_dynamic_module_callback_log_enabled(log_level(level)) }
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        // SAFETY: R2, the message is only read during the call.
+        unsafe { envoy_dynamic_module_callback_log(log_level(level), ModuleBuffer::of(message.as_bytes())) }
+    }
+}
+
+/// The configuration being created, during `on_http_filter_config_new`.
+struct ConfigHandle(ConfigEnvoyPtr);
+
+impl Log for ConfigHandle {
+    fn enabled(&self, level: Level) -> bool {
+        EnvoyLog.enabled(level)
+    }
+    fn log(&self, level: Level, message: &str) {
+        EnvoyLog.log(level, message);
+    }
+}
+
+impl ConfigHost for ConfigHandle {
+    fn define_counter(&mut self, name: &str) -> Option<usize> {
+        let mut id = 0usize;
+        // SAFETY: R5, the config pointer is the one this hook was given; R2, the name is only read
+        // during the call; no labels (null, 0); `id` is a valid place for Envoy to write.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_define_counter(
+                self.0,
+                ModuleBuffer::of(name.as_bytes()),
+                ptr::null_mut(),
+                0,
+                &mut id,
+            )
+        };
+        (result == METRICS_SUCCESS).then_some(id)
+    }
+
+    fn define_gauge(&mut self, name: &str) -> Option<usize> {
+        let mut id = 0usize;
+        // SAFETY: as for define_counter.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_define_gauge(
+                self.0,
+                ModuleBuffer::of(name.as_bytes()),
+                ptr::null_mut(),
+                0,
+                &mut id,
+            )
+        };
+        (result == METRICS_SUCCESS).then_some(id)
+    }
+
+    fn set_gauge(&mut self, id: usize, value: u64) {
+        // SAFETY: R5; `id` came from define_gauge on this configuration; no labels.
+        // A failed stat update must not change the outcome: the result is ignored.
+        let _ = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_set_gauge(self.0, id, ptr::null_mut(), 0, value)
+        };
+    }
+}
+
+/// One stream, during one of its hooks.
+struct StreamHandle(FilterEnvoyPtr);
+
+impl Log for StreamHandle {
+    fn enabled(&self, level: Level) -> bool {
+        EnvoyLog.enabled(level)
+    }
+    fn log(&self, level: Level, message: &str) {
+        EnvoyLog.log(level, message);
+    }
+}
+
+/// The bytes of a buffer Envoy owns.
+///
+/// # Safety
+/// `ptr` is null or points at `length` readable bytes that outlive `'a` (R1, R3).
+unsafe fn envoy_bytes<'a>(ptr: *const c_char, length: usize) -> &'a [u8] {
+    if ptr.is_null() || length == 0 {
+        return &[];
+    }
+    // SAFETY: the caller's contract; a non-null pointer with a length is a readable slice.
+    unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), length) }
+}
+
+impl Stream for StreamHandle {
+    fn request_headers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable> {
+        // SAFETY: R5, the stream pointer of the running hook.
+        let size = unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.0, REQUEST_HEADER) };
+        let empty = EnvoyHttpHeader { key_ptr: ptr::null(), key_length: 0, value_ptr: ptr::null(), value_length: 0 };
+        let mut array = vec![empty; size];
+        // SAFETY: R3, the array has exactly the `size` entries Envoy reported, and nothing changed
+        // the map in between (same hook, same thread).
+        if !unsafe { envoy_dynamic_module_callback_http_get_headers(self.0, REQUEST_HEADER, array.as_mut_ptr()) } {
+            return Err(Unreadable::Host);
+        }
+        filter::owned_headers(array.iter().map(|h| {
+            // SAFETY: R3, each entry points into Envoy's map, unchanged until the copies below are
+            // made (owned_headers copies before any header is set).
+            unsafe { (envoy_bytes(h.key_ptr, h.key_length), envoy_bytes(h.value_ptr, h.value_length)) }
+        }))
+    }
+
+    fn remove_request_header(&mut self, name: &str) -> bool {
+        // SAFETY: R5; R2, the key is only read during the call; a null value removes the header.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                self.0,
+                REQUEST_HEADER,
+                ModuleBuffer::of(name.as_bytes()),
+                ModuleBuffer::NULL,
+            )
+        }
+    }
+
+    fn set_request_header(&mut self, name: &str, value: &str) -> bool {
+        // SAFETY: R5; R2, key and value are only read during the call.
+        unsafe {
+            envoy_dynamic_module_callback_http_set_header(
+                self.0,
+                REQUEST_HEADER,
+                ModuleBuffer::of(name.as_bytes()),
+                ModuleBuffer::of(value.as_bytes()),
+            )
+        }
+    }
+
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str) {
+        let mut array: Vec<ModuleHttpHeader> = headers
+            .iter()
+            .map(|(n, v)| ModuleHttpHeader {
+                key_ptr: n.as_ptr().cast(),
+                key_length: n.len(),
+                value_ptr: v.as_ptr().cast(),
+                value_length: v.len(),
+            })
+            .collect();
+        // SAFETY: R5; R2, the header array, the strings it points at and the body are only read
+        // during the call and outlive it; a null `details` lets Envoy use its default.
+        unsafe {
+            envoy_dynamic_module_callback_http_send_response(
+                self.0,
+                u32::from(status),
+                array.as_mut_ptr(),
+                array.len(),
+                ModuleBuffer::of(body.as_bytes()),
+                ModuleBuffer::NULL,
+            )
+        }
+    }
+
+    fn increment_counter(&mut self, id: usize) {
+        // SAFETY: R5; `id` was defined on the configuration this stream was made from; no labels.
+        // A failed stat update must not change the answer to the request: the result is ignored.
+        let _ =
+            unsafe { envoy_dynamic_module_callback_http_filter_increment_counter(self.0, id, ptr::null_mut(), 0, 1) };
+    }
+}
+
+/// The configuration behind a stream's module pointer.
+///
+/// # Safety
+/// `ptr` is null or a pointer [`envoy_dynamic_module_on_http_filter_config_new`] returned whose
+/// configuration is not destroyed yet (R4).
+unsafe fn filter_of<'a>(ptr: *const c_void) -> Option<&'a Filter> {
+    // SAFETY: the caller's contract: such a pointer is a live `Box<Filter>`, only ever read.
+    unsafe { ptr.cast::<Filter>().as_ref() }
+}
+
+// ---- Event hooks (implemented by keygate) ---------------------------------------------------------
+
+/// `envoy_dynamic_module_on_program_init`: once, when Envoy loads the module. Returns the ABI
+/// version (null would make Envoy unload the module).
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    guarded(ptr::null, || ABI_VERSION_C.as_ptr().cast())
+}
+
+/// `envoy_dynamic_module_on_http_filter_config_new`: compiles one filter configuration. Null
+/// makes Envoy refuse the configuration.
+///
+/// # Safety
+/// Called by Envoy only, under the ABI's rules above.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    filter_config_envoy_ptr: ConfigEnvoyPtr,
+    name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> ConfigModulePtr {
+    guarded(
+        || {
+            EnvoyLog.log(Level::Error, "keygate: internal error while reading the configuration");
+            ptr::null()
+        },
+        || {
+            // SAFETY: R1, both buffers are Envoy's and valid until this hook returns; they are
+            // not kept.
+            let (name, text) = unsafe { (envoy_bytes(name.ptr, name.length), envoy_bytes(config.ptr, config.length)) };
+            match filter::configure(name, text, &mut ConfigHandle(filter_config_envoy_ptr)) {
+                Some(filter) => Box::into_raw(Box::new(filter)).cast_const().cast(),
+                None => ptr::null(),
+            }
+        },
+    )
+}
+
+/// `envoy_dynamic_module_on_http_filter_config_destroy`.
+///
+/// # Safety
+/// Called by Envoy only, under the ABI's rules above.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(filter_config_ptr: ConfigModulePtr) {
+    guarded(
+        || (),
+        || {
+            if !filter_config_ptr.is_null() {
+                // SAFETY: R4, the pointer came from Box::into_raw in config_new and Envoy destroys
+                // it once, after its last stream: nothing reads it afterwards.
+                drop(unsafe { Box::from_raw(filter_config_ptr.cast_mut().cast::<Filter>()) });
+            }
+        },
+    );
+}
+
+/// `envoy_dynamic_module_on_http_filter_new`: a stream needs no state of its own, so its module
+/// pointer is the configuration's (no allocation per request); `on_http_filter_destroy` frees
+/// nothing.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    filter_config_ptr: ConfigModulePtr,
+    _filter_envoy_ptr: FilterEnvoyPtr,
+) -> FilterModulePtr {
+    filter_config_ptr
+}
+
+/// `envoy_dynamic_module_on_http_filter_request_headers`: the request path.
+///
+/// # Safety
+/// Called by Envoy only, under the ABI's rules above.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    filter_envoy_ptr: FilterEnvoyPtr,
+    filter_module_ptr: FilterModulePtr,
+    _end_of_stream: bool,
+) -> Status {
+    let mut stream = StreamHandle(filter_envoy_ptr);
+    let verdict = guarded(
+        || {
+            StreamHandle(filter_envoy_ptr).log(Level::Error, "keygate: internal error on the request path");
+            filter::refuse(&mut StreamHandle(filter_envoy_ptr), "internal error")
+        },
+        || {
+            // SAFETY: R4, the module pointer of a stream is the pointer config_new returned for
+            // its configuration, alive while the stream is.
+            match unsafe { filter_of(filter_module_ptr) } {
+                Some(filter) => filter.on_request_headers(&mut stream),
+                // Never configured: refuse rather than let anything through.
+                None => filter::refuse(&mut stream, "keygate is not configured"),
+            }
+        },
+    );
+    match verdict {
+        Verdict::Continue => CONTINUE,
+        Verdict::Stop => STOP_ITERATION,
+    }
+}
+
+// The hooks below are required by Envoy 1.40.0 (a module that lacks one is refused) and do
+// nothing for keygate: the body, trailers and response pass unchanged, and keygate starts no
+// callout, stream or scheduled event, so those never fire.
+
+/// `envoy_dynamic_module_on_http_filter_request_body`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+    _: bool,
+) -> Status {
+    CONTINUE
+}
+
+/// `envoy_dynamic_module_on_http_filter_request_trailers`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+) -> Status {
+    CONTINUE
+}
+
+/// `envoy_dynamic_module_on_http_filter_response_headers`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+    _: bool,
+) -> Status {
+    CONTINUE
+}
+
+/// `envoy_dynamic_module_on_http_filter_response_body`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+    _: bool,
+) -> Status {
+    CONTINUE
+}
+
+/// `envoy_dynamic_module_on_http_filter_response_trailers`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+) -> Status {
+    CONTINUE
+}
+
+/// `envoy_dynamic_module_on_http_filter_stream_complete`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(_: FilterEnvoyPtr, _: FilterModulePtr) {}
+
+/// `envoy_dynamic_module_on_http_filter_destroy`: the stream's module pointer is its
+/// configuration's, which `on_http_filter_config_destroy` frees.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(_: FilterModulePtr) {}
+
+/// `envoy_dynamic_module_on_http_filter_http_callout_done`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+    _callout_id: u64,
+    _result: u32,
+    _headers: *mut EnvoyHttpHeader,
+    _headers_size: usize,
+    _body_chunks: *mut EnvoyBuffer,
+    _body_chunks_size: usize,
+) {
+}
+
+/// `envoy_dynamic_module_on_http_filter_http_stream_headers`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+    _stream_id: u64,
+    _headers: *mut EnvoyHttpHeader,
+    _headers_size: usize,
+    _end_stream: bool,
+) {
+}
+
+/// `envoy_dynamic_module_on_http_filter_http_stream_data`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+    _stream_id: u64,
+    _data: *const EnvoyBuffer,
+    _data_count: usize,
+    _end_stream: bool,
+) {
+}
+
+/// `envoy_dynamic_module_on_http_filter_http_stream_trailers`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+    _stream_id: u64,
+    _trailers: *mut EnvoyHttpHeader,
+    _trailers_size: usize,
+) {
+}
+
+/// `envoy_dynamic_module_on_http_filter_http_stream_complete`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+    _stream_id: u64,
+) {
+}
+
+/// `envoy_dynamic_module_on_http_filter_http_stream_reset` (`reason`: a
+/// `envoy_dynamic_module_type_http_stream_reset_reason`).
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+    _stream_id: u64,
+    _reason: u32,
+) {
+}
+
+/// `envoy_dynamic_module_on_http_filter_scheduled`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(_: FilterEnvoyPtr, _: FilterModulePtr, _event_id: u64) {
+}
+
+/// `envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+) {
+}
+
+/// `envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark`.
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _: FilterEnvoyPtr,
+    _: FilterModulePtr,
+) {
+}

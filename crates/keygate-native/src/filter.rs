@@ -1,0 +1,247 @@
+//! The module's safe half: what the configuration hook and the request-headers hook do, written
+//! against two small traits ([`ConfigHost`], [`Stream`]) that [`crate::ffi`] implements with Envoy's
+//! callbacks and the tests implement with a recording fake. It mirrors `keygate-wasm`'s
+//! `filter.rs` on the request path: gather every header at once, ask [`Policy::decide`], apply the
+//! edits or send the rendered reply, bump one counter.
+
+use keygate_core::plugin::Plugin;
+use keygate_core::policy::{Decision, Policy, RequestView};
+use keygate_core::reply::DenyKind;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The only filter this module serves (`filter_name` in Envoy's `DynamicModuleFilter`).
+pub const FILTER_NAME: &str = "keygate";
+
+/// Log levels, in Envoy's order (the ABI's `envoy_dynamic_module_type_log_level`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// Logging, the one host service both hooks use.
+pub trait Log {
+    /// Whether a message at `level` would be written; checked before a debug line is formatted.
+    fn enabled(&self, level: Level) -> bool;
+    fn log(&self, level: Level, message: &str);
+}
+
+/// What the configuration hook needs from Envoy: stats are defined while the configuration is
+/// created (Envoy refuses new stats afterwards).
+pub trait ConfigHost: Log {
+    /// A counter's id, `None` if Envoy refused to define it.
+    fn define_counter(&mut self, name: &str) -> Option<usize>;
+    /// A gauge's id, `None` if Envoy refused to define it.
+    fn define_gauge(&mut self, name: &str) -> Option<usize>;
+    fn set_gauge(&mut self, id: usize, value: u64);
+}
+
+/// Why the request headers could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreadable {
+    /// Envoy answered that it has no request headers.
+    Host,
+    /// A header name is not UTF-8 (Envoy's codecs never let one through).
+    NameNotUtf8,
+}
+
+/// What the request-headers hook needs from Envoy for one stream. Every mutating call reports
+/// whether Envoy carried it out.
+pub trait Stream: Log {
+    /// Every request header, pseudo-headers included, in Envoy's order.
+    fn request_headers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable>;
+    /// Removes every value of a request header.
+    fn remove_request_header(&mut self, name: &str) -> bool;
+    /// Replaces every value of a request header with one value, which is not empty.
+    fn set_request_header(&mut self, name: &str, value: &str) -> bool;
+    /// Answers the request locally; nothing goes upstream.
+    fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &str);
+    fn increment_counter(&mut self, id: usize);
+}
+
+/// What the hook returns to Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the request go on to the next filter.
+    Continue,
+    /// A reply was sent (or could not be): the request goes no further.
+    Stop,
+}
+
+/// The stats of one configuration, as Envoy numbered them.
+#[derive(Debug, Default)]
+struct Metrics {
+    allowed: Option<usize>,
+    /// One per [`DenyKind`], in [`DenyKind::ALL`] order.
+    denied: Vec<Option<usize>>,
+}
+
+/// One compiled configuration, shared (read-only) by every stream on every worker thread.
+#[derive(Debug)]
+pub struct Filter {
+    policy: Policy,
+    metrics: Metrics,
+}
+
+/// Compiles the filter configuration Envoy hands over (`filter_config`; a
+/// `google.protobuf.StringValue` arrives as its string). `None` makes Envoy refuse the
+/// configuration; the reason has been logged at error level, naming the field.
+pub fn configure(filter_name: &[u8], text: &[u8], host: &mut dyn ConfigHost) -> Option<Filter> {
+    if filter_name != FILTER_NAME.as_bytes() {
+        let name = String::from_utf8_lossy(filter_name);
+        host.log(
+            Level::Error,
+            &format!("keygate: unknown filter_name {name:?}: this module has one filter, {FILTER_NAME:?}"),
+        );
+        return None;
+    }
+    let Plugin { policy, key_set } = match Plugin::from_json(text) {
+        Ok(plugin) => plugin,
+        Err(e) => {
+            host.log(Level::Error, &format!("keygate: invalid configuration: {e}"));
+            return None;
+        }
+    };
+    if key_set.is_some() {
+        // Never fail open: a configuration whose keys live elsewhere is refused, not run on its
+        // inline keys alone.
+        host.log(
+            Level::Error,
+            "keygate: invalid configuration: key_set: not supported by the native module yet \
+             (use the wasm filter for a live key set)",
+        );
+        return None;
+    }
+    let counter = |host: &mut dyn ConfigHost, name: &str| {
+        let id = host.define_counter(name);
+        if id.is_none() {
+            host.log(Level::Warn, &format!("keygate: cannot define counter {name}"));
+        }
+        id
+    };
+    let allowed = counter(host, "keygate.allowed");
+    let denied = DenyKind::ALL.iter().map(|k| counter(host, &format!("keygate.denied.{}", k.name()))).collect();
+    match host.define_gauge("keygate.keys") {
+        Some(id) => host.set_gauge(id, policy.keys.len() as u64),
+        None => host.log(Level::Warn, "keygate: cannot define gauge keygate.keys"),
+    }
+    host.log(
+        Level::Info,
+        &format!("keygate: configured with {} inline keys, {} routes", policy.keys.len(), policy.routes.len()),
+    );
+    Some(Filter { policy, metrics: Metrics { allowed, denied } })
+}
+
+/// The current time in Unix milliseconds, asked only for a key with an expiry.
+fn now_ms() -> Option<i64> {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
+    i64::try_from(since.as_millis()).ok()
+}
+
+impl Filter {
+    /// Decides one request from its headers and carries the decision out.
+    pub fn on_request_headers(&self, stream: &mut dyn Stream) -> Verdict {
+        let headers = match stream.request_headers() {
+            Ok(headers) => headers,
+            Err(why) => {
+                stream.log(Level::Error, &format!("keygate: cannot read request headers: {why:?}"));
+                return refuse(stream, "request headers unreadable");
+            }
+        };
+        let request = RequestView::from_headers(&headers);
+        match self.policy.decide(&self.policy.keys, &request, &now_ms) {
+            Decision::Allow { edits, key_id } => {
+                for name in &edits.remove {
+                    if !stream.remove_request_header(name) {
+                        stream.log(Level::Error, &format!("keygate: cannot remove header {name}"));
+                        return refuse(stream, "header edit failed");
+                    }
+                }
+                for (name, value) in &edits.set {
+                    // Envoy 1.40's ABI cannot set an empty value (`http_set_header` removes the
+                    // header then, `http_add_header` refuses): the header is removed, so no copy a
+                    // client sent survives, where the wasm filter sends it empty.
+                    let done = if value.is_empty() {
+                        stream.remove_request_header(name)
+                    } else {
+                        stream.set_request_header(name, value)
+                    };
+                    if !done {
+                        stream.log(Level::Error, &format!("keygate: cannot set header {name}"));
+                        return refuse(stream, "header edit failed");
+                    }
+                }
+                if let Some(id) = key_id {
+                    if stream.enabled(Level::Debug) {
+                        stream.log(Level::Debug, &format!("keygate: allowed key {id}"));
+                    }
+                }
+                if let Some(id) = self.metrics.allowed {
+                    stream.increment_counter(id);
+                }
+                Verdict::Continue
+            }
+            Decision::Deny(denial) => {
+                let request_id = headers
+                    .iter()
+                    .find(|(n, _)| n == "x-request-id")
+                    .map(|(_, v)| String::from_utf8_lossy(v))
+                    .unwrap_or_default();
+                let reply = self.policy.replies.render(denial.kind, &denial.missing_scopes, &request_id);
+                if stream.enabled(Level::Debug) {
+                    let line = match &denial.key_id {
+                        Some(id) => format!("keygate: denied {} for key {id}", denial.kind.name()),
+                        None => format!("keygate: denied {}", denial.kind.name()),
+                    };
+                    stream.log(Level::Debug, &line);
+                }
+                if let Some(id) = self.metrics.denied.get(denial.kind.index()).copied().flatten() {
+                    stream.increment_counter(id);
+                }
+                let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+                stream.send_response(reply.status, &headers, &reply.body);
+                Verdict::Stop
+            }
+        }
+    }
+}
+
+/// Refuses the request with a 500 when keygate cannot do its job: failing closed, with the wasm
+/// filter's body.
+pub fn refuse(stream: &mut dyn Stream, reason: &str) -> Verdict {
+    let body = format!("{{\"error\":\"internal_error\",\"message\":\"{reason}\"}}");
+    stream.send_response(500, &[("content-type", "application/json")], &body);
+    Verdict::Stop
+}
+
+/// Envoy's header array, as borrowed name and value bytes, turned into the owned list
+/// [`RequestView::from_headers`] reads. A name that is not UTF-8 makes the whole list unreadable
+/// (the request is refused), as it would crash the wasm filter's SDK.
+pub fn owned_headers<'a>(
+    pairs: impl ExactSizeIterator<Item = (&'a [u8], &'a [u8])>,
+) -> Result<Vec<(String, Vec<u8>)>, Unreadable> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        let name = std::str::from_utf8(name).map_err(|_| Unreadable::NameNotUtf8)?;
+        out.push((name.to_string(), value.to_vec()));
+    }
+    Ok(out)
+}
+
+/// Runs a hook's body, turning a panic into `fallback` in a build that unwinds (the tests). A
+/// release build aborts on a panic instead (see [`crate::ffi`]): the code is written not to panic.
+pub fn guarded<R>(fallback: impl FnOnce() -> R, body: impl FnOnce() -> R) -> R {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|_| fallback())
+}
+
+// Every worker thread reads the same `Filter` through the pointer Envoy keeps for it.
+const _: fn() = || {
+    fn shared_across_threads<T: Send + Sync>() {}
+    shared_across_threads::<Filter>();
+};
+
+#[cfg(test)]
+#[path = "filter_tests.rs"]
+mod tests;

@@ -1,0 +1,15 @@
+//! keygate as an Envoy dynamic module: `libkeygate.so`, loaded by
+//! `envoy.filters.http.dynamic_modules` as the module `keygate` with the HTTP filter `keygate`. The
+//! same core decides as in the wasm filter; only the host differs.
+//!
+//! [`ffi`] is Envoy's C ABI (the declarations keygate uses, the exported event hooks, and every
+//! `unsafe` of the crate); [`filter`] is the safe glue around [`keygate_core`]: it compiles the
+//! configuration, gathers a request's headers, asks the core's one decision and carries it out.
+//! This first version serves inline keys only: a configuration with a live `key_set` is refused.
+//! keygate never logs, counts or echoes a presented key.
+
+// The FFI module needs Envoy's symbols to link: the host unit tests exercise the safe glue through
+// its traits instead (filter_tests.rs), and tests/native.rs runs the module in Envoy.
+#[cfg(not(test))]
+pub mod ffi;
+pub mod filter;
