@@ -33,8 +33,9 @@ help:
 WASM_OPT_FLAGS := -O3 --strip-debug --strip-producers --enable-bulk-memory --enable-sign-ext \
                   --enable-mutable-globals --enable-nontrapping-float-to-int
 build: wasm-target wasm-opt build-native
-	$(CARGO) build --release -p keygate-wasm --lib --target wasm32-wasip1
-	wasm-opt $(WASM_OPT_FLAGS) target/wasm32-wasip1/release/keygate_wasm.wasm -o $(WASM).tmp
+	$(CARGO) build --profile wasm -p keygate-wasm --lib --target wasm32-wasip1
+	@mkdir -p $(dir $(WASM))
+	wasm-opt $(WASM_OPT_FLAGS) target/wasm32-wasip1/wasm/keygate_wasm.wasm -o $(WASM).tmp
 	mv $(WASM).tmp $(WASM)
 	@echo "$(WASM): $$(stat -c %s $(WASM)) bytes"
 
@@ -46,10 +47,13 @@ build-native:
 wasm-opt:
 	@command -v wasm-opt >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq binaryen; }
 
-## build-probe: a test-only build that crashes on demand (target/probe/…/keygate.wasm), for failure-policy tests
+## build-probe: test-only builds that crash on demand (target/probe/…/keygate.wasm and
+## target/probe/release/libkeygate.so), for failure-policy tests
 build-probe: wasm-target
-	$(CARGO) build --release -p keygate-wasm --lib --target wasm32-wasip1 --features panic-probe --target-dir target/probe
-	cp target/probe/wasm32-wasip1/release/keygate_wasm.wasm target/probe/wasm32-wasip1/release/keygate.wasm
+	$(CARGO) build --profile wasm -p keygate-wasm --lib --target wasm32-wasip1 --features panic-probe --target-dir target/probe
+	@mkdir -p target/probe/wasm32-wasip1/release
+	cp target/probe/wasm32-wasip1/wasm/keygate_wasm.wasm target/probe/wasm32-wasip1/release/keygate.wasm
+	$(CARGO) build --release -p keygate-native --features panic-probe --target-dir target/probe
 
 ## wasm-target: the wasm32-wasip1 Rust target, added with rustup when missing
 wasm-target:
@@ -82,7 +86,7 @@ unit:
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy --release -p keygate-wasm --lib --target wasm32-wasip1 -- -D warnings
+	$(CARGO) clippy --profile wasm -p keygate-wasm --lib --target wasm32-wasip1 -- -D warnings
 
 ## soak: SOAK_SECONDS (default 600) of mixed traffic while the live key set churns (tests/soak.rs)
 SOAK_SECONDS  ?= 600

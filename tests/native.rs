@@ -463,3 +463,39 @@ fn another_filter_name_is_refused() {
     let log = refused(&bootstrap);
     assert_logged(&log, "keygate: unknown filter_name \"keygate-v2\": this module has one filter, \"keygate\"");
 }
+
+/// The native module's probe build (`make build-probe`): `$KEYGATE_PROBE_NATIVE`, else
+/// `<repo>/target/probe/release/libkeygate.so`.
+fn probe_module_path() -> std::path::PathBuf {
+    let path = std::env::var_os("KEYGATE_PROBE_NATIVE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| common::repo_root().join("target/probe/release/libkeygate.so"));
+    assert!(path.is_file(), "{} is missing: run `make build-probe` (make test does)", path.display());
+    path
+}
+
+/// There is no failure policy for a dynamic module: a panic on the request path must be caught in
+/// the module (every native build unwinds) and answered as a refusal of that request, while Envoy,
+/// and every other request, carries on.
+#[test]
+fn a_panic_in_the_module_refuses_that_request_and_envoy_keeps_serving() {
+    let upstream = Upstream::start();
+    let mut bootstrap = options(Host::Native, &config().to_string(), &upstream).bootstrap();
+    let listener = &mut bootstrap["static_resources"]["listeners"][0];
+    let filter = &mut listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"][0];
+    filter["typed_config"]["dynamic_module_config"] = json!({"module": {"local": {"filename": probe_module_path()}}});
+    let envoy =
+        Envoy::try_start_bootstrap(&bootstrap, 1).unwrap_or_else(|log| panic!("{}", common::envoy::tail(&log, 20)));
+    let key = [("x-api-key", PLATFORM_KEY)];
+    for proto in [Proto::Http1, Proto::Http2] {
+        let crash = common::get(envoy.port(), proto, "/v1/venues", &[key[0], ("x-keygate-panic-probe", "1")]);
+        assert_eq!(crash.status, 500, "{proto:?}: {}", crash.body);
+        assert!(crash.body.contains("internal_error"), "{}", crash.body);
+        let after = common::get(envoy.port(), proto, "/v1/venues", &key);
+        assert_eq!(after.status, 200, "{proto:?}: Envoy must keep serving: {}", after.body);
+    }
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 2, "only the two requests without the probe reach the upstream: {seen:?}");
+    assert!(seen.iter().all(|r| r.header("x-keygate-panic-probe").is_none()), "{seen:?}");
+    assert!(envoy.wait_for_log("keygate: internal error on the request path", Duration::from_secs(2)));
+}

@@ -33,16 +33,13 @@
 //!
 //! No panic crosses the boundary. Every hook that does more than return a constant runs its body
 //! in [`guarded`] (`catch_unwind`), whose fallback fails closed: a refused request (500) or a
-//! refused configuration. But the workspace's release profile has `panic = "abort"`, and it
-//! applies to this crate as well: a profile has one panic strategy for every package (Cargo refuses
-//! `panic` in a per-package override), so in the `libkeygate.so` Envoy loads, a panic aborts the
-//! whole Envoy process before `catch_unwind` can see it. The code therefore must simply never
+//! refused configuration. The workspace's release profile unwinds (the wasm filter has a profile of
+//! its own that aborts, as wasm32-wasip1 must), so in the `libkeygate.so` Envoy loads a defect that
+//! panics costs one refused request, not the Envoy process. The code is still written never to
 //! panic: the workspace's clippy lints deny `unwrap`, `expect`, `panic!` and indexing outside
-//! tests, and the request path is property-tested on the host (filter_tests.rs). `guarded` takes
-//! effect in builds that unwind (the host tests prove its fallback), and would in the shipped module
-//! if the release profile unwound: that would turn a defect into one refused request instead of an
-//! Envoy crash, and would not change the wasm filter (wasm32-wasip1 can only abort). Either way no
-//! unwinding can leave an `extern "C"` function: Rust aborts there.
+//! tests, and the request path is property-tested on the host (filter_tests.rs, which also proves
+//! `guarded`'s fallback). No unwinding can leave an `extern "C"` function either way: Rust aborts
+//! there.
 
 // Every unsafe operation sits in its own block with its reason, unsafe functions included.
 #![deny(unsafe_op_in_unsafe_fn)]

@@ -150,6 +150,15 @@ impl Filter {
                 return refuse(stream, "request headers unreadable");
             }
         };
+        #[cfg(feature = "panic-probe")]
+        if headers.iter().any(|(n, _)| n == "x-keygate-panic-probe") {
+            // Test builds only: a defect on the request path, which `guarded` must turn into a
+            // refused request.
+            #[allow(clippy::panic)] // the point of the probe
+            {
+                panic!("keygate: panic probe");
+            }
+        }
         let request = RequestView::from_headers(&headers);
         match self.policy.decide(&self.policy.keys, &request, &now_ms) {
             Decision::Allow { edits, key_id } => {
@@ -230,8 +239,8 @@ pub fn owned_headers<'a>(
     Ok(out)
 }
 
-/// Runs a hook's body, turning a panic into `fallback` in a build that unwinds (the tests). A
-/// release build aborts on a panic instead (see [`crate::ffi`]): the code is written not to panic.
+/// Runs a hook's body, turning a panic into `fallback` (every native build unwinds, see
+/// [`crate::ffi`]); the code is still written not to panic.
 pub fn guarded<R>(fallback: impl FnOnce() -> R, body: impl FnOnce() -> R) -> R {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|_| fallback())
 }
