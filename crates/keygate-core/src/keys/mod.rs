@@ -9,7 +9,7 @@ pub mod stored;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::ops::Deref;
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// The SHA-256 of a whole presented key: the only thing keygate keeps of a key.
 pub type KeyHash = [u8; 32];
@@ -51,7 +51,7 @@ impl Key {
 #[derive(Debug, Clone)]
 pub enum KeyRef<'a> {
     Borrowed(&'a Key),
-    Shared(Rc<Key>),
+    Shared(Arc<Key>),
 }
 
 impl Deref for KeyRef<'_> {

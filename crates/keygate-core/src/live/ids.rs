@@ -9,7 +9,7 @@ use crate::live::settings::KeySetConfig;
 use crate::live::store::{id_digest, read_index, Store};
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// Where an id seen by a sync stands: a shard, by its prefix read as a number, or [`INLINE`].
 pub const INLINE: u32 = u32::MAX;
@@ -41,12 +41,12 @@ pub fn inline_ids(inline: &KeySet) -> HashSet<u32> {
 /// id (about 20 MB in the polling VM at 1M keys, for the sync only), rather than the ids themselves.
 #[derive(Debug, Default)]
 pub struct IdIndex {
-    inline: Rc<HashSet<u32>>,
+    inline: Arc<HashSet<u32>>,
     shards: HashMap<u32, u32>,
 }
 
 impl IdIndex {
-    pub fn new(inline: Rc<HashSet<u32>>) -> Self {
+    pub fn new(inline: Arc<HashSet<u32>>) -> Self {
         IdIndex { inline, shards: HashMap::new() }
     }
 

@@ -11,7 +11,8 @@
 //! - [`apply`]: what one sync writes, in an order that survives any interruption;
 //! - [`host`]: the traits a host implements for the sync, and the events the sync reports;
 //! - [`sync`]: the sync itself, driven by a host's ticks and answers;
-//! - [`records`]: the request path's lookup of a live record, with a per-VM cache.
+//! - [`records`]: the request path's lookup of a live record, with a per-VM cache ([`LiveSet`]) or
+//!   shared by threads ([`SharedLiveSet`]).
 //!
 //! A host implements [`Store`], [`Fetch`] and [`Clock`], forwards its ticks and the endpoint's
 //! answers to a [`Syncer`], logs and counts the [`Event`]s it reports, and looks keys up in a
@@ -48,7 +49,7 @@ pub use host::{Answer, Clock, Event, Fetch, Gauges, Host, LoadedSet, Sink};
 pub use ids::{inline_ids, inline_place, prefix_of, shard_number, stored_position, IdIndex, INLINE, SEVERAL};
 pub use lease::{hold_lease, number_vm, seconds_since, update_lease, Lease, VmNumber};
 pub use memory::MemoryStore;
-pub use records::{LiveSet, MAX_CACHED};
+pub use records::{LiveSet, SharedLiveSet, MAX_CACHED};
 pub use settings::{
     Fetched, KeySetConfig, RawKeySet, DEFAULT_MAX_MANIFEST_BYTES, DEFAULT_MAX_SHARD_BYTES, LAYOUT, WIDTHS,
 };

@@ -7,7 +7,8 @@ use crate::live::settings::KeySetConfig;
 use crate::live::store::{Store, StoreError};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Most records one VM keeps decoded.
 pub const MAX_CACHED: usize = 10_000;
@@ -27,7 +28,7 @@ pub struct LiveSet {
 #[derive(Debug, Default)]
 struct RecordCache {
     generation: Option<Vec<u8>>,
-    records: HashMap<KeyHash, Rc<Key>>,
+    records: HashMap<KeyHash, Arc<Key>>,
 }
 
 impl LiveSet {
@@ -44,21 +45,13 @@ impl LiveSet {
     /// entry name: a record's entry derives from the presented key).
     pub fn find(&self, store: &dyn Store, hash: &KeyHash) -> Result<Lookup<'static>, StoreError> {
         if let Some(key) = self.cache.borrow().records.get(hash) {
-            return Ok(Lookup::Found(KeyRef::Shared(Rc::clone(key))));
+            return Ok(Lookup::Found(KeyRef::Shared(Arc::clone(key))));
         }
-        Ok(match store.get(&self.config.key_entry(hash))? {
-            Some((bytes, _)) => match decode_key(&bytes) {
-                Some(key) => {
-                    let key = Rc::new(key);
-                    self.cache.borrow_mut().insert(*hash, Rc::clone(&key));
-                    Lookup::Found(KeyRef::Shared(key))
-                }
-                // A tombstone (a removed key), or nothing readable.
-                None => Lookup::NotFound,
-            },
-            None if self.loaded(store) => Lookup::NotFound,
-            None => Lookup::Unavailable,
-        })
+        let lookup = read_record(store, &self.config, hash, || self.loaded(store))?;
+        if let Lookup::Found(KeyRef::Shared(key)) = &lookup {
+            self.cache.borrow_mut().insert(*hash, Arc::clone(key));
+        }
+        Ok(lookup)
     }
 
     /// Whether a set has loaded: this VM saw it, or the state entry says so.
@@ -91,8 +84,63 @@ impl LiveSet {
     }
 }
 
+/// One key's record read from the store and decoded, with no cache: found, unknown, or unavailable
+/// while `loaded` says no set has loaded and its shard has not been written either. The lookup of
+/// [`LiveSet`] and of [`SharedLiveSet`].
+fn read_record(
+    store: &dyn Store,
+    config: &KeySetConfig,
+    hash: &KeyHash,
+    loaded: impl FnOnce() -> bool,
+) -> Result<Lookup<'static>, StoreError> {
+    Ok(match store.get(&config.key_entry(hash))? {
+        Some((bytes, _)) => match decode_key(&bytes) {
+            Some(key) => Lookup::Found(KeyRef::Shared(Arc::new(key))),
+            // A tombstone (a removed key), or nothing readable.
+            None => Lookup::NotFound,
+        },
+        None if loaded() => Lookup::NotFound,
+        None => Lookup::Unavailable,
+    })
+}
+
+/// A live key set read by several threads at once (a native host's workers over one store in
+/// process memory): the same lookup as [`LiveSet::find`], without the per-VM cache, so that it is
+/// `Sync`. Each found record is decoded from the store on every lookup.
+#[derive(Debug)]
+pub struct SharedLiveSet {
+    config: KeySetConfig,
+    /// Set once the set has been seen loaded; a loaded set never unloads.
+    loaded: AtomicBool,
+}
+
+impl SharedLiveSet {
+    pub fn new(config: KeySetConfig) -> Self {
+        SharedLiveSet { config, loaded: AtomicBool::new(false) }
+    }
+
+    pub fn config(&self) -> &KeySetConfig {
+        &self.config
+    }
+
+    /// As [`LiveSet::find`].
+    pub fn find(&self, store: &dyn Store, hash: &KeyHash) -> Result<Lookup<'static>, StoreError> {
+        read_record(store, &self.config, hash, || self.loaded(store))
+    }
+
+    /// As [`LiveSet::loaded`].
+    pub fn loaded(&self, store: &dyn Store) -> bool {
+        if !self.loaded.load(Ordering::Acquire)
+            && matches!(store.get(&self.config.state_entry()), Ok(Some((v, _))) if !v.is_empty())
+        {
+            self.loaded.store(true, Ordering::Release);
+        }
+        self.loaded.load(Ordering::Acquire)
+    }
+}
+
 impl RecordCache {
-    fn insert(&mut self, hash: KeyHash, key: Rc<Key>) {
+    fn insert(&mut self, hash: KeyHash, key: Arc<Key>) {
         if self.records.len() >= MAX_CACHED {
             self.records.clear();
         }

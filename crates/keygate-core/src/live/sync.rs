@@ -22,7 +22,7 @@ use crate::live::store::{
     read_index, read_state, read_widths, stale_widths, width_bit, write_entry, ShardIndex, Store, SyncState,
 };
 use std::collections::{HashMap, HashSet};
-use std::rc::Rc;
+use std::sync::Arc;
 
 /// Most shard fetches in flight at once during one sync.
 pub const MAX_IN_FLIGHT: usize = 4;
@@ -36,7 +36,7 @@ pub struct Syncer {
     configured_ms: i64,
     run: Option<Run>,
     /// The digests of the inline keys' ids, once a sync needed them.
-    inline_ids: Option<Rc<HashSet<u32>>>,
+    inline_ids: Option<Arc<HashSet<u32>>>,
 }
 
 /// One sync in progress (this VM holds the lease).
@@ -206,7 +206,7 @@ impl Syncer {
                 other => return Err(format!("manifest: HTTP status {other}")),
             }
             let manifest = parse_manifest(&answer.body()).map_err(|e| e.to_string())?;
-            let ids = Rc::clone(self.inline_ids.get_or_insert_with(|| Rc::new(inline_ids(inline))));
+            let ids = Arc::clone(self.inline_ids.get_or_insert_with(|| Arc::new(inline_ids(inline))));
             run.plan(host.store, config, manifest, answer.etag(), ids)?;
         } else if let Some(shard) = run.in_flight.remove(&token) {
             run.take_shard(host.store, config, inline, shard, answer)?;
@@ -325,7 +325,7 @@ impl Run {
         config: &KeySetConfig,
         manifest: Manifest,
         etag: Option<String>,
-        inline_ids: Rc<HashSet<u32>>,
+        inline_ids: Arc<HashSet<u32>>,
     ) -> Result<(), String> {
         let width = manifest.width();
         let mask = read_widths(store, config);

@@ -7,7 +7,7 @@ use super::fake::FakeStore;
 use super::*;
 use crate::keys::record::{compile_keys, RawKey};
 use crate::keys::stored::{decode_key, encode_key, TOMBSTONE};
-use crate::keys::{hash_key, Key, KeyHash, KeySet};
+use crate::keys::{hash_key, Key, KeyHash, KeySet, Lookup};
 use serde_json::json;
 use std::collections::HashSet;
 
@@ -522,7 +522,7 @@ fn an_id_loaded_in_another_shard_refuses_the_shard_naming_both_places() {
     apply_to(&store, |w| apply_shard(&c, &stored_a, w));
     let index_a = ShardIndex::decode(&stored(&store, &c.shard_entry("a")).unwrap()).unwrap();
 
-    let mut ids = IdIndex::new(std::rc::Rc::new(inline_ids(&KeySet::default())));
+    let mut ids = IdIndex::new(std::sync::Arc::new(inline_ids(&KeySet::default())));
     ids.add(shard_number("a"), index_a.ids);
     // Shard "3" lists another key under the same id, at keys[1].
     let body = json!({"keys": [record("k_9", &key_with_prefix("3")), record("k_1", &key_with_prefix("30"))]})
@@ -545,7 +545,7 @@ fn an_id_loaded_in_another_shard_refuses_the_shard_naming_both_places() {
 #[test]
 fn an_id_also_inline_refuses_the_shard() {
     let inline = compile_keys(&[serde_json::from_value(record("k_1", "sk_inline")).unwrap()], "keys").unwrap();
-    let ids = IdIndex::new(std::rc::Rc::new(inline_ids(&inline)));
+    let ids = IdIndex::new(std::sync::Arc::new(inline_ids(&inline)));
     let body = json!({"keys": [record("k_1", "sk_in_shard")]}).to_string().into_bytes();
     let shard = shard_ref("", &body);
     let keys = parse_shard(&shard, &body).unwrap();
@@ -586,4 +586,51 @@ fn a_digest_two_shards_hold_sends_the_check_to_every_shard() {
     ids.add(shard_number("b"), [digest]);
     assert_eq!(ids.check(&shard, &keys, ask), Ok(()));
     assert_eq!(*asked.borrow(), [shard_number("a"), SEVERAL]);
+}
+
+#[test]
+fn the_shared_live_set_reads_the_store_as_the_per_vm_one_does() {
+    let store = MemoryStore::new();
+    let (cached, shared) = (LiveSet::new(config()), SharedLiveSet::new(config()));
+    let key = Key {
+        id: "0000aaaa".into(),
+        org: "org_1".into(),
+        name: None,
+        scopes: vec![],
+        attributes: vec![],
+        expires_at_ms: None,
+        revoked: false,
+    };
+    let (known, removed, unknown) = (hash_key(b"known"), hash_key(b"removed"), hash_key(b"unknown"));
+    let outcome = |set: &dyn Fn(&KeyHash) -> Lookup<'static>, hash: &KeyHash| match set(hash) {
+        Lookup::Found(key) => format!("found {}", key.id),
+        Lookup::NotFound => "not found".to_string(),
+        Lookup::Unavailable => "unavailable".to_string(),
+    };
+    let both = |hash: &KeyHash| {
+        let a = outcome(&|h| cached.find(&store, h).unwrap(), hash);
+        let b = outcome(&|h| shared.find(&store, h).unwrap(), hash);
+        assert_eq!(a, b);
+        a
+    };
+    assert_eq!(both(&unknown), "unavailable", "before the first load");
+    store.set(&config().key_entry(&known), &encode_key(&key), None).unwrap();
+    store.set(&config().key_entry(&removed), TOMBSTONE, None).unwrap();
+    assert_eq!(both(&known), "found 0000aaaa", "a shard of a first load, applied as it arrived");
+    assert_eq!(both(&removed), "not found");
+    assert_eq!(both(&unknown), "unavailable");
+    let state = SyncState { version: "1".into(), keys: 1, synced_ms: 0, manifest_etag: None, width: Some(1) };
+    store.set(&config().state_entry(), &state.encode(), None).unwrap();
+    assert_eq!(both(&unknown), "not found", "once loaded");
+    assert!(shared.loaded(&store));
+}
+
+#[test]
+fn a_native_host_can_share_the_sync_and_the_lookup_across_threads() {
+    fn send<T: Send>() {}
+    fn send_sync<T: Send + Sync>() {}
+    send::<Syncer>();
+    send::<LiveSet>();
+    send_sync::<SharedLiveSet>();
+    send_sync::<MemoryStore>();
 }
