@@ -2,7 +2,8 @@
 //! loads and Envoy reports the ABI version it matched; the replies, the forwarded identity and
 //! the stripped credential are the wasm filter's, over HTTP/1.1 and HTTP/2 (checked side by side
 //! with the wasm filter on the same requests); configuration errors make Envoy refuse the
-//! configuration, naming the field; a live `key_set`, not supported by the module yet, is refused.
+//! configuration, naming the field; a live `key_set` loads, changes and survives a failing
+//! endpoint as in the wasm filter, with one poll per Envoy process.
 
 // Test code: helpers outside #[test] functions fail the same way the tests do, by panicking.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -10,7 +11,7 @@
 mod common;
 
 use common::envoy::Host;
-use common::{Envoy, EnvoyOptions, Proto, Recorded, Response, Upstream};
+use common::{Envoy, EnvoyOptions, Fault, KeySetServer, Proto, Recorded, Response, Upstream, MANIFEST_PATH};
 use keygate_core::keys::hash_key;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -446,14 +447,6 @@ fn invalid_configuration_makes_envoy_refuse_it_naming_the_field() {
 }
 
 #[test]
-fn live_key_set_is_refused_until_the_module_supports_it() {
-    let mut with_key_set = config();
-    with_key_set["key_set"] = json!({"cluster": "keyset", "path": "/keyset/manifest.json"});
-    let log = refused_config_log(&with_key_set.to_string());
-    assert_logged(&log, "keygate: invalid configuration: key_set: not supported by the native module yet");
-}
-
-#[test]
 fn another_filter_name_is_refused() {
     let upstream = Upstream::start();
     let mut bootstrap = options(Host::Native, &config().to_string(), &upstream).bootstrap();
@@ -498,4 +491,126 @@ fn a_panic_in_the_module_refuses_that_request_and_envoy_keeps_serving() {
     assert_eq!(seen.len(), 2, "only the two requests without the probe reach the upstream: {seen:?}");
     assert!(seen.iter().all(|r| r.header("x-keygate-panic-probe").is_none()), "{seen:?}");
     assert!(envoy.wait_for_log("keygate: internal error on the request path", Duration::from_secs(2)));
+}
+
+// ---- Live key sets --------------------------------------------------------------------------------
+
+const LIVE_POLL_MS: u64 = 500;
+/// One poll interval, a tick (a fifth of it, at least 100 ms) and a second of slack.
+const LIVE_CHANGE_BOUND: Duration = Duration::from_millis(LIVE_POLL_MS + LIVE_POLL_MS / 5 + 1000);
+
+fn live_key(id: &str) -> String {
+    format!("sk_live_{id}_{}", common::keyset::sha256_hex(format!("secret of {id}").as_bytes()))
+}
+
+fn live_record(id: &str) -> Value {
+    json!({"id": id, "hash": hash(&live_key(id)), "org": "org_42", "scopes": []})
+}
+
+fn live_config() -> String {
+    json!({
+        "credential": {"prefixes": ["sk_live_"]},
+        "key_set": {"cluster": common::KEYSET_CLUSTER, "authority": "keys.internal", "path": MANIFEST_PATH,
+                    "poll_interval_ms": LIVE_POLL_MS, "timeout_ms": 300},
+    })
+    .to_string()
+}
+
+struct LiveFixture {
+    server: KeySetServer,
+    _upstream: Upstream,
+    envoy: Envoy,
+}
+
+impl LiveFixture {
+    fn start(server: KeySetServer, concurrency: u32) -> LiveFixture {
+        let upstream = Upstream::start();
+        let mut opts = options(Host::Native, &live_config(), &upstream);
+        opts.keyset_port = Some(server.port());
+        opts.concurrency = concurrency;
+        let envoy = Envoy::start(&opts);
+        LiveFixture { server, _upstream: upstream, envoy }
+    }
+
+    fn status(&self, id: &str) -> u16 {
+        common::get(self.envoy.port(), Proto::Http1, "/v1/things", &[("authorization", &bearer(&live_key(id)))]).status
+    }
+
+    fn stat(&self, name: &str) -> Option<u64> {
+        self.envoy.stat(&format!("dynamicmodulescustom.keygate.key_set.{name}"))
+    }
+
+    /// Waits until `check` holds, or panics with the module's log.
+    fn wait(&self, what: &str, within: Duration, check: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + within;
+        while !check() {
+            if std::time::Instant::now() >= deadline {
+                panic!("{what}: not within {within:?}\nmodule log:\n{}", self.envoy.module_log());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+#[test]
+fn live_key_set_refuses_before_the_first_load_then_serves_changes_and_keeps_the_last_good_set() {
+    let server = KeySetServer::start_down();
+    let live = LiveFixture::start(server, 1);
+    // Before the first load: 503 key_set_unavailable, never a pass.
+    let reply =
+        common::get(live.envoy.port(), Proto::Http1, "/v1/things", &[("authorization", &bearer(&live_key("k1")))]);
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(reply.body.contains("key_set_unavailable"), "{}", reply.body);
+
+    live.server.publish(&[live_record("k1"), live_record("k2")], 1, 1);
+    live.server.come_up();
+    live.wait("version 1 loaded", Duration::from_secs(10), || live.stat("version") == Some(1));
+    assert_eq!(live.status("k1"), 200);
+    assert_eq!(live.status("k2"), 200);
+    assert_eq!(live.status("k3"), 401, "a key the set does not hold, once loaded");
+    assert_eq!(live.stat("keys"), Some(2));
+    assert!(live.stat("syncs").unwrap_or(0) >= 1);
+    assert!(live.envoy.stat("dynamicmodulescustom.keygate.keys") == Some(2));
+
+    // A revocation takes effect within a poll interval and a tick.
+    let mut revoked = live_record("k2");
+    revoked["revoked"] = json!(true);
+    live.server.publish(&[live_record("k1"), revoked], 1, 2);
+    let published = std::time::Instant::now();
+    live.wait("the revocation", LIVE_CHANGE_BOUND, || live.status("k2") == 401);
+    assert!(published.elapsed() <= LIVE_CHANGE_BOUND);
+    assert_eq!(live.stat("version"), Some(2));
+
+    // A failing endpoint keeps the last good set serving, and counts the failures.
+    for fault in [Fault::Status(503), Fault::Html, Fault::Down] {
+        let failures = live.stat("sync_failures").unwrap_or(0);
+        live.server.set_fault(MANIFEST_PATH, Some(fault));
+        live.wait("a failed sync", Duration::from_secs(10), || live.stat("sync_failures").unwrap_or(0) > failures);
+        assert_eq!(live.status("k1"), 200);
+        assert_eq!(live.status("k2"), 401);
+        assert_eq!(live.stat("version"), Some(2));
+        live.server.clear_faults();
+    }
+    assert!(live.envoy.module_log().contains("key-set sync failed"), "{}", live.envoy.module_log());
+}
+
+#[test]
+fn one_envoy_process_polls_the_manifest_once_per_interval_with_two_workers() {
+    let server = KeySetServer::start();
+    server.publish(&[live_record("k1")], 1, 1);
+    let live = LiveFixture::start(server, 2);
+    live.wait("version 1 loaded", Duration::from_secs(10), || live.stat("version") == Some(1));
+    // Every worker serves the one copy.
+    for _ in 0..20 {
+        assert_eq!(live.status("k1"), 200);
+    }
+    live.server.clear_requests();
+    let window = Duration::from_millis(LIVE_POLL_MS * 8);
+    std::thread::sleep(window);
+    let polls = live.server.count(MANIFEST_PATH) as u64;
+    let most = window.as_millis() as u64 / LIVE_POLL_MS + 1;
+    assert!(
+        polls >= 4 && polls <= most,
+        "{polls} manifest polls in {window:?}, one process polling every {LIVE_POLL_MS} ms"
+    );
 }

@@ -45,8 +45,11 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use crate::filter::{self, guarded, ConfigHost, Filter, Level, Log, Stream, Unreadable, Verdict};
+use crate::live::{self, CalloutAnswer, Ticker};
+use keygate_core::live::Fetch;
 use std::ffi::{c_char, c_void};
 use std::ptr;
+use std::sync::Arc;
 
 /// The one spelling of the ABI version, for [`ABI_VERSION`] and its C string.
 macro_rules! abi_version {
@@ -146,6 +149,18 @@ const STOP_ITERATION: Status = 1;
 type ConfigEnvoyPtr = *mut c_void;
 /// `envoy_dynamic_module_type_http_filter_config_module_ptr`.
 type ConfigModulePtr = *const c_void;
+/// `envoy_dynamic_module_type_http_filter_config_scheduler_module_ptr`.
+type SchedulerPtr = *mut c_void;
+
+/// `envoy_dynamic_module_type_http_callout_init_result`; 0 is `Success` (then MissingRequiredHeaders,
+/// ClusterNotFound, DuplicateCalloutId, CannotCreateRequest).
+type CalloutInitResult = u32;
+const CALLOUT_INIT_SUCCESS: CalloutInitResult = 0;
+/// `envoy_dynamic_module_type_http_callout_result`; 0 is `Success` (then Reset,
+/// ExceedResponseBufferLimit).
+type CalloutResult = u32;
+const CALLOUT_SUCCESS: CalloutResult = 0;
+
 /// `envoy_dynamic_module_type_http_filter_envoy_ptr`.
 type FilterEnvoyPtr = *mut c_void;
 /// `envoy_dynamic_module_type_http_filter_module_ptr`.
@@ -187,6 +202,38 @@ extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> MetricsResult;
+
+    /// Same shape as `..._config_set_gauge` (1.40.0's code for both takes the same arguments in
+    /// the same registers); absent from the stored `abi.h`, exported by 1.40.0.
+    fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        filter_config_envoy_ptr: ConfigEnvoyPtr,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> MetricsResult;
+
+    /// Starts an HTTP request to `cluster_name` from the configuration (on the main thread); its
+    /// answer comes to `envoy_dynamic_module_on_http_filter_config_http_callout_done` with the id
+    /// Envoy writes to `callout_id_out`.
+    fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        filter_config_envoy_ptr: ConfigEnvoyPtr,
+        callout_id_out: *mut u64,
+        cluster_name: ModuleBuffer,
+        headers: *mut ModuleHttpHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> CalloutInitResult;
+
+    /// A scheduler that runs events of this configuration on the main thread
+    /// (`envoy_dynamic_module_on_http_filter_config_scheduled`). It holds a weak reference to the
+    /// configuration: an event committed once the configuration is gone is dropped.
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(
+        filter_config_envoy_ptr: ConfigEnvoyPtr,
+    ) -> SchedulerPtr;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(scheduler: SchedulerPtr, event_id: u64);
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler: SchedulerPtr);
 
     fn envoy_dynamic_module_callback_http_get_headers_size(
         filter_envoy_ptr: FilterEnvoyPtr,
@@ -282,6 +329,47 @@ impl ConfigHost for ConfigHandle {
         let _ = unsafe {
             envoy_dynamic_module_callback_http_filter_config_set_gauge(self.0, id, ptr::null_mut(), 0, value)
         };
+    }
+
+    fn increment_counter(&mut self, id: usize) {
+        // SAFETY: R5 (the config pointer of the running configuration hook); `id` came from
+        // define_counter on this configuration; no labels. The result is ignored, as above.
+        let _ = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_increment_counter(self.0, id, ptr::null_mut(), 0, 1)
+        };
+    }
+}
+
+impl Fetch for ConfigHandle {
+    fn get(&self, cluster: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Result<u32, String> {
+        let mut array: Vec<ModuleHttpHeader> = headers
+            .iter()
+            .map(|(n, v)| ModuleHttpHeader {
+                key_ptr: n.as_ptr().cast(),
+                key_length: n.len(),
+                value_ptr: v.as_ptr().cast(),
+                value_length: v.len(),
+            })
+            .collect();
+        let mut id = 0u64;
+        // SAFETY: R5, the config pointer of the running configuration hook (main thread, R6); R2,
+        // the cluster name, the header array and the strings it points at are only read during the
+        // call; a null body is an empty one; `id` is a valid place for Envoy to write.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_http_callout(
+                self.0,
+                &mut id,
+                ModuleBuffer::of(cluster.as_bytes()),
+                array.as_mut_ptr(),
+                array.len(),
+                ModuleBuffer::NULL,
+                timeout_ms,
+            )
+        };
+        if result != CALLOUT_INIT_SUCCESS {
+            return Err(format!("cannot call cluster {cluster:?}: callout refused ({result})"));
+        }
+        live::callout_token(id)
     }
 }
 
@@ -383,14 +471,82 @@ impl Stream for StreamHandle {
     }
 }
 
-/// The configuration behind a stream's module pointer.
+/// A configuration as the module keeps it: the filter, and for a live key set the thread that
+/// ticks its sync and the scheduler it commits to. Fields drop in order: the ticker is stopped and
+/// joined before the configuration's reference to the scheduler goes.
+#[allow(dead_code)] // `ticker` and `scheduler` are held for their `Drop`
+struct Configured {
+    filter: Filter,
+    ticker: Option<Ticker>,
+    scheduler: Option<Arc<Scheduler>>,
+}
+
+/// A configuration's scheduler, shared by the configuration and its ticker thread, deleted when
+/// the last of them lets go.
+struct Scheduler(SchedulerPtr);
+
+// SAFETY: Envoy's configuration scheduler is made to be committed to from any thread (commit posts
+// the event to the main thread's dispatcher, holding only a weak reference to the configuration);
+// it is deleted once, by the last owner (`Drop`), when no thread can commit to it any more.
+unsafe impl Send for Scheduler {}
+// SAFETY: as for Send: commit is the only shared use, and it is thread-safe.
+unsafe impl Sync for Scheduler {}
+
+/// The only event keygate schedules: a tick of the key-set sync.
+const TICK_EVENT: u64 = 1;
+
+impl Scheduler {
+    fn commit(&self) {
+        // SAFETY: the pointer came from scheduler_new and is deleted only when this is dropped;
+        // commit may be called from any thread (see the Send impl).
+        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.0, TICK_EVENT) }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        // SAFETY: a pointer from scheduler_new, deleted once, by its last owner.
+        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.0) }
+    }
+}
+
+/// The configuration behind a module pointer.
 ///
 /// # Safety
 /// `ptr` is null or a pointer [`envoy_dynamic_module_on_http_filter_config_new`] returned whose
 /// configuration is not destroyed yet (R4).
+unsafe fn configured<'a>(ptr: *const c_void) -> Option<&'a Configured> {
+    // SAFETY: the caller's contract: such a pointer is a live `Box<Configured>`, only ever read
+    // (its interior locks are its own).
+    unsafe { ptr.cast::<Configured>().as_ref() }
+}
+
+/// The filter behind a stream's module pointer (the configuration's, see `on_http_filter_new`).
+///
+/// # Safety
+/// As for [`configured`].
 unsafe fn filter_of<'a>(ptr: *const c_void) -> Option<&'a Filter> {
-    // SAFETY: the caller's contract: such a pointer is a live `Box<Filter>`, only ever read.
-    unsafe { ptr.cast::<Filter>().as_ref() }
+    // SAFETY: the caller's contract.
+    unsafe { configured(ptr) }.map(|c| &c.filter)
+}
+
+/// Starts the ticks of a configuration with a live key set: a scheduler, and a thread that commits
+/// a tick event to it every tick. `None` (logged) refuses the configuration.
+fn start_ticks(filter_config_envoy_ptr: ConfigEnvoyPtr, filter: Filter) -> Option<Configured> {
+    let Some(period) = filter.tick() else { return Some(Configured { filter, ticker: None, scheduler: None }) };
+    // SAFETY: R5, the config pointer of the running config_new hook.
+    let raw = unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(filter_config_envoy_ptr) };
+    if raw.is_null() {
+        EnvoyLog.log(Level::Error, "keygate: Envoy gave no scheduler for the key-set sync");
+        return None;
+    }
+    let scheduler = Arc::new(Scheduler(raw));
+    let ticks = Arc::clone(&scheduler);
+    let Some(ticker) = Ticker::start(period, move || ticks.commit()) else {
+        EnvoyLog.log(Level::Error, "keygate: cannot start the key-set sync's thread");
+        return None;
+    };
+    Some(Configured { filter, ticker: Some(ticker), scheduler: Some(scheduler) })
 }
 
 // ---- Event hooks (implemented by keygate) ---------------------------------------------------------
@@ -422,8 +578,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
             // SAFETY: R1, both buffers are Envoy's and valid until this hook returns; they are
             // not kept.
             let (name, text) = unsafe { (envoy_bytes(name.ptr, name.length), envoy_bytes(config.ptr, config.length)) };
-            match filter::configure(name, text, &mut ConfigHandle(filter_config_envoy_ptr)) {
-                Some(filter) => Box::into_raw(Box::new(filter)).cast_const().cast(),
+            match filter::configure(name, text, &mut ConfigHandle(filter_config_envoy_ptr))
+                .and_then(|filter| start_ticks(filter_config_envoy_ptr, filter))
+            {
+                Some(configured) => Box::into_raw(Box::new(configured)).cast_const().cast(),
                 None => ptr::null(),
             }
         },
@@ -441,8 +599,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(filt
         || {
             if !filter_config_ptr.is_null() {
                 // SAFETY: R4, the pointer came from Box::into_raw in config_new and Envoy destroys
-                // it once, after its last stream: nothing reads it afterwards.
-                drop(unsafe { Box::from_raw(filter_config_ptr.cast_mut().cast::<Filter>()) });
+                // it once, after its last stream: nothing reads it afterwards. Dropping it joins
+                // its ticker thread before anything that thread uses is freed; an event it
+                // committed meanwhile finds the configuration gone and is dropped by Envoy.
+                drop(unsafe { Box::from_raw(filter_config_ptr.cast_mut().cast::<Configured>()) });
             }
         },
     );
@@ -491,9 +651,91 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     }
 }
 
+/// `envoy_dynamic_module_on_http_filter_config_scheduled`: a tick of the key-set sync, on the main
+/// thread.
+///
+/// # Safety
+/// Called by Envoy only, under the ABI's rules above.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    filter_config_envoy_ptr: ConfigEnvoyPtr,
+    filter_config_ptr: ConfigModulePtr,
+    _event_id: u64,
+) {
+    guarded(
+        || EnvoyLog.log(Level::Error, "keygate: internal error in the key-set sync's tick"),
+        || {
+            // SAFETY: R4, the module pointer of a configuration Envoy has not destroyed (it runs
+            // the event only while its weak reference to the configuration holds).
+            if let Some(configured) = unsafe { configured(filter_config_ptr) } {
+                let handle = ConfigHandle(filter_config_envoy_ptr);
+                configured.filter.on_tick(&handle, &mut ConfigHandle(filter_config_envoy_ptr));
+            }
+        },
+    );
+}
+
+/// `envoy_dynamic_module_on_http_filter_config_http_callout_done`: an answer of the key-set
+/// endpoint, on the main thread.
+///
+/// # Safety
+/// Called by Envoy only, under the ABI's rules above.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)] // the ABI's
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    filter_config_envoy_ptr: ConfigEnvoyPtr,
+    filter_config_ptr: ConfigModulePtr,
+    callout_id: u64,
+    result: CalloutResult,
+    headers: *mut EnvoyHttpHeader,
+    headers_size: usize,
+    body_chunks: *mut EnvoyBuffer,
+    body_chunks_size: usize,
+) {
+    guarded(
+        || EnvoyLog.log(Level::Error, "keygate: internal error reading a key-set answer"),
+        || {
+            // SAFETY: R4, as in the scheduled hook: Envoy answers a callout of a live configuration.
+            let Some(configured) = (unsafe { configured(filter_config_ptr) }) else { return };
+            // SAFETY: R1, the header array and the body chunks are Envoy's, valid for their sizes
+            // until this hook returns (null when there are none), and not kept.
+            let (headers, chunks) =
+                unsafe { (envoy_slice(headers, headers_size), envoy_slice(body_chunks, body_chunks_size)) };
+            let headers: Vec<(&[u8], &[u8])> = headers
+                .iter()
+                // SAFETY: R1, each entry points into Envoy's answer, valid until the hook returns.
+                .map(|h| unsafe { (envoy_bytes(h.key_ptr, h.key_length), envoy_bytes(h.value_ptr, h.value_length)) })
+                .collect();
+            // SAFETY: R1, as above.
+            let chunks: Vec<&[u8]> = chunks.iter().map(|c| unsafe { envoy_bytes(c.ptr, c.length) }).collect();
+            let answer = CalloutAnswer::new(result == CALLOUT_SUCCESS, &headers, chunks);
+            let handle = ConfigHandle(filter_config_envoy_ptr);
+            configured.filter.on_answer(
+                callout_id,
+                &answer,
+                answer.body_size(),
+                &handle,
+                &mut ConfigHandle(filter_config_envoy_ptr),
+            );
+        },
+    );
+}
+
+/// An array Envoy owns.
+///
+/// # Safety
+/// `ptr` is null or points at `length` initialised values that outlive `'a` (R1).
+unsafe fn envoy_slice<'a, T>(ptr: *const T, length: usize) -> &'a [T] {
+    if ptr.is_null() || length == 0 {
+        return &[];
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts(ptr, length) }
+}
+
 // The hooks below are required by Envoy 1.40.0 (a module that lacks one is refused) and do
 // nothing for keygate: the body, trailers and response pass unchanged, and keygate starts no
-// callout, stream or scheduled event, so those never fire.
+// callout, stream or scheduled event from a stream, so those never fire.
 
 /// `envoy_dynamic_module_on_http_filter_request_body`.
 #[no_mangle]

@@ -4,6 +4,9 @@
 //! `filter.rs` on the request path: gather every header at once, ask [`Policy::decide`], apply the
 //! edits or send the rendered reply, bump one counter.
 
+use crate::live::Live;
+use keygate_core::keys::{KeyHash, KeySource, Lookup};
+use keygate_core::live::{Answer, Fetch};
 use keygate_core::plugin::Plugin;
 use keygate_core::policy::{Decision, Policy, RequestView};
 use keygate_core::reply::DenyKind;
@@ -36,6 +39,8 @@ pub trait ConfigHost: Log {
     /// A gauge's id, `None` if Envoy refused to define it.
     fn define_gauge(&mut self, name: &str) -> Option<usize>;
     fn set_gauge(&mut self, id: usize, value: u64);
+    /// Counts on a configuration's counter, from the main thread (the key-set sync's stats).
+    fn increment_counter(&mut self, id: usize);
 }
 
 /// Why the request headers could not be read.
@@ -83,6 +88,26 @@ struct Metrics {
 pub struct Filter {
     policy: Policy,
     metrics: Metrics,
+    /// The live key set, if one is configured.
+    live: Option<Live>,
+}
+
+/// Keys for one request: the inline set first, then this key's record in the process's store.
+struct Keys<'a> {
+    filter: &'a Filter,
+    log: &'a dyn Log,
+}
+
+impl KeySource for Keys<'_> {
+    fn lookup(&self, hash: &KeyHash) -> Lookup<'_> {
+        if let found @ Lookup::Found(_) = self.filter.policy.keys.lookup(hash) {
+            return found;
+        }
+        match &self.filter.live {
+            Some(live) => live.lookup(hash, self.log),
+            None => Lookup::NotFound,
+        }
+    }
 }
 
 /// Compiles the filter configuration Envoy hands over (`filter_config`; a
@@ -104,16 +129,6 @@ pub fn configure(filter_name: &[u8], text: &[u8], host: &mut dyn ConfigHost) -> 
             return None;
         }
     };
-    if key_set.is_some() {
-        // Never fail open: a configuration whose keys live elsewhere is refused, not run on its
-        // inline keys alone.
-        host.log(
-            Level::Error,
-            "keygate: invalid configuration: key_set: not supported by the native module yet \
-             (use the wasm filter for a live key set)",
-        );
-        return None;
-    }
     let counter = |host: &mut dyn ConfigHost, name: &str| {
         let id = host.define_counter(name);
         if id.is_none() {
@@ -123,15 +138,25 @@ pub fn configure(filter_name: &[u8], text: &[u8], host: &mut dyn ConfigHost) -> 
     };
     let allowed = counter(host, "keygate.allowed");
     let denied = DenyKind::ALL.iter().map(|k| counter(host, &format!("keygate.denied.{}", k.name()))).collect();
-    match host.define_gauge("keygate.keys") {
+    let all_keys = host.define_gauge("keygate.keys");
+    match all_keys {
         Some(id) => host.set_gauge(id, policy.keys.len() as u64),
         None => host.log(Level::Warn, "keygate: cannot define gauge keygate.keys"),
     }
+    let live = match key_set {
+        Some(config) => Some(Live::new(config, policy.keys.len() as u64, all_keys, host)?),
+        None => None,
+    };
     host.log(
         Level::Info,
-        &format!("keygate: configured with {} inline keys, {} routes", policy.keys.len(), policy.routes.len()),
+        &format!(
+            "keygate: configured with {} inline keys, {} routes{}",
+            policy.keys.len(),
+            policy.routes.len(),
+            if live.is_some() { ", a live key set" } else { "" }
+        ),
     );
-    Some(Filter { policy, metrics: Metrics { allowed, denied } })
+    Some(Filter { policy, metrics: Metrics { allowed, denied }, live })
 }
 
 /// The current time in Unix milliseconds, asked only for a key with an expiry.
@@ -141,6 +166,32 @@ fn now_ms() -> Option<i64> {
 }
 
 impl Filter {
+    /// How often the live key set's sync wants a tick; `None` without one.
+    pub fn tick(&self) -> Option<std::time::Duration> {
+        self.live.as_ref().map(Live::tick)
+    }
+
+    /// A tick of the live key set's sync, on the main thread.
+    pub fn on_tick(&self, fetch: &dyn Fetch, host: &mut dyn ConfigHost) {
+        if let Some(live) = &self.live {
+            live.on_tick(fetch, host);
+        }
+    }
+
+    /// An answer of the key-set endpoint, on the main thread.
+    pub fn on_answer(
+        &self,
+        token: u64,
+        answer: &dyn Answer,
+        body_size: usize,
+        fetch: &dyn Fetch,
+        host: &mut dyn ConfigHost,
+    ) {
+        if let Some(live) = &self.live {
+            live.on_answer(token, answer, body_size, &self.policy.keys, fetch, host);
+        }
+    }
+
     /// Decides one request from its headers and carries the decision out.
     pub fn on_request_headers(&self, stream: &mut dyn Stream) -> Verdict {
         let headers = match stream.request_headers() {
@@ -160,7 +211,9 @@ impl Filter {
             }
         }
         let request = RequestView::from_headers(&headers);
-        match self.policy.decide(&self.policy.keys, &request, &now_ms) {
+        let keys = Keys { filter: self, log: &*stream };
+        let decision = self.policy.decide(&keys, &request, &now_ms);
+        match decision {
             Decision::Allow { edits, key_id } => {
                 for name in &edits.remove {
                     if !stream.remove_request_header(name) {

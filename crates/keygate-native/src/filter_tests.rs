@@ -52,6 +52,8 @@ struct FakeConfig {
     log: Lines,
     counters: Vec<String>,
     gauges: Vec<(String, Option<u64>)>,
+    /// Counters counted on the configuration (the key-set sync's), by id.
+    counted: Vec<usize>,
     refuse_stats: bool,
 }
 
@@ -75,6 +77,9 @@ impl ConfigHost for FakeConfig {
     }
     fn set_gauge(&mut self, id: usize, value: u64) {
         self.gauges[id].1 = Some(value);
+    }
+    fn increment_counter(&mut self, id: usize) {
+        self.counted.push(id);
     }
 }
 
@@ -187,16 +192,27 @@ fn empty_configuration_is_refused() {
 }
 
 #[test]
-fn live_key_set_is_refused_not_run_on_the_inline_keys() {
+fn live_key_set_configures_its_stats_and_refuses_before_the_first_load() {
     let mut text: serde_json::Value = serde_json::from_str(&config()).unwrap();
-    text["key_set"] = serde_json::json!({"cluster": "keyset", "path": "/keyset/manifest.json"});
+    text["key_set"] =
+        serde_json::json!({"cluster": "keyset", "path": "/keyset/manifest.json", "authority": "unit.filter"});
     let mut host = FakeConfig::default();
-    assert!(configure(b"keygate", text.to_string().as_bytes(), &mut host).is_none());
-    assert_eq!(
-        host.log.at(Level::Error),
-        ["keygate: invalid configuration: key_set: not supported by the native module yet \
-          (use the wasm filter for a live key set)"]
-    );
+    let filter = configure(b"keygate", text.to_string().as_bytes(), &mut host).expect("a live key set is supported");
+    assert_eq!(filter.tick(), Some(std::time::Duration::from_millis(400)), "a fifth of the default poll interval");
+    for name in ["keygate.key_set.syncs", "keygate.key_set.sync_failures"] {
+        assert!(host.counters.contains(&name.to_string()), "{name}: {:?}", host.counters);
+    }
+    for name in ["keygate.key_set.version", "keygate.key_set.keys", "keygate.key_set.seconds_since_sync"] {
+        assert!(host.gauges.iter().any(|(n, _)| n == name), "{name}: {:?}", host.gauges);
+    }
+    // An inline key still passes; any other key waits for the set.
+    let mut stream = request("GET", "/v1/venues/v_7", &[("authorization", &format!("Bearer {KEY}"))]);
+    assert_eq!(filter.on_request_headers(&mut stream), Verdict::Continue);
+    let other = "sk_live_0000ffff_7777777777777777777777777777777777777777777777777777777777777777";
+    let mut stream = request("GET", "/v1/venues/v_7", &[("authorization", &format!("Bearer {other}"))]);
+    assert_eq!(filter.on_request_headers(&mut stream), Verdict::Stop);
+    assert_eq!(stream.sent[0].0, 503);
+    assert!(stream.sent[0].2.contains("key_set_unavailable"), "{:?}", stream.sent);
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! [`ffi`] is Envoy's C ABI (the declarations keygate uses, the exported event hooks, and every
 //! `unsafe` of the crate); [`filter`] is the safe glue around [`keygate_core`]: it compiles the
 //! configuration, gathers a request's headers, asks the core's one decision and carries it out.
-//! This first version serves inline keys only: a configuration with a live `key_set` is refused.
+//! A live `key_set` is synced on the main thread by the core's sync and read by every worker from
+//! one store in process memory ([`live`]).
 //! keygate never logs, counts or echoes a presented key.
 
 // The FFI module needs Envoy's symbols to link: the host unit tests exercise the safe glue through
@@ -13,3 +14,4 @@
 #[cfg(not(test))]
 pub mod ffi;
 pub mod filter;
+pub mod live;
