@@ -614,3 +614,80 @@ fn one_envoy_process_polls_the_manifest_once_per_interval_with_two_workers() {
         "{polls} manifest polls in {window:?}, one process polling every {LIVE_POLL_MS} ms"
     );
 }
+
+/// An ECDS file holding the native filter with `plugin` as its configuration.
+fn native_ecds_file(plugin: &str) -> String {
+    let mut filter = common::envoy::native_filter(plugin);
+    let typed = filter["typed_config"].take();
+    json!({"resources": [{
+        "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+        "name": "keygate",
+        "typed_config": typed,
+    }]})
+    .to_string()
+}
+
+#[test]
+fn replacing_the_configuration_through_ecds_keeps_the_set_serving_and_polling_once_without_a_crash() {
+    let server = KeySetServer::start();
+    server.publish(&[live_record("k1")], 1, 1);
+    let upstream = Upstream::start();
+    let mut opts = options(Host::Native, "{}", &upstream);
+    opts.keyset_port = Some(server.port());
+    opts.concurrency = 2;
+    let mut bootstrap = opts.bootstrap();
+    bootstrap["node"] = json!({"id": "keygate-test", "cluster": "keygate-test"});
+    let hcm = &mut bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    hcm["http_filters"][0] = json!({
+        "name": "keygate",
+        "config_discovery": {
+            "config_source": {"path_config_source": {
+                "path": format!("{}/keygate.yaml", common::envoy::INSTANCE_DIR_TOKEN),
+                "watched_directory": {"path": common::envoy::INSTANCE_DIR_TOKEN},
+            }},
+            "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"],
+        },
+    });
+    // Each generation differs (a route more), so Envoy makes a new configuration every time.
+    let generation = |n: usize| {
+        let mut config: Value = serde_json::from_str(&live_config()).unwrap();
+        config["routes"] = json!([{"path": format!("/public/{n}"), "public": true}]);
+        native_ecds_file(&config.to_string())
+    };
+    let envoy = Envoy::try_start_with_files(&bootstrap.to_string(), "json", 2, &[("keygate.yaml", &generation(0))])
+        .unwrap_or_else(|log| panic!("Envoy did not start:\n{}", common::envoy::tail(&log, 80)));
+    let live = LiveFixture { server, _upstream: upstream, envoy };
+    live.wait("version 1 loaded", Duration::from_secs(10), || live.stat("version") == Some(1));
+
+    let pid = live.envoy.pid();
+    for n in 1..=6 {
+        let tmp = live.envoy.dir().join("keygate.yaml.tmp");
+        std::fs::write(&tmp, generation(n)).unwrap();
+        std::fs::rename(&tmp, live.envoy.dir().join("keygate.yaml")).unwrap();
+        let public = format!("/public/{n}");
+        live.wait("the ECDS update", Duration::from_secs(5), || {
+            common::get(live.envoy.port(), Proto::Http1, &public, &[]).status == 200
+        });
+        // The set loaded by an earlier configuration serves the new one at once.
+        assert_eq!(live.status("k1"), 200, "after ECDS update {n}");
+    }
+    // Polling carries on in the newest configuration, once per interval for the process.
+    let published = std::time::Instant::now();
+    live.server.publish(&[live_record("k1"), live_record("k2")], 1, 2);
+    live.wait("a publication after the updates", LIVE_CHANGE_BOUND, || live.status("k2") == 200);
+    eprintln!("after 6 ECDS updates: a new key accepted {:?} after publication", published.elapsed());
+    live.server.clear_requests();
+    std::thread::sleep(Duration::from_secs(3));
+    let polls = live.server.count(MANIFEST_PATH);
+    assert!((4..=7).contains(&polls), "{polls} manifest polls in 3 s with poll {LIVE_POLL_MS} ms");
+    // The replaced configurations' ticker threads are gone: one `keygate-tick` thread is left.
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|t| {
+            let comm = t.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).unwrap_or_default().trim() == "keygate-tick"
+        })
+        .count();
+    assert_eq!(threads, 1, "ticker threads alive after 6 replacements");
+    assert_eq!(live.status("k1"), 200);
+}

@@ -7,7 +7,7 @@
 //!   and the store is freed with the last configuration that uses it.
 //! - **One poll per process.** Each configuration has its own [`Syncer`], numbered in the store;
 //!   the core's lease lets one of them poll. A configuration that is replaced stops ticking when
-//!   Envoy destroys it, and the next one takes the lease when it lapses.
+//!   Envoy destroys it and lets the lease go, so the next one polls from its next tick.
 //! - **The tick.** Envoy 1.40's ABI has no timer for an HTTP filter configuration, only a scheduler
 //!   that runs an event on the main thread; a [`Ticker`] thread commits one every `tick_ms`, and
 //!   [`crate::ffi`] stops and joins it before the configuration is freed.
@@ -17,7 +17,8 @@
 use crate::filter::{ConfigHost, Level};
 use keygate_core::keys::{KeyHash, KeySet, Lookup};
 use keygate_core::live::{
-    number_vm, Answer, Clock, Event, Fetch, Host, KeySetConfig, LiveSet, MemoryStore, SharedLiveSet, Sink, Syncer,
+    number_vm, release_lease, Answer, Clock, Event, Fetch, Host, KeySetConfig, LiveSet, MemoryStore, SharedLiveSet,
+    Sink, Syncer,
 };
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
@@ -176,6 +177,17 @@ impl Live {
         let envoy = Host { store: &*self.store, fetch, clock: &Monotonic };
         let mut report = Report { metrics: &self.metrics, inline_keys: self.inline_keys, host };
         syncer.on_answer(&envoy, live, inline, token, body_size, answer, &mut report);
+    }
+}
+
+impl Drop for Live {
+    /// A configuration going away (replaced, or Envoy shutting down) lets the polling lease go, so
+    /// that the configuration replacing it polls from its next tick on rather than once the lease
+    /// expires. Best effort: a lease left held expires all the same.
+    fn drop(&mut self) {
+        if let Ok(side) = self.sync.lock() {
+            let _ = release_lease(&*self.store, self.set.config(), side.syncer.me());
+        }
     }
 }
 

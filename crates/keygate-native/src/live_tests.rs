@@ -203,8 +203,17 @@ fn configurations_of_one_key_set_share_one_store_and_one_poll() {
     second.on_tick(&fetch, &mut second_host);
     assert!(fetch.asked.borrow().is_empty(), "the lease lets one configuration poll");
 
+    // The first one destroyed (replaced, say) lets the lease go: the second polls when the next
+    // poll is due, not once the lease (3 s) expires.
+    drop(first);
+    std::thread::sleep(Duration::from_millis(550));
+    second.on_tick(&fetch, &mut second_host);
+    assert_eq!(fetch.asked.borrow().len(), 1, "the second configuration took over the polling");
+    answer_all(&second, &fetch, &mut second_host, &layout(false, "2"), 200);
+    assert_eq!(second_host.gauge("keygate.key_set.version"), Some(2));
+
     // Once every configuration of the set is gone, so is its store: a new one starts empty.
-    drop((first, second));
+    drop(second);
     let mut third_host = FakeConfig::default();
     let third = live_filter("/t2/manifest.json", &mut third_host);
     assert_eq!(status(&third), 503);

@@ -90,6 +90,14 @@ pub fn update_lease(
     Err(format!("{entry}: no compare-and-swap succeeded in {CAS_TRIES} tries"))
 }
 
+/// Lets the lease go, when VM `me` holds it and is going away (a native host's configuration being
+/// destroyed), so that another takes it on its next tick instead of when it expires. The schedule
+/// and the failure count stay with the lease.
+pub fn release_lease(store: &dyn Store, config: &KeySetConfig, me: u32) -> Result<(), String> {
+    update_lease(store, config, |lease| if lease.owner == me { Lease { expires_ms: 0, ..lease } } else { lease })
+        .map(|_| ())
+}
+
 /// Whole seconds from `since` to `now` (monotonic milliseconds), never negative.
 pub fn seconds_since(since: i64, now: i64) -> u64 {
     u64::try_from(now.saturating_sub(since).max(0) / 1_000).unwrap_or(0)

@@ -47,7 +47,7 @@ pub use apply::{apply_shard, apply_sync, retire, write_state, FetchedShard, Reti
 pub use formats::{parse_manifest, parse_shard, prefixes, Manifest, ShardRef, MAX_DEPTH};
 pub use host::{Answer, Clock, Event, Fetch, Gauges, Host, LoadedSet, Sink};
 pub use ids::{inline_ids, inline_place, prefix_of, shard_number, stored_position, IdIndex, INLINE, SEVERAL};
-pub use lease::{hold_lease, number_vm, seconds_since, update_lease, Lease, VmNumber};
+pub use lease::{hold_lease, number_vm, release_lease, seconds_since, update_lease, Lease, VmNumber};
 pub use memory::MemoryStore;
 pub use records::{LiveSet, SharedLiveSet, MAX_CACHED};
 pub use settings::{

@@ -634,3 +634,17 @@ fn a_native_host_can_share_the_sync_and_the_lookup_across_threads() {
     send_sync::<SharedLiveSet>();
     send_sync::<MemoryStore>();
 }
+
+#[test]
+fn a_released_lease_is_claimed_by_the_next_vm_at_once_and_keeps_its_schedule() {
+    let (store, config) = (MemoryStore::new(), config());
+    assert_eq!(hold_lease(&store, &config, 1, 1_000).unwrap(), None, "the first tick creates the lease");
+    let held = hold_lease(&store, &config, 1, 1_000).unwrap().unwrap();
+    update_lease(&store, &config, |l| Lease { next_due_ms: 9_000, failures: 2, ..l }).unwrap();
+    assert_eq!(hold_lease(&store, &config, 2, 1_100).unwrap(), None, "held by VM 1");
+    release_lease(&store, &config, 2).unwrap();
+    assert_eq!(hold_lease(&store, &config, 2, 1_100).unwrap(), None, "only its holder releases it");
+    release_lease(&store, &config, held.owner).unwrap();
+    let taken = hold_lease(&store, &config, 2, 1_200).unwrap().unwrap();
+    assert_eq!((taken.owner, taken.next_due_ms, taken.failures), (2, 9_000, 2));
+}
