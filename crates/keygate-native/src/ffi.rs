@@ -25,9 +25,14 @@
 //!   `on_http_filter_config_destroy`, after which the module may free it. Envoy calls that once,
 //!   after the last stream made from the configuration is gone: each of its stream filters holds
 //!   a shared reference to its configuration (Envoy's `DynamicModuleHttpFilter`).
-//! - **R5 Envoy pointers**: `filter_config_envoy_ptr` is valid during `on_http_filter_config_new`,
-//!   `filter_envoy_ptr` during every hook of its stream; callbacks take them back unchanged, on the
-//!   thread of the hook.
+//! - **R5 Envoy pointers**: `filter_config_envoy_ptr` is valid during every configuration hook
+//!   that is given it (`on_http_filter_config_new`, `..._config_scheduled`,
+//!   `..._config_http_callout_done`), `filter_envoy_ptr` during every hook of its stream; callbacks
+//!   take them back unchanged, on the thread of the hook.
+//! - **R7 configuration events**: a configuration's scheduler holds a weak reference to it; the
+//!   scheduled hook runs on the main thread only while the configuration lives (an event committed
+//!   after it is gone is dropped), and so does the callout hook. Neither can overlap
+//!   `on_http_filter_config_destroy`, which runs when the last reference goes.
 //! - **R6 threads**: the configuration hooks run on the main thread, a stream's hooks on its
 //!   worker thread; several workers run hooks of one configuration at once.
 //!
@@ -665,8 +670,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
     guarded(
         || EnvoyLog.log(Level::Error, "keygate: internal error in the key-set sync's tick"),
         || {
-            // SAFETY: R4, the module pointer of a configuration Envoy has not destroyed (it runs
-            // the event only while its weak reference to the configuration holds).
+            // SAFETY: R4 and R7, the module pointer of a configuration Envoy has not destroyed.
             if let Some(configured) = unsafe { configured(filter_config_ptr) } {
                 let handle = ConfigHandle(filter_config_envoy_ptr);
                 configured.filter.on_tick(&handle, &mut ConfigHandle(filter_config_envoy_ptr));
@@ -695,7 +699,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
     guarded(
         || EnvoyLog.log(Level::Error, "keygate: internal error reading a key-set answer"),
         || {
-            // SAFETY: R4, as in the scheduled hook: Envoy answers a callout of a live configuration.
+            // SAFETY: R4 and R7, as in the scheduled hook.
             let Some(configured) = (unsafe { configured(filter_config_ptr) }) else { return };
             // SAFETY: R1, the header array and the body chunks are Envoy's, valid for their sizes
             // until this hook returns (null when there are none), and not kept.
