@@ -346,3 +346,91 @@ fn a_method_override_a_url_override_or_a_nul_byte_reaches_no_route_with_less_tha
         }
     });
 }
+
+#[test]
+fn rfc_dot_removal_and_kept_encoded_slashes_reach_no_route_with_less_than_it_needs() {
+    for_each_gateway(|g, proto| {
+        // RFC 3986's dot removal (ASP.NET Core, Envoy's own normalize_path, WHATWG URLs) keeps empty
+        // segments, so `//..` removes only the empty one: /v1/venues/v_8/treatments/docs/x to them.
+        let path = "/docs/../v1/venues/v_8/treatments//..//..//..//../docs/x";
+        g.expect(proto, "GET", path, &[], Refused(401, "missing_api_key"));
+        g.expect(proto, "GET", path, &[("x-api-key", VENUE)], Refused(403, "forbidden"));
+        // Kept encoded, `a%2F..%2F…` is one segment, and the final `..` removes it alone:
+        // /v1/venues/v_7/treatments/ to ASP.NET Core and Envoy's normalize_path.
+        let path = "/v1/venues/v_7/treatments/a%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fx/..";
+        g.expect(proto, "GET", path, &[("x-api-key", PLATFORM)], Refused(403, "insufficient_scope"));
+        // Go's ServeMux decodes each segment: `%76enues` is `venues`, `v_7%2Fx` is one segment.
+        let path = "/v1/%76enues/v_7%2Fx/treatments";
+        g.expect(proto, "GET", path, &[("x-api-key", PLATFORM)], Refused(403, "insufficient_scope"));
+    });
+}
+
+#[test]
+fn a_leading_double_slash_read_as_an_authority_reaches_no_route_with_less_than_it_needs() {
+    for_each_gateway(|g, proto| {
+        // Node's `new URL(req.url, base)` takes `//docs` for a host: the path is then the treatments
+        // route's. Envoy's merge_slashes makes it /docs/v1/…, which every upstream reads as public.
+        for path in ["//docs/v1/venues/v_8/treatments", "/\\docs/v1/venues/v_8/treatments"] {
+            if proto == Proto::Http2 && path.contains('\\') {
+                continue; // the h2 crate refuses a raw backslash in :path
+            }
+            let reply = common::send(g.envoy.port(), proto, "GET", path, &[("x-api-key", VENUE)]);
+            let what = format!("{proto:?} normalize_path={} GET {path}", g.normalize);
+            if g.normalize {
+                let req = g.check(&what, &reply, Allowed(None)).unwrap();
+                assert_eq!(req.path, "/docs/v1/venues/v_8/treatments", "{what}");
+            } else {
+                g.check(&what, &reply, Refused(403, "forbidden"));
+            }
+        }
+    });
+}
+
+#[test]
+fn a_percent_u_escape_reaches_no_route_with_less_than_it_needs() {
+    for_each_gateway(|g, proto| {
+        // IIS decodes `%u002e` to `.` and resolves: /v1/venues/v_8/treatments.
+        let path = "/docs/%u002e%u002e/v1/venues/v_8/treatments";
+        for (key, expected) in [(None, Refused(401, "missing_api_key")), (Some(VENUE), Refused(403, "forbidden"))] {
+            let headers: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+            let reply = common::send(g.envoy.port(), proto, "GET", path, &headers);
+            let what = format!("{proto:?} normalize_path={} GET {path}", g.normalize);
+            if reply.status == 400 {
+                assert!(g.upstream.requests().is_empty(), "{what}"); // Envoy refused it itself
+            } else {
+                g.check(&what, &reply, expected);
+            }
+        }
+    });
+}
+
+/// keygate's Envoy with `normalize_path` off in front of a second Envoy that normalises (as an
+/// Istio sidecar does), in front of the recording upstream: the second Envoy is an RFC 3986 reader.
+#[test]
+fn a_normalising_proxy_behind_keygate_reads_no_path_keygate_did_not_authorise() {
+    let upstream = Upstream::start();
+    let mut inner = EnvoyOptions::new(None, upstream.port());
+    inner.normalize_path = true;
+    let inner = Envoy::start(&inner);
+    let envoy = Envoy::start(&EnvoyOptions::new(Some(&config()), inner.port()));
+    let g = Gateway { upstream, envoy, normalize: false };
+    for proto in Proto::ALL {
+        for (path, key, expected) in [
+            ("/docs/../v1/venues/v_8/treatments//..//..//..//../docs/x", None, Refused(401, "missing_api_key")),
+            ("/docs/../v1/venues/v_8/treatments//..//..//..//../docs/x", Some(VENUE), Refused(403, "forbidden")),
+            (
+                "/v1/venues/v_7/treatments/a%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fx/..",
+                Some(PLATFORM),
+                Refused(403, "insufficient_scope"),
+            ),
+        ] {
+            let headers: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+            g.expect(proto, "GET", path, &headers, expected);
+        }
+        // What the second Envoy makes of them, for a key that may have both readings.
+        let path = "/v1/venues/v_7/treatments/a%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fx/..";
+        let reply = common::send(g.envoy.port(), proto, "GET", path, &[("x-api-key", VENUE)]);
+        let req = g.check(&format!("{proto:?} {path}"), &reply, Allowed(Some("0000aaaa"))).unwrap();
+        assert_eq!(req.path, "/v1/venues/v_7/treatments/");
+    }
+}

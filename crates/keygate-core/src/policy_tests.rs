@@ -565,3 +565,46 @@ fn a_request_naming_too_many_methods_or_paths_is_refused() {
     assert_eq!(kind(&decide(&p, "GET", "/docs/x", &urls)), Some(DenyKind::Forbidden));
     assert_eq!(kind(&decide(&p, "GET", "/docs/x", &urls[..3])), None);
 }
+
+#[test]
+fn a_dot_dot_that_removes_an_empty_segment_reaches_no_route_with_less_than_it_needs() {
+    let p = policy_from(config_with_docs());
+    // ASP.NET Core, Envoy's normalize_path and WHATWG URLs read `//..` as removing the empty segment
+    // only: this is /v1/venues/v_8/treatments/docs/x to them, /docs/x once empty segments are dropped.
+    let path = "/docs/../v1/venues/v_8/treatments//..//..//..//../docs/x";
+    assert_eq!(kind(&decide(&p, "GET", path, &[])), Some(DenyKind::MissingKey));
+    assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), Some(DenyKind::Forbidden));
+}
+
+#[test]
+fn an_encoded_slash_kept_by_the_upstream_reaches_no_route_with_less_than_it_needs() {
+    let p = policy_from(config_with_docs());
+    // Decoded, `%2F..` walks back into /docs; kept encoded (ASP.NET Core, Envoy's normalize_path), the
+    // final `..` removes that one segment and leaves the treatments route.
+    let path = "/v1/venues/v_7/treatments/a%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fx/..";
+    assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", PLATFORM)])), Some(DenyKind::InsufficientScope));
+    assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), None);
+    // Go's ServeMux decodes each segment: `%76enues` is `venues`, `v_7%2Fx` one segment.
+    let d = decide(&p, "GET", "/v1/%76enues/v_7%2Fx/treatments", &[("x-api-key", PLATFORM)]);
+    assert_eq!(kind(&d), Some(DenyKind::InsufficientScope));
+}
+
+#[test]
+fn a_leading_double_slash_read_as_an_authority_needs_what_the_rest_needs() {
+    let p = policy_from(config_with_docs());
+    // `new URL("//docs/v1/venues/v_8/treatments", base)` has host `docs` and that route's path.
+    for path in ["//docs/v1/venues/v_8/treatments", "/\\docs/v1/venues/v_8/treatments", "///docs/v1/venues/v_8/x"] {
+        assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), Some(DenyKind::Forbidden), "{path}");
+    }
+    let d = decide(&p, "GET", "//docs/v1/venues/v_7/treatments", &[("x-api-key", PLATFORM)]);
+    assert_eq!(kind(&d), Some(DenyKind::InsufficientScope));
+}
+
+#[test]
+fn a_percent_u_escape_reaches_no_route_with_less_than_it_needs() {
+    let p = policy_from(config_with_docs());
+    // IIS decodes `%u002e` to `.`, then resolves: /docs/../v1/venues/v_8/treatments.
+    let path = "/docs/%u002e%u002e/v1/venues/v_8/treatments";
+    assert_eq!(kind(&decide(&p, "GET", path, &[])), Some(DenyKind::MissingKey));
+    assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), Some(DenyKind::Forbidden));
+}

@@ -198,13 +198,42 @@ impl<'a> PathViews<'a> {
         if !needs_work {
             return PathViews { readings: vec![literal] };
         }
+        let escaped = path.contains(&b'%');
         let once = percent_decode(path);
-        let mut views = PathViews { readings: Vec::with_capacity(4) };
+        let mut views = PathViews { readings: Vec::with_capacity(8) };
         views.add_resolved(&once);
+        // Go's ServeMux and Spring's PathPattern split the path as sent, then decode each segment
+        // (`%2F` is part of a segment to them), and resolve nothing.
+        let each_decoded = escaped.then(|| decoded_each(&literal));
         views.add(literal);
+        if let Some(each) = each_decoded {
+            views.add(each);
+        }
+        if escaped {
+            // ASP.NET Core (Kestrel), Envoy's own `normalize_path`, Apache's `NoDecode` and WHATWG URL
+            // parsers decode everything but an encoded `/` (and `\`), then resolve dot segments.
+            let kept = decode_keeping_separators(path);
+            if kept != once {
+                views.add_resolved(&kept);
+            }
+        }
+        if let Some(rest) = after_authority(path) {
+            // A WHATWG URL parser (Node's `new URL(req.url, base)`) reads `//docs/v1/x` as host
+            // `docs` and path `/v1/x`; its `\` is a `/`.
+            views.add_resolved(&decode_keeping_separators(rest));
+            views.add_resolved(&percent_decode(rest));
+        }
+        if has_percent_u(path) {
+            // IIS (HTTP.sys) decodes `%uXXXX` (`%u002e` is `.`) before it resolves the path.
+            views.add_resolved(&percent_u_decode(path));
+        }
         if path.contains(&b';') {
             // Tomcat, Jetty, Spring: parameters stripped from the path as sent, then decoded.
-            views.add_resolved(&percent_decode(&strip_parameters(path)));
+            let stripped = strip_parameters(path);
+            views.add_resolved(&percent_decode(&stripped));
+            if escaped {
+                views.add(decoded_each(&literal_segments(&stripped)));
+            }
         }
         // A second decoding: an application behind a proxy that decoded before forwarding.
         let twice = has_escape(&once).then(|| percent_decode(&once));
@@ -225,11 +254,22 @@ impl<'a> PathViews<'a> {
     }
 
     /// Adds `path` with dot segments resolved, `\` taken as a separator (Windows servers, Envoy's
-    /// normalisation) and, if it holds one, also not (nginx, Apache, Jetty, Go split on `/` alone).
+    /// normalisation, WHATWG URLs) and, if it holds one, also not (nginx, Apache, Jetty, Go split on
+    /// `/` alone); empty segments dropped first (Go, Tomcat, nginx) and, if it has any, also kept, as
+    /// RFC 3986's dot removal keeps them (ASP.NET Core, Envoy's `normalize_path`, WHATWG URLs, nginx
+    /// with `merge_slashes off`): to those `/a//..` is `/a/`, not `/`.
     fn add_resolved(&mut self, path: &[u8]) {
-        self.add(resolved_segments(path, true));
-        if path.contains(&b'\\') {
-            self.add(resolved_segments(path, false));
+        let backslash = path.contains(&b'\\');
+        self.add(resolved_segments(path, true, false));
+        if backslash {
+            self.add(resolved_segments(path, false, false));
+        }
+        let separator = |c: &u8| *c == b'/' || *c == b'\\';
+        if path.windows(2).any(|w| w.iter().all(separator)) {
+            self.add(resolved_segments(path, true, true));
+            if backslash {
+                self.add(resolved_segments(path, false, true));
+            }
         }
     }
 
@@ -266,20 +306,48 @@ fn literal_segments(path: &[u8]) -> Segments<'_> {
     path.split(|&c| c == b'/').map(Cow::Borrowed).collect()
 }
 
-/// Segments split on `/` (and `\` when `backslash`), empty and `.` segments dropped and `..` resolved
-/// (never above the root).
-fn resolved_segments(path: &[u8], backslash: bool) -> Segments<'static> {
+/// Segments split on `/` (and `\` when `backslash`), `.` segments dropped and `..` resolved (never
+/// above the root). Empty segments are dropped, or with `keep_empty` kept as RFC 3986's dot removal
+/// keeps them (a `..` after one removes only it; one trailing empty segment, a trailing slash, is
+/// the same path).
+fn resolved_segments(path: &[u8], backslash: bool, keep_empty: bool) -> Segments<'static> {
+    let separator = |c: &u8| *c == b'/' || (backslash && *c == b'\\');
+    let body = match path.split_first() {
+        Some((first, rest)) if keep_empty && separator(first) => rest,
+        _ => path,
+    };
     let mut out: Segments<'static> = Vec::new();
-    for seg in path.split(|&c| c == b'/' || (backslash && c == b'\\')) {
+    for seg in body.split(separator) {
         match seg {
-            b"" | b"." => {}
+            b"." => {}
+            b"" if !keep_empty => {}
             b".." => {
                 out.pop();
             }
             _ => out.push(Cow::Owned(seg.to_vec())),
         }
     }
+    if keep_empty && out.last().is_some_and(|s| s.is_empty()) {
+        out.pop();
+    }
     out
+}
+
+/// Each segment percent-decoded on its own: an encoded `/` stays inside its segment.
+fn decoded_each(segments: &[Cow<'_, [u8]>]) -> Segments<'static> {
+    segments.iter().map(|s| Cow::Owned(percent_decode(s))).collect()
+}
+
+/// What follows the authority of a path that a WHATWG URL parser reads as scheme-relative: one
+/// starting with two separators (`/` or `\`; any more are skipped), then a host up to the next one.
+/// `None` for any other path, or one of separators only (no host: the parser fails).
+fn after_authority(path: &[u8]) -> Option<&[u8]> {
+    let separator = |c: &u8| *c == b'/' || *c == b'\\';
+    if !(path.first().is_some_and(separator) && path.get(1).is_some_and(separator)) {
+        return None;
+    }
+    let host = path.get(path.iter().position(|c| !separator(c))?..)?;
+    host.get(host.iter().position(separator).unwrap_or(host.len())..)
 }
 
 /// Removes every segment's parameters: from a `;` to the end of its segment (`/a;x=1/..;/b` is
@@ -308,6 +376,33 @@ fn has_escape(input: &[u8]) -> bool {
 
 /// Decodes every valid `%XX` once; a `%` not followed by two hex digits stays as it is.
 pub fn percent_decode(input: &[u8]) -> Vec<u8> {
+    decode(input, false, false)
+}
+
+/// Decodes every valid `%XX` once but `%2F` and `%5C`, which stay encoded, as ASP.NET Core and
+/// Envoy's `normalize_path` leave an encoded separator.
+fn decode_keeping_separators(input: &[u8]) -> Vec<u8> {
+    decode(input, true, false)
+}
+
+/// Decodes `%uXXXX` (IIS's HTTP.sys) as well as `%XX`.
+fn percent_u_decode(input: &[u8]) -> Vec<u8> {
+    decode(input, false, true)
+}
+
+/// True if `input` holds a `%uXXXX` escape.
+fn has_percent_u(input: &[u8]) -> bool {
+    input.windows(6).any(|w| percent_u(w).is_some())
+}
+
+/// The character of a `%uXXXX` escape at the start of `input`.
+fn percent_u(input: &[u8]) -> Option<char> {
+    let [b'%', b'u' | b'U', digits @ ..] = input.get(..6)? else { return None };
+    let code = digits.iter().try_fold(0u32, |acc, &c| Some(acc << 4 | u32::from(hex_value(c)?)))?;
+    char::from_u32(code)
+}
+
+fn decode(input: &[u8], keep_separators: bool, percent_u_too: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(input.len());
     let mut i = 0;
     while let Some(&c) = input.get(i) {
@@ -315,8 +410,16 @@ pub fn percent_decode(input: &[u8]) -> Vec<u8> {
             let hi = input.get(i + 1).and_then(|&h| hex_value(h));
             let lo = input.get(i + 2).and_then(|&l| hex_value(l));
             if let (Some(hi), Some(lo)) = (hi, lo) {
-                out.push(hi << 4 | lo);
-                i += 3;
+                let byte = hi << 4 | lo;
+                if !(keep_separators && (byte == b'/' || byte == b'\\')) {
+                    out.push(byte);
+                    i += 3;
+                    continue;
+                }
+            }
+            if let Some(ch) = percent_u_too.then(|| input.get(i..).and_then(percent_u)).flatten() {
+                out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
+                i += 6;
                 continue;
             }
         }
@@ -389,7 +492,49 @@ mod tests {
 
     #[test]
     fn empty_segments_are_dropped_when_normalised() {
-        assert_eq!(readings("//v1//venues"), [owned(&["v1", "venues"]), owned(&["", "v1", "", "venues"])]);
+        assert_eq!(normalised("/v1//venues"), ["v1", "venues"]);
+        assert_eq!(readings("/v1//venues"), [owned(&["v1", "venues"]), owned(&["v1", "", "venues"])]);
+    }
+
+    #[test]
+    fn a_dot_dot_after_an_empty_segment_removes_only_it_in_a_reading_of_its_own() {
+        // RFC 3986's dot removal (ASP.NET Core, Envoy's normalize_path, WHATWG URLs): `/a//..` is `/a/`.
+        let all = readings("/docs/../v1/venues/v_8/treatments//..//..//..//../docs/x");
+        assert_eq!(all.first(), Some(&owned(&["docs", "x"])));
+        assert!(all.contains(&owned(&["v1", "venues", "v_8", "treatments", "docs", "x"])), "{all:?}");
+        assert!(readings("/a/b//../").contains(&owned(&["a", "b"])), "a trailing slash is the same path");
+    }
+
+    #[test]
+    fn an_encoded_slash_is_kept_in_a_reading_of_its_own() {
+        // ASP.NET Core and Envoy's normalize_path decode all but `%2F`, then resolve the dots.
+        let all = readings("/v1/venues/v_7/treatments/a%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fx/..");
+        assert_eq!(all.first(), Some(&owned(&["docs"])));
+        assert!(all.contains(&owned(&["v1", "venues", "v_7", "treatments"])), "{all:?}");
+        // Go's ServeMux and Spring's PathPattern decode each segment as sent.
+        assert!(readings("/v1/%76enues/v_7%2Fx/t").contains(&owned(&["v1", "venues", "v_7/x", "t"])));
+        assert!(readings("/v1/%76enues;a=1/v_7%2Fx/t").contains(&owned(&["v1", "venues", "v_7/x", "t"])));
+    }
+
+    #[test]
+    fn a_leading_double_slash_is_also_read_as_an_authority() {
+        // Node's `new URL(req.url, base)`: `//docs/v1/x` is host `docs`, path `/v1/x`.
+        for path in ["//docs/v1/x", "/\\docs/v1/x", "\\\\docs\\v1/x", "////docs/v1/x", "//docs/v1/%2e%2e/v1/x"] {
+            assert!(readings(path).contains(&owned(&["v1", "x"])), "{path}: {:?}", readings(path));
+        }
+        assert!(readings("//docs").contains(&owned(&[])));
+        assert_eq!(after_authority(b"//"), None);
+        assert_eq!(after_authority(b"/docs//x"), None);
+    }
+
+    #[test]
+    fn a_percent_u_escape_is_decoded_in_a_reading_of_its_own() {
+        // IIS's HTTP.sys decodes `%uXXXX`.
+        let all = readings("/docs/%u002e%u002E/v1/venues/v_8/x");
+        assert!(all.contains(&owned(&["v1", "venues", "v_8", "x"])), "{all:?}");
+        assert!(readings("/a/%u017Fx").contains(&owned(&["a", "\u{17f}x"])));
+        assert!(!has_percent_u(b"/a/%u00"), "too short");
+        assert!(!has_percent_u(b"/a/%uD800"), "a surrogate is no character");
     }
 
     #[test]
