@@ -608,3 +608,65 @@ fn a_percent_u_escape_reaches_no_route_with_less_than_it_needs() {
     assert_eq!(kind(&decide(&p, "GET", path, &[])), Some(DenyKind::MissingKey));
     assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), Some(DenyKind::Forbidden));
 }
+
+#[test]
+fn a_method_override_in_any_spelling_needs_what_the_method_it_names_needs() {
+    let p = policy_from(config());
+    // CGI-style servers (Symfony's HTTP_X_HTTP_METHOD_OVERRIDE) read `_` and `.` as `-`.
+    for name in ["x_http_method_override", "X_HTTP_Method", "x.method.override"] {
+        let d = decide(&p, "POST", "/v1/venues/v_7/treatments", &[(name, "GET"), ("x-api-key", PLATFORM)]);
+        assert_eq!(kind(&d), Some(DenyKind::InsufficientScope), "{name}");
+    }
+    // PHP decodes the name's escapes, drops leading spaces and reads ` ` and `.` as `_`.
+    for query in
+        ["_%6Dethod=GET", "_m%65thod=GET", ".method=GET", "+_method=GET", "%20.method=get", "a=%41&_method=GET"]
+    {
+        let d = decide(&p, "POST", &format!("/v1/venues/v_7/treatments?{query}"), &[("x-api-key", PLATFORM)]);
+        assert_eq!(kind(&d), Some(DenyKind::InsufficientScope), "{query}");
+    }
+    assert_eq!(kind(&decide(&p, "POST", "/v1/venues/v_7/x?a=%41", &[("x-api-key", PLATFORM)])), None);
+}
+
+#[test]
+fn a_url_override_in_any_spelling_needs_what_the_path_it_names_needs() {
+    let p = policy_from(config_with_docs());
+    for name in ["x_original_url", "X_Rewrite_URL", "x.original.url"] {
+        let d = decide(&p, "GET", "/docs/x", &[(name, "/v1/venues/v_8/treatments")]);
+        assert_eq!(kind(&d), Some(DenyKind::MissingKey), "{name}");
+    }
+}
+
+#[test]
+fn a_head_request_needs_what_its_get_needs_even_under_an_earlier_head_route() {
+    let mut c = config();
+    c["routes"].as_array_mut().unwrap().insert(0, json!({"methods": ["HEAD"], "path": "/v1/**", "public": true}));
+    let p = policy_from(c);
+    // Servers answer HEAD with their GET handler: the headers of the treatments reply leak otherwise.
+    assert_eq!(kind(&decide(&p, "HEAD", "/v1/venues/v_7/treatments", &[])), Some(DenyKind::MissingKey));
+    let d = decide(&p, "HEAD", "/v1/venues/v_8/treatments", &[("x-api-key", READER)]);
+    assert_eq!(kind(&d), Some(DenyKind::Forbidden));
+    assert_eq!(kind(&decide(&p, "HEAD", "/v1/venues/v_7/treatments", &[("x-api-key", READER)])), None);
+    let d = decide(&p, "GET", "/v1/venues/v_7/x", &[("x-http-method-override", "HEAD"), ("x-api-key", READER)]);
+    assert_eq!(kind(&d), None);
+}
+
+#[test]
+fn a_key_in_a_basic_credential_is_stripped() {
+    let p = policy_from(config_with_docs());
+    // Stripe-style APIs take `-u sk_live_…:` as the key: base64 of `<key>:`, and of `user:<key>`.
+    let as_user = format!("Basic {}", "c2tfbGl2ZV9hYWFhMDAwMV9yZWFkZXI6");
+    let as_password = format!("basic  {}", "dTpza19saXZlX2FhYWEwMDAxX3JlYWRlcg==");
+    let joined = format!("Digest x, {as_user}");
+    for value in [&as_user, &as_password, &joined] {
+        let Decision::Allow { edits, .. } = decide(&p, "GET", "/docs/x", &[("authorization", value)]) else {
+            panic!("{value}")
+        };
+        assert_eq!(edits.remove, vec!["authorization"], "{value}");
+        let d = decide(&p, "GET", "/v1/venues", &[("authorization", value)]);
+        assert_eq!(kind(&d), Some(DenyKind::MissingKey), "{value}: not a credential keygate accepts");
+    }
+    let Decision::Allow { edits, .. } = decide(&p, "GET", "/docs/x", &[("authorization", "Basic dXNlcjpwYXNz")]) else {
+        panic!()
+    };
+    assert!(edits.remove.is_empty(), "a Basic credential without a key is the upstream's");
+}
