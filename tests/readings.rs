@@ -62,8 +62,12 @@ struct Gateway {
 
 impl Gateway {
     fn start(normalize_path: bool) -> Gateway {
+        Gateway::start_with(&config(), normalize_path)
+    }
+
+    fn start_with(config: &str, normalize_path: bool) -> Gateway {
         let upstream = Upstream::start();
-        let mut opts = EnvoyOptions::new(Some(&config()), upstream.port());
+        let mut opts = EnvoyOptions::new(Some(config), upstream.port());
         opts.normalize_path = normalize_path;
         let envoy = Envoy::start(&opts);
         Gateway { upstream, envoy, normalize: normalize_path }
@@ -433,4 +437,85 @@ fn a_normalising_proxy_behind_keygate_reads_no_path_keygate_did_not_authorise() 
         let req = g.check(&format!("{proto:?} {path}"), &reply, Allowed(Some("0000aaaa"))).unwrap();
         assert_eq!(req.path, "/v1/venues/v_7/treatments/");
     }
+}
+
+#[test]
+fn an_override_in_any_spelling_reaches_no_route_with_less_than_it_needs() {
+    for_each_gateway(|g, proto| {
+        // Envoy passes underscore headers by default; Symfony reads `x_http_method_override` as
+        // X-HTTP-Method-Override, and PHP reads `_%6Dethod`, `.method` and `+_method` as `_method`.
+        for (headers, path) in [
+            (vec![("x_http_method_override", "GET")], "/v1/venues/v_7/treatments"),
+            (vec![("x.http.method", "GET")], "/v1/venues/v_7/treatments"),
+            (vec![], "/v1/venues/v_7/treatments?_%6Dethod=GET"),
+            (vec![], "/v1/venues/v_7/treatments?.method=GET"),
+            (vec![], "/v1/venues/v_7/treatments?+_method=GET"),
+        ] {
+            let mut headers = headers.clone();
+            headers.push(("x-api-key", PLATFORM));
+            g.expect(proto, "POST", path, &headers, Refused(403, "insufficient_scope"));
+        }
+        g.expect(
+            proto,
+            "GET",
+            "/docs/x",
+            &[("x_original_url", "/v1/venues/v_8/treatments")],
+            Refused(401, "missing_api_key"),
+        );
+    });
+}
+
+#[test]
+fn a_key_in_a_basic_credential_never_reaches_the_upstream() {
+    for_each_gateway(|g, proto| {
+        // base64 of `<key>:`, as `curl -u <key>:` sends it to an API in Stripe's style.
+        let basic = format!("Basic {}", base64(&format!("{VENUE}:")));
+        for (path, headers, id) in [
+            ("/docs/x", vec![("authorization", basic.as_str())], None),
+            ("/v1/venues/v_7/x", vec![("x-api-key", PLATFORM), ("authorization", basic.as_str())], Some("0000bbbb")),
+        ] {
+            let reply = common::send(g.envoy.port(), proto, "GET", path, &headers);
+            let req = g.check(&format!("{proto:?} {path} with a Basic key"), &reply, Allowed(id)).unwrap();
+            assert!(!req.has_header("authorization"), "{proto:?} {path}: {:?}", req.header_values("authorization"));
+        }
+        // A Basic credential without a key is the upstream's.
+        let reply = common::get(g.envoy.port(), proto, "/docs/x", &[("authorization", "Basic dXNlcjpwYXNz")]);
+        let req = g.check("a plain Basic credential", &reply, Allowed(None)).unwrap();
+        assert_eq!(req.header_values("authorization"), ["Basic dXNlcjpwYXNz"]);
+    });
+}
+
+#[test]
+fn a_head_request_needs_what_its_get_needs_under_an_earlier_head_route() {
+    let mut config: Value = serde_json::from_str(&config()).unwrap();
+    let head = json!({"methods": ["HEAD"], "path": "/v1/**", "public": true});
+    config["routes"].as_array_mut().unwrap().insert(0, head);
+    let g = Gateway::start_with(&config.to_string(), false);
+    for proto in Proto::ALL {
+        // The upstream answers HEAD with its GET handler: the treatments reply's headers.
+        // A reply to HEAD has no body: the status tells the refusal.
+        for (path, key, status) in
+            [("/v1/venues/v_7/treatments", None, 401), ("/v1/venues/v_8/treatments", Some(VENUE), 403)]
+        {
+            let headers: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+            let reply = common::send(g.envoy.port(), proto, "HEAD", path, &headers);
+            assert_eq!(reply.status, status, "{proto:?} HEAD {path}");
+            assert!(g.upstream.requests().is_empty(), "{proto:?} HEAD {path}: {:#?}", g.upstream.requests());
+        }
+        g.expect(proto, "HEAD", "/v1/venues/v_7/treatments", &[("x-api-key", VENUE)], Allowed(Some("0000aaaa")));
+    }
+}
+
+/// Standard base64 with padding.
+fn base64(text: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            let c = if i <= chunk.len() { ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' };
+            out.push(c);
+        }
+    }
+    out
 }
