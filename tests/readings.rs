@@ -366,6 +366,10 @@ fn rfc_dot_removal_and_kept_encoded_slashes_reach_no_route_with_less_than_it_nee
         // Go's ServeMux decodes each segment: `%76enues` is `venues`, `v_7%2Fx` is one segment.
         let path = "/v1/%76enues/v_7%2Fx/treatments";
         g.expect(proto, "GET", path, &[("x-api-key", PLATFORM)], Refused(403, "insufficient_scope"));
+        // nginx decodes and resolves, then the application decodes and resolves the rest again:
+        // /v1/venues/zz/docs, venue `zz`.
+        let path = "/v1/zz/%252e%252e/venues/zz/%252e%252e/v_8/q%2F..%2F..%2F..%2Fdocs%2Fa/..";
+        g.expect(proto, "GET", path, &[("x-api-key", VENUE)], Refused(403, "forbidden"));
     });
 }
 

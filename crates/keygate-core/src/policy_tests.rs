@@ -670,3 +670,12 @@ fn a_key_in_a_basic_credential_is_stripped() {
     };
     assert!(edits.remove.is_empty(), "a Basic credential without a key is the upstream's");
 }
+
+#[test]
+fn a_path_resolved_then_decoded_and_resolved_again_needs_what_that_reading_needs() {
+    let p = policy_from(config_with_docs());
+    // nginx decodes and resolves (`q%2F..` walks back over `v_8` and the first `%252e%252e`), then the
+    // application decodes and resolves what is left: /v1/venues/zz/docs, venue `zz`.
+    let path = "/v1/zz/%252e%252e/venues/zz/%252e%252e/v_8/q%2F..%2F..%2F..%2Fdocs%2Fa/..";
+    assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), Some(DenyKind::Forbidden));
+}

@@ -213,6 +213,13 @@ impl<'a> PathViews<'a> {
             // ASP.NET Core (Kestrel), Envoy's own `normalize_path`, Apache's `NoDecode` and WHATWG URL
             // parsers decode everything but an encoded `/` (and `\`), then resolve dot segments.
             let kept = decode_keeping_separators(path);
+            // A proxy that normalises and forwards (nginx; Envoy's normalize_path in a sidecar), then
+            // an application that decodes and resolves what is left: dots that appear only then are
+            // resolved against a path whose first dots are gone.
+            let first = [resolved_segments(&once, false, false), resolved_segments(&kept, true, true)];
+            for forwarded in first.iter().map(|segments| joined(segments)).filter(|f| has_escape(f)) {
+                views.add_resolved(&percent_decode(&forwarded));
+            }
             if kept != once {
                 views.add_resolved(&kept);
             }
@@ -329,6 +336,16 @@ fn resolved_segments(path: &[u8], backslash: bool, keep_empty: bool) -> Segments
     }
     if keep_empty && out.last().is_some_and(|s| s.is_empty()) {
         out.pop();
+    }
+    out
+}
+
+/// Segments written out as a path again.
+fn joined(segments: &[Cow<'_, [u8]>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
+    for segment in segments {
+        out.push(b'/');
+        out.extend_from_slice(segment);
     }
     out
 }
