@@ -4,7 +4,7 @@ use crate::checks::same_to_cgi;
 use crate::credential::{carries_credential, extract, Credential, CredentialHeader, KeyFormat};
 use crate::keys::{hash_key, Key, KeyRef, KeySet, KeySource, Lookup};
 use crate::reply::{DenyKind, Replies};
-use crate::routes::{percent_decode, Case, PathPattern, PathViews};
+use crate::routes::{percent_decode, Case, PathPattern, PathViews, MAX_READ_PATH};
 use crate::scopes::ScopeRules;
 use std::borrow::Cow;
 
@@ -119,7 +119,8 @@ impl Policy {
         request: &RequestView<'_>,
         now_ms: &dyn Fn() -> Option<i64>,
     ) -> Decision<'p> {
-        let path = PathViews::of(request.path);
+        let mut budget = MAX_READ_PATH;
+        let path = PathViews::within(request.path, &mut budget);
         // IIS's URL Rewrite, Symfony and Zend route by these headers when a client sends them.
         let mut url_overrides: Vec<PathViews<'_>> = Vec::new();
         let mut method_overridden = false;
@@ -129,7 +130,7 @@ impl Policy {
         {
             // Any spelling a CGI-style server reads as the header: Symfony reads `x_http_method_override`.
             if URL_OVERRIDE_HEADERS.iter().any(|h| same_to_cgi(name, h)) && url_overrides.len() <= MAX_URLS {
-                url_overrides.push(PathViews::of(value));
+                url_overrides.push(PathViews::within(value, &mut budget));
             }
             method_overridden |= METHOD_OVERRIDE_HEADERS.iter().any(|h| same_to_cgi(name, h));
         }
@@ -149,7 +150,11 @@ impl Policy {
         } else {
             &plain_method
         };
-        if methods.len() > MAX_METHODS || url_overrides.len() > MAX_URLS {
+        if methods.len() > MAX_METHODS
+            || url_overrides.len() > MAX_URLS
+            || path.too_long()
+            || url_overrides.iter().any(PathViews::too_long)
+        {
             // Only a hostile request names that many; refusing it bounds the work.
             return Decision::Deny(Denial::new(DenyKind::Forbidden));
         }

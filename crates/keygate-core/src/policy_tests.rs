@@ -679,3 +679,19 @@ fn a_path_resolved_then_decoded_and_resolved_again_needs_what_that_reading_needs
     let path = "/v1/zz/%252e%252e/venues/zz/%252e%252e/v_8/q%2F..%2F..%2F..%2Fdocs%2Fa/..";
     assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), Some(DenyKind::Forbidden));
 }
+
+#[test]
+fn a_long_path_that_needs_reading_is_refused() {
+    let p = policy_from(config_with_docs());
+    let key = [("x-api-key", READER)];
+    let long = format!("/docs/{}", "a".repeat(crate::routes::MAX_READ_PATH));
+    assert_eq!(kind(&decide(&p, "GET", &long, &[])), None, "a long path in normal form is read as it is");
+    let odd = format!("/docs/{}", "a/..%2F".repeat(crate::routes::MAX_READ_PATH / 7));
+    assert_eq!(kind(&decide(&p, "GET", &odd, &key)), Some(DenyKind::Forbidden));
+    assert_eq!(kind(&decide(&p, "GET", "/docs/x", &[("x-original-url", &odd)])), Some(DenyKind::Forbidden));
+    let within = format!("/docs/{}", "a/..%2F".repeat(crate::routes::MAX_READ_PATH / 8));
+    assert_eq!(kind(&decide(&p, "GET", &within, &key)), None);
+    // The path and the URL overrides share one budget.
+    let d = decide(&p, "GET", &within, &[("x-original-url", &within), ("x-api-key", READER)]);
+    assert_eq!(kind(&d), Some(DenyKind::Forbidden));
+}

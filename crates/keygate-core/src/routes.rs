@@ -179,28 +179,47 @@ fn parse_segment(seg: &str, pattern: &str) -> Result<Part, String> {
 /// One reading of a path: its segments.
 pub type Segments<'a> = Vec<Cow<'a, [u8]>>;
 
+/// How many bytes of paths not in normal form one request may ask keygate to read in every way (its
+/// `:path` and URL-override headers together); a request with more is refused, which bounds the work
+/// it costs. Most servers refuse a request line over 8 KiB anyway (ASP.NET Core, Tomcat, nginx,
+/// Apache).
+pub const MAX_READ_PATH: usize = 8192;
+
 /// The readings of a request path that keygate authorises, without repeats. Usually one; more when
 /// the path as sent is not in normal form.
 #[derive(Debug)]
 pub struct PathViews<'a> {
     /// The normalised reading first.
     readings: Vec<Segments<'a>>,
+    /// Not in normal form and longer than what was left of [`MAX_READ_PATH`]: not read, to be refused.
+    too_long: bool,
 }
 
 impl<'a> PathViews<'a> {
     /// Splits `:path` (query and fragment dropped) into its readings.
     pub fn of(path: &'a [u8]) -> Self {
+        let mut budget = MAX_READ_PATH;
+        PathViews::within(path, &mut budget)
+    }
+
+    /// [`PathViews::of`], taking the length of a path not in normal form from `budget`; one longer
+    /// than what is left is not read and is [`PathViews::too_long`].
+    pub fn within(path: &'a [u8], budget: &mut usize) -> Self {
         let end = path.iter().position(|&c| c == b'?' || c == b'#').unwrap_or(path.len());
         let path = path.get(..end).unwrap_or_default();
         let literal = literal_segments(path);
         let needs_work = path.iter().any(|&c| c == b'%' || c == b'\\' || c == b';')
             || literal.iter().any(|s| s.is_empty() || s.as_ref() == b"." || s.as_ref() == b"..");
         if !needs_work {
-            return PathViews { readings: vec![literal] };
+            return PathViews { readings: vec![literal], too_long: false };
         }
+        let Some(left) = budget.checked_sub(path.len()) else {
+            return PathViews { readings: vec![literal], too_long: true };
+        };
+        *budget = left;
         let escaped = path.contains(&b'%');
         let once = percent_decode(path);
-        let mut views = PathViews { readings: Vec::with_capacity(8) };
+        let mut views = PathViews { readings: Vec::with_capacity(8), too_long: false };
         views.add_resolved(&once);
         // Go's ServeMux and Spring's PathPattern split the path as sent, then decode each segment
         // (`%2F` is part of a segment to them), and resolve nothing.
@@ -284,6 +303,11 @@ impl<'a> PathViews<'a> {
         if !self.readings.contains(&reading) {
             self.readings.push(reading);
         }
+    }
+
+    /// True if the path is not in normal form and too long to be read in every way: refuse it.
+    pub fn too_long(&self) -> bool {
+        self.too_long
     }
 
     /// The normalised reading: decoded once, dot segments resolved.
