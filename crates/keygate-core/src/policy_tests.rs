@@ -695,3 +695,15 @@ fn a_long_path_that_needs_reading_is_refused() {
     let d = decide(&p, "GET", &within, &[("x-original-url", &within), ("x-api-key", READER)]);
     assert_eq!(kind(&d), Some(DenyKind::Forbidden));
 }
+
+#[test]
+fn a_letter_that_full_case_folding_takes_to_two_needs_what_they_need() {
+    let mut c = config();
+    c["routes"].as_array_mut().unwrap().insert(0, json!({"path": "/v1/access/**", "scopes": ["admin"]}));
+    let p = policy_from(c);
+    // Python's `casefold` (and JavaScript's `toUpperCase`) read `ß` as `ss`.
+    for path in ["/v1/acce%C3%9F/x", "/v1/ACCE\u{1e9e}/x"] {
+        let d = decide(&p, "GET", path, &[("x-api-key", PLATFORM)]);
+        assert_eq!(kind(&d), Some(DenyKind::InsufficientScope), "{path}");
+    }
+}

@@ -35,10 +35,11 @@ pub type Captures<'p, 'r> = Vec<(&'p str, &'r [u8])>;
 pub enum Case {
     /// Byte for byte.
     Exact,
-    /// Ignoring case, as a case-insensitive router does: ASCII letters, and the four characters
-    /// outside ASCII that Unicode's simple case mappings take to ASCII letters (`ſ` is `s`, `ı` and `İ`
-    /// are `i`, `K` is `k`, as .NET's `OrdinalIgnoreCase` and Java's `equalsIgnoreCase` read them).
-    /// Captures are kept as sent.
+    /// Ignoring case, as a case-insensitive router does: ASCII letters, the four characters outside
+    /// ASCII that Unicode's simple case mappings take to ASCII letters (`ſ` is `s`, `ı` and `İ` are
+    /// `i`, `K` is `k`, as .NET's `OrdinalIgnoreCase` and Java's `equalsIgnoreCase` read them), and
+    /// those that full case folding takes to several (`ß` is `ss`, `ﬁ` is `fi`, as Python's
+    /// `casefold` reads them). Captures are kept as sent.
     Folded,
 }
 
@@ -132,20 +133,30 @@ fn literal_eq(lit: &str, seg: &[u8], case: Case) -> bool {
     if seg.is_ascii() {
         return lit.as_bytes().eq_ignore_ascii_case(seg);
     }
-    // Literals are ASCII (see `parse_segment`); four characters outside ASCII fold onto ASCII
+    // Literals are ASCII (see `parse_segment`); a few characters outside ASCII fold onto ASCII
     // letters.
     let Ok(seg) = std::str::from_utf8(seg) else { return false };
     let mut lit = lit.bytes();
+    let mut one = [0u8; 4];
     for c in seg.chars() {
-        let ascii = match c {
-            '\u{17f}' => b's',  // LATIN SMALL LETTER LONG S, upper-cased to S
-            '\u{131}' => b'i',  // LATIN SMALL LETTER DOTLESS I, upper-cased to I
-            '\u{130}' => b'i',  // LATIN CAPITAL LETTER I WITH DOT ABOVE, lower-cased to i (Java)
-            '\u{212a}' => b'k', // KELVIN SIGN, lower-cased to k
-            c if c.is_ascii() => c as u8,
+        let ascii: &[u8] = match c {
+            '\u{17f}' => b"s",  // LATIN SMALL LETTER LONG S, upper-cased to S
+            '\u{131}' => b"i",  // LATIN SMALL LETTER DOTLESS I, upper-cased to I
+            '\u{130}' => b"i",  // LATIN CAPITAL LETTER I WITH DOT ABOVE, lower-cased to i (Java)
+            '\u{212a}' => b"k", // KELVIN SIGN, lower-cased to k
+            // Full case folding (Python's `casefold`, ICU, Rust's `unicase`) and JavaScript's and
+            // Python's `upper` take these to two or three ASCII letters.
+            '\u{df}' | '\u{1e9e}' => b"ss", // SHARP S
+            '\u{fb00}' => b"ff",
+            '\u{fb01}' => b"fi",
+            '\u{fb02}' => b"fl",
+            '\u{fb03}' => b"ffi",
+            '\u{fb04}' => b"ffl",
+            '\u{fb05}' | '\u{fb06}' => b"st",
+            c if c.is_ascii() => c.encode_utf8(&mut one).as_bytes(),
             _ => return false,
         };
-        if !lit.next().is_some_and(|l| l.eq_ignore_ascii_case(&ascii)) {
+        if !ascii.iter().all(|a| lit.next().is_some_and(|l| l.eq_ignore_ascii_case(a))) {
             return false;
         }
     }
@@ -666,6 +677,12 @@ mod tests {
         for dotted in ["/adm\u{131}n", "/adm\u{130}n", "/adm%C4%B0n"] {
             assert!(admin.matches(PathViews::of(dotted.as_bytes()).normalised(), Case::Folded).is_some(), "{dotted}");
         }
+        let access = PathPattern::parse("/v1/access/files").unwrap();
+        for spelled in ["/v1/acce\u{df}/\u{fb01}les", "/V1/ACCE\u{1e9e}/FILES", "/v1/acce%C3%9F/%EF%AC%81les"] {
+            let v = PathViews::of(spelled.as_bytes());
+            assert!(access.matches(v.normalised(), Case::Folded).is_some(), "{spelled}");
+        }
+        assert!(access.matches(PathViews::of("/v1/acce\u{df}s/files".as_bytes()).normalised(), Case::Folded).is_none());
         let kelvin = PathPattern::parse("/kv").unwrap();
         assert!(kelvin.matches(PathViews::of("/\u{212a}V".as_bytes()).normalised(), Case::Folded).is_some());
         assert!(p.matches(PathViews::of(b"/v1/venuesx/x").normalised(), Case::Folded).is_none());
