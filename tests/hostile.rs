@@ -372,3 +372,128 @@ fn empty_key_set_refuses_every_key() {
         g.upstream.clear();
     }
 }
+
+#[test]
+fn a_connection_header_naming_identity_headers_neither_forges_nor_drops_them() {
+    let g = Gateway::start(keys());
+    // Envoy drops `connection` itself; the headers it names are keygate's to remove and set.
+    for (path, key, org) in [("/healthz", None, None), ("/v1/venues/v_7/x", Some(PLATFORM), Some("org_42"))] {
+        let key = key.map(|k| format!("x-api-key: {k}\r\n")).unwrap_or_default();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: keep-alive, x-org-id, x-api-key-id\r\n\
+             x-org-id: evil\r\n{key}\r\n"
+        );
+        let reply = common::raw_http1(g.envoy.port(), request.as_bytes());
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        let req = g.upstream.single_request();
+        g.upstream.clear();
+        assert!(!req.has_header("connection"), "{path}: {:?}", req.header_values("connection"));
+        let want: Vec<String> = org.iter().map(|o| o.to_string()).collect();
+        assert_eq!(req.header_values("x-org-id"), want, "{path}");
+    }
+}
+
+#[test]
+fn a_request_with_too_much_path_to_read_every_way_is_refused() {
+    let g = Gateway::start(keys());
+    // keygate reads a path not in normal form in every way an upstream might; 8 KiB of such paths
+    // per request (with the URL-override headers) bounds that work.
+    let odd = format!("/v1/venues/v_7/{}x", "a/..%2F".repeat(1200));
+    let within = format!("/v1/venues/v_7/{}x", "a/..%2F".repeat(1000));
+    for proto in Proto::ALL {
+        g.expect(proto, "GET", &odd, &[("x-api-key", PLATFORM)], Refused(403, "forbidden"));
+        g.expect(proto, "GET", &within, &[("x-api-key", PLATFORM)], Allowed("0000bbbb"));
+        let overrides = [("x-original-url", within.as_str()), ("x-api-key", PLATFORM)];
+        g.expect(proto, "GET", &within, &overrides, Refused(403, "forbidden"));
+        // A long path in normal form is read as it is.
+        let plain = format!("/v1/venues/v_7/{}", "a/".repeat(6000));
+        g.expect(proto, "GET", &plain, &[("x-api-key", PLATFORM)], Allowed("0000bbbb"));
+    }
+}
+
+#[test]
+fn connect_and_an_asterisk_target_reach_no_upstream() {
+    let g = Gateway::start(keys());
+    for request in [
+        "CONNECT 127.0.0.1:1 HTTP/1.1\r\nhost: 127.0.0.1:1\r\n\r\n".to_string(),
+        format!("CONNECT 127.0.0.1:1 HTTP/1.1\r\nhost: 127.0.0.1:1\r\nx-api-key: {PLATFORM}\r\n\r\n"),
+        format!("OPTIONS * HTTP/1.1\r\nhost: x\r\nx-api-key: {PLATFORM}\r\n\r\n"),
+    ] {
+        let reply = common::raw_http1(g.envoy.port(), request.as_bytes());
+        assert!(reply.status >= 400, "{request:?}: {}", reply.status);
+        assert!(g.upstream.requests().is_empty(), "{request:?}: {:#?}", g.upstream.requests());
+    }
+}
+
+/// Raw HTTP/2 frames, for what the h2 crate will not send: a `#`, a control byte or an upper-case
+/// header name. Returns the `:status` of the reply (`None` for a reset stream or connection).
+fn raw_h2(port: u16, path: &[u8], header: (&[u8], &[u8])) -> Option<u16> {
+    use std::io::{Read, Write};
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    };
+    // HPACK literals without indexing and without Huffman coding, names and values under 127 bytes.
+    let mut block = Vec::new();
+    for (name, value) in
+        [(&b":method"[..], &b"GET"[..]), (b":scheme", b"http"), (b":authority", b"x"), (b":path", path), header]
+    {
+        block.extend([0u8, name.len() as u8]);
+        block.extend(name);
+        block.push(value.len() as u8);
+        block.extend(value);
+    }
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    s.write_all(&frame(4, 0, 0, b"")).unwrap();
+    s.write_all(&frame(1, 0x5, 1, &block)).unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        // Frames: 3 bytes length, type, flags, 4 bytes stream, payload.
+        let mut at = 0;
+        while let Some(head) = data.get(at..at + 9) {
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let (kind, stream) = (head[3], u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff);
+            let Some(payload) = data.get(at + 9..at + 9 + len) else { break };
+            match (kind, stream) {
+                // Envoy's replies start with an indexed `:status` (HPACK static table entries 8-14).
+                (1, 1) => {
+                    let statuses = [200, 204, 206, 304, 400, 404, 500];
+                    return payload.first().and_then(|b| statuses.get(usize::from(b & 0x7f).wrapping_sub(8))).copied();
+                }
+                (3, 1) | (7, _) => return None,
+                _ => at += 9 + len,
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+#[test]
+fn envoy_refuses_over_http2_what_could_be_read_two_ways() {
+    let g = Gateway::start(keys());
+    let plain = raw_h2(g.envoy.port(), b"/healthz", (b"accept", b"*/*"));
+    assert_eq!(plain, Some(200), "the raw client works");
+    g.upstream.clear();
+    // A fragment (Go's server would read `#/../..` as part of the path), control bytes in :path, an
+    // upper-case header name (a second spelling of x-org-id): Envoy answers 400 or resets.
+    for (path, header) in [
+        (&b"/healthz#/../v1/venues/v_8/treatments"[..], (&b"accept"[..], &b"*/*"[..])),
+        (b"/healthz\t/../v1/venues/v_8/treatments", (b"accept", b"*/*")),
+        (b"/healthz\x7f/../v1/venues/v_8/treatments", (b"accept", b"*/*")),
+        (b"/healthz", (b"X-Org-Id", b"evil")),
+        (b"/healthz", (b"x-org-id", b"ev\x01il")),
+    ] {
+        let status = raw_h2(g.envoy.port(), path, header);
+        assert!(matches!(status, None | Some(400)), "{:?}: {status:?}", String::from_utf8_lossy(path));
+        assert!(g.upstream.requests().is_empty(), "{:?}: {:#?}", String::from_utf8_lossy(path), g.upstream.requests());
+    }
+}

@@ -62,8 +62,12 @@ struct Gateway {
 
 impl Gateway {
     fn start(normalize_path: bool) -> Gateway {
+        Gateway::start_with(&config(), normalize_path)
+    }
+
+    fn start_with(config: &str, normalize_path: bool) -> Gateway {
         let upstream = Upstream::start();
-        let mut opts = EnvoyOptions::new(Some(&config()), upstream.port());
+        let mut opts = EnvoyOptions::new(Some(config), upstream.port());
         opts.normalize_path = normalize_path;
         let envoy = Envoy::start(&opts);
         Gateway { upstream, envoy, normalize: normalize_path }
@@ -345,4 +349,177 @@ fn a_method_override_a_url_override_or_a_nul_byte_reaches_no_route_with_less_tha
             g.check(&what, &reply, Refused(403, "insufficient_scope"));
         }
     });
+}
+
+#[test]
+fn rfc_dot_removal_and_kept_encoded_slashes_reach_no_route_with_less_than_it_needs() {
+    for_each_gateway(|g, proto| {
+        // RFC 3986's dot removal (ASP.NET Core, Envoy's own normalize_path, WHATWG URLs) keeps empty
+        // segments, so `//..` removes only the empty one: /v1/venues/v_8/treatments/docs/x to them.
+        let path = "/docs/../v1/venues/v_8/treatments//..//..//..//../docs/x";
+        g.expect(proto, "GET", path, &[], Refused(401, "missing_api_key"));
+        g.expect(proto, "GET", path, &[("x-api-key", VENUE)], Refused(403, "forbidden"));
+        // Kept encoded, `a%2F..%2F…` is one segment, and the final `..` removes it alone:
+        // /v1/venues/v_7/treatments/ to ASP.NET Core and Envoy's normalize_path.
+        let path = "/v1/venues/v_7/treatments/a%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fx/..";
+        g.expect(proto, "GET", path, &[("x-api-key", PLATFORM)], Refused(403, "insufficient_scope"));
+        // Go's ServeMux decodes each segment: `%76enues` is `venues`, `v_7%2Fx` is one segment.
+        let path = "/v1/%76enues/v_7%2Fx/treatments";
+        g.expect(proto, "GET", path, &[("x-api-key", PLATFORM)], Refused(403, "insufficient_scope"));
+        // nginx decodes and resolves, then the application decodes and resolves the rest again:
+        // /v1/venues/zz/docs, venue `zz`.
+        let path = "/v1/zz/%252e%252e/venues/zz/%252e%252e/v_8/q%2F..%2F..%2F..%2Fdocs%2Fa/..";
+        g.expect(proto, "GET", path, &[("x-api-key", VENUE)], Refused(403, "forbidden"));
+    });
+}
+
+#[test]
+fn a_leading_double_slash_read_as_an_authority_reaches_no_route_with_less_than_it_needs() {
+    for_each_gateway(|g, proto| {
+        // Node's `new URL(req.url, base)` takes `//docs` for a host: the path is then the treatments
+        // route's. Envoy's merge_slashes makes it /docs/v1/…, which every upstream reads as public.
+        for path in ["//docs/v1/venues/v_8/treatments", "/\\docs/v1/venues/v_8/treatments"] {
+            if proto == Proto::Http2 && path.contains('\\') {
+                continue; // the h2 crate refuses a raw backslash in :path
+            }
+            let reply = common::send(g.envoy.port(), proto, "GET", path, &[("x-api-key", VENUE)]);
+            let what = format!("{proto:?} normalize_path={} GET {path}", g.normalize);
+            if g.normalize {
+                let req = g.check(&what, &reply, Allowed(None)).unwrap();
+                assert_eq!(req.path, "/docs/v1/venues/v_8/treatments", "{what}");
+            } else {
+                g.check(&what, &reply, Refused(403, "forbidden"));
+            }
+        }
+    });
+}
+
+#[test]
+fn a_percent_u_escape_reaches_no_route_with_less_than_it_needs() {
+    for_each_gateway(|g, proto| {
+        // IIS decodes `%u002e` to `.` and resolves: /v1/venues/v_8/treatments.
+        let path = "/docs/%u002e%u002e/v1/venues/v_8/treatments";
+        for (key, expected) in [(None, Refused(401, "missing_api_key")), (Some(VENUE), Refused(403, "forbidden"))] {
+            let headers: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+            let reply = common::send(g.envoy.port(), proto, "GET", path, &headers);
+            let what = format!("{proto:?} normalize_path={} GET {path}", g.normalize);
+            if reply.status == 400 {
+                assert!(g.upstream.requests().is_empty(), "{what}"); // Envoy refused it itself
+            } else {
+                g.check(&what, &reply, expected);
+            }
+        }
+    });
+}
+
+/// keygate's Envoy with `normalize_path` off in front of a second Envoy that normalises (as an
+/// Istio sidecar does), in front of the recording upstream: the second Envoy is an RFC 3986 reader.
+#[test]
+fn a_normalising_proxy_behind_keygate_reads_no_path_keygate_did_not_authorise() {
+    let upstream = Upstream::start();
+    let mut inner = EnvoyOptions::new(None, upstream.port());
+    inner.normalize_path = true;
+    let inner = Envoy::start(&inner);
+    let envoy = Envoy::start(&EnvoyOptions::new(Some(&config()), inner.port()));
+    let g = Gateway { upstream, envoy, normalize: false };
+    for proto in Proto::ALL {
+        for (path, key, expected) in [
+            ("/docs/../v1/venues/v_8/treatments//..//..//..//../docs/x", None, Refused(401, "missing_api_key")),
+            ("/docs/../v1/venues/v_8/treatments//..//..//..//../docs/x", Some(VENUE), Refused(403, "forbidden")),
+            (
+                "/v1/venues/v_7/treatments/a%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fx/..",
+                Some(PLATFORM),
+                Refused(403, "insufficient_scope"),
+            ),
+        ] {
+            let headers: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+            g.expect(proto, "GET", path, &headers, expected);
+        }
+        // What the second Envoy makes of them, for a key that may have both readings.
+        let path = "/v1/venues/v_7/treatments/a%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fx/..";
+        let reply = common::send(g.envoy.port(), proto, "GET", path, &[("x-api-key", VENUE)]);
+        let req = g.check(&format!("{proto:?} {path}"), &reply, Allowed(Some("0000aaaa"))).unwrap();
+        assert_eq!(req.path, "/v1/venues/v_7/treatments/");
+    }
+}
+
+#[test]
+fn an_override_in_any_spelling_reaches_no_route_with_less_than_it_needs() {
+    for_each_gateway(|g, proto| {
+        // Envoy passes underscore headers by default; Symfony reads `x_http_method_override` as
+        // X-HTTP-Method-Override, and PHP reads `_%6Dethod`, `.method` and `+_method` as `_method`.
+        for (headers, path) in [
+            (vec![("x_http_method_override", "GET")], "/v1/venues/v_7/treatments"),
+            (vec![("x.http.method", "GET")], "/v1/venues/v_7/treatments"),
+            (vec![], "/v1/venues/v_7/treatments?_%6Dethod=GET"),
+            (vec![], "/v1/venues/v_7/treatments?.method=GET"),
+            (vec![], "/v1/venues/v_7/treatments?+_method=GET"),
+        ] {
+            let mut headers = headers.clone();
+            headers.push(("x-api-key", PLATFORM));
+            g.expect(proto, "POST", path, &headers, Refused(403, "insufficient_scope"));
+        }
+        g.expect(
+            proto,
+            "GET",
+            "/docs/x",
+            &[("x_original_url", "/v1/venues/v_8/treatments")],
+            Refused(401, "missing_api_key"),
+        );
+    });
+}
+
+#[test]
+fn a_key_in_a_basic_credential_never_reaches_the_upstream() {
+    for_each_gateway(|g, proto| {
+        // base64 of `<key>:`, as `curl -u <key>:` sends it to an API in Stripe's style.
+        let basic = format!("Basic {}", base64(&format!("{VENUE}:")));
+        for (path, headers, id) in [
+            ("/docs/x", vec![("authorization", basic.as_str())], None),
+            ("/v1/venues/v_7/x", vec![("x-api-key", PLATFORM), ("authorization", basic.as_str())], Some("0000bbbb")),
+        ] {
+            let reply = common::send(g.envoy.port(), proto, "GET", path, &headers);
+            let req = g.check(&format!("{proto:?} {path} with a Basic key"), &reply, Allowed(id)).unwrap();
+            assert!(!req.has_header("authorization"), "{proto:?} {path}: {:?}", req.header_values("authorization"));
+        }
+        // A Basic credential without a key is the upstream's.
+        let reply = common::get(g.envoy.port(), proto, "/docs/x", &[("authorization", "Basic dXNlcjpwYXNz")]);
+        let req = g.check("a plain Basic credential", &reply, Allowed(None)).unwrap();
+        assert_eq!(req.header_values("authorization"), ["Basic dXNlcjpwYXNz"]);
+    });
+}
+
+#[test]
+fn a_head_request_needs_what_its_get_needs_under_an_earlier_head_route() {
+    let mut config: Value = serde_json::from_str(&config()).unwrap();
+    let head = json!({"methods": ["HEAD"], "path": "/v1/**", "public": true});
+    config["routes"].as_array_mut().unwrap().insert(0, head);
+    let g = Gateway::start_with(&config.to_string(), false);
+    for proto in Proto::ALL {
+        // The upstream answers HEAD with its GET handler: the treatments reply's headers.
+        // A reply to HEAD has no body: the status tells the refusal.
+        for (path, key, status) in
+            [("/v1/venues/v_7/treatments", None, 401), ("/v1/venues/v_8/treatments", Some(VENUE), 403)]
+        {
+            let headers: Vec<(&str, &str)> = key.map(|k| ("x-api-key", k)).into_iter().collect();
+            let reply = common::send(g.envoy.port(), proto, "HEAD", path, &headers);
+            assert_eq!(reply.status, status, "{proto:?} HEAD {path}");
+            assert!(g.upstream.requests().is_empty(), "{proto:?} HEAD {path}: {:#?}", g.upstream.requests());
+        }
+        g.expect(proto, "HEAD", "/v1/venues/v_7/treatments", &[("x-api-key", VENUE)], Allowed(Some("0000aaaa")));
+    }
+}
+
+/// Standard base64 with padding.
+fn base64(text: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            let c = if i <= chunk.len() { ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' };
+            out.push(c);
+        }
+    }
+    out
 }

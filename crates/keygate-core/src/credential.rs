@@ -96,6 +96,42 @@ impl KeyFormat {
     pub fn has_prefix_within(&self, value: &[u8]) -> bool {
         self.prefixes.iter().any(|p| !p.is_empty() && value.windows(p.len()).any(|w| w == p.as_bytes()))
     }
+
+    /// True if a Basic credential in this `Authorization` value (or in any comma-separated element of
+    /// it) holds one of the configured prefixes once decoded: APIs in Stripe's style take a key as the
+    /// Basic user name (`-u sk_live_…:`), so an upstream may accept one that keygate never checked.
+    pub fn has_prefix_within_basic(&self, value: &[u8]) -> bool {
+        value.split(|&c| c == b',').any(|element| {
+            let element = trim(element);
+            let scheme_end = element.iter().position(|&c| !is_token_char(c)).unwrap_or(element.len());
+            let (scheme, rest) = element.split_at(scheme_end);
+            scheme.eq_ignore_ascii_case(b"basic") && !rest.is_empty() && self.has_prefix_within(&base64_decode(rest))
+        })
+    }
+}
+
+/// Decodes base64 leniently, as Python's `b64decode` does: either alphabet, and any other byte
+/// (padding, spaces) skipped.
+fn base64_decode(text: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len() / 4 * 3 + 2);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in text {
+        let sextet = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => continue,
+        };
+        acc = (acc << 6 | u32::from(sextet)) & 0xffff;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push(u8::try_from(acc >> bits & 0xff).unwrap_or_default());
+        }
+    }
+    out
 }
 
 /// Finds the credential: the first configured header, in order, that carries one decides. A header

@@ -4,7 +4,7 @@ use crate::checks::same_to_cgi;
 use crate::credential::{carries_credential, extract, Credential, CredentialHeader, KeyFormat};
 use crate::keys::{hash_key, Key, KeyRef, KeySet, KeySource, Lookup};
 use crate::reply::{DenyKind, Replies};
-use crate::routes::{percent_decode, Case, PathPattern, PathViews};
+use crate::routes::{percent_decode, Case, PathPattern, PathViews, MAX_READ_PATH};
 use crate::scopes::ScopeRules;
 use std::borrow::Cow;
 
@@ -119,7 +119,8 @@ impl Policy {
         request: &RequestView<'_>,
         now_ms: &dyn Fn() -> Option<i64>,
     ) -> Decision<'p> {
-        let path = PathViews::of(request.path);
+        let mut budget = MAX_READ_PATH;
+        let path = PathViews::within(request.path, &mut budget);
         // IIS's URL Rewrite, Symfony and Zend route by these headers when a client sends them.
         let mut url_overrides: Vec<PathViews<'_>> = Vec::new();
         let mut method_overridden = false;
@@ -127,17 +128,21 @@ impl Policy {
         for (name, value) in
             request.headers.iter().filter(|(n, _)| n.as_bytes().first().is_some_and(|c| c | 0x20 == b'x'))
         {
-            if URL_OVERRIDE_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) && url_overrides.len() <= MAX_URLS {
-                url_overrides.push(PathViews::of(value));
+            // Any spelling a CGI-style server reads as the header: Symfony reads `x_http_method_override`.
+            if URL_OVERRIDE_HEADERS.iter().any(|h| same_to_cgi(name, h)) && url_overrides.len() <= MAX_URLS {
+                url_overrides.push(PathViews::within(value, &mut budget));
             }
-            method_overridden |= METHOD_OVERRIDE_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h));
+            method_overridden |= METHOD_OVERRIDE_HEADERS.iter().any(|h| same_to_cgi(name, h));
         }
         let query =
             request.path.iter().position(|&c| c == b'?').and_then(|at| request.path.get(at..)).unwrap_or_default();
         let plain_method = [Cow::Borrowed(request.method)];
         let other_methods;
+        // A `_method` parameter may be spelled with escapes (`_%6Dethod`), hence any `%`.
         let methods: &[Cow<'_, [u8]>] = if method_overridden
             || request.method.iter().any(u8::is_ascii_lowercase)
+            || request.method == b"HEAD"
+            || query.contains(&b'%')
             || query.windows(6).any(|w| w.eq_ignore_ascii_case(b"method"))
         {
             other_methods = method_readings(request);
@@ -145,7 +150,11 @@ impl Policy {
         } else {
             &plain_method
         };
-        if methods.len() > MAX_METHODS || url_overrides.len() > MAX_URLS {
+        if methods.len() > MAX_METHODS
+            || url_overrides.len() > MAX_URLS
+            || path.too_long()
+            || url_overrides.iter().any(PathViews::too_long)
+        {
             // Only a hostile request names that many; refusing it bounds the work.
             return Decision::Deny(Denial::new(DenyKind::Forbidden));
         }
@@ -272,10 +281,12 @@ impl Policy {
         let mut remove: Vec<Cow<'p, str>> = Vec::new();
         if up.strip_credentials {
             for header in &self.credential_headers {
-                // Also a key under another scheme (`Token sk_live_…`), which some upstream may accept.
+                // Also a key under another scheme (`Token sk_live_…`, or Basic), which some upstream may accept.
                 let carried = request.headers.iter().any(|(n, v)| {
                     n.eq_ignore_ascii_case(&header.name)
-                        && (carries_credential(header, v) || self.format.has_prefix_within(v))
+                        && (carries_credential(header, v)
+                            || self.format.has_prefix_within(v)
+                            || (header.bearer && self.format.has_prefix_within_basic(v)))
                 });
                 if carried {
                     remove.push(Cow::Borrowed(&header.name));
@@ -317,8 +328,9 @@ const URL_OVERRIDE_HEADERS: [&str; 2] = ["x-original-url", "x-rewrite-url"];
 const METHOD_OVERRIDE_HEADERS: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
 
 /// The methods a request may mean, without repeats: as sent; upper-cased (Werkzeug and Django
-/// upper-case it; Go's router and Envoy's route matching do not); and any method a method-override
-/// header or a `_method` query parameter names (Symfony and Laravel read it from the query too).
+/// upper-case it; Go's router and Envoy's route matching do not); any method a method-override
+/// header or a `_method` query parameter names (Symfony and Laravel read it from the query too); and
+/// GET for HEAD, which servers answer with their GET handler.
 fn method_readings<'a>(request: &RequestView<'a>) -> Vec<Cow<'a, [u8]>> {
     let mut out = vec![Cow::Borrowed(request.method)];
     let mut add = |method: Cow<'a, [u8]>| {
@@ -331,7 +343,7 @@ fn method_readings<'a>(request: &RequestView<'a>) -> Vec<Cow<'a, [u8]>> {
         add(Cow::Owned(request.method.to_ascii_uppercase()));
     }
     for (name, value) in request.headers {
-        if METHOD_OVERRIDE_HEADERS.iter().any(|h| name.eq_ignore_ascii_case(h)) {
+        if METHOD_OVERRIDE_HEADERS.iter().any(|h| same_to_cgi(name, h)) {
             for element in value.split(|&c| c == b',') {
                 add(Cow::Owned(element.trim_ascii().to_ascii_uppercase()));
             }
@@ -340,13 +352,27 @@ fn method_readings<'a>(request: &RequestView<'a>) -> Vec<Cow<'a, [u8]>> {
     if let Some(query) = request.path.iter().position(|&c| c == b'?').and_then(|at| request.path.get(at + 1..)) {
         for pair in query.split(|&c| c == b'&' || c == b';') {
             let (name, value) = pair.split_at(pair.iter().position(|&c| c == b'=').unwrap_or(pair.len()));
-            if percent_decode(name).eq_ignore_ascii_case(b"_method") {
+            if php_name(name).eq_ignore_ascii_case(b"_method") {
                 let value = percent_decode(value.get(1..).unwrap_or_default());
                 add(Cow::Owned(value.trim_ascii().to_ascii_uppercase()));
             }
         }
     }
+    let get: &[u8] = b"GET";
+    if out.iter().any(|m| m.as_ref() == b"HEAD") && !out.iter().any(|m| m.as_ref() == get) && out.len() <= MAX_METHODS {
+        out.push(Cow::Borrowed(get));
+    }
     out
+}
+
+/// A query parameter's name as PHP registers it (Symfony and Laravel read `_method` from `$_GET`):
+/// `+` is a space, escapes decoded, leading spaces dropped, and a space or `.` is `_`, so
+/// `.method` and `+_method` are `_method`.
+fn php_name(name: &[u8]) -> Vec<u8> {
+    let spaced: Vec<u8> = name.iter().map(|&c| if c == b'+' { b' ' } else { c }).collect();
+    let decoded = percent_decode(&spaced);
+    let start = decoded.iter().position(|&c| c != b' ').unwrap_or(decoded.len());
+    decoded.get(start..).unwrap_or_default().iter().map(|&c| if c == b' ' || c == b'.' { b'_' } else { c }).collect()
 }
 
 #[cfg(test)]

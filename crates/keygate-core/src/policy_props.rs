@@ -207,16 +207,125 @@ enum Reader {
     Wsgi,
     /// Express: method upper-cased, the path as sent, literal segments matched ignoring case.
     Express,
-    /// ASP.NET Core: method ignoring case, path decoded and resolved, segments ignoring case (Unicode).
+    /// ASP.NET Core (Kestrel): method ignoring case; the path decoded but for `%2F`, then RFC 3986's
+    /// dot removal (empty segments kept); segments matched ignoring case.
     AspNet,
     /// Tomcat, Jetty, Spring: path parameters stripped from the raw path, then decoded and resolved.
     Tomcat,
     /// nginx decoding and resolving before it forwards, then an application that decodes again.
     NginxThenApp,
+    /// Envoy's `normalize_path` in a proxy in front of the application (an Istio sidecar):
+    /// unreserved escapes decoded, `\` as `/`, RFC 3986's dot removal; the application decodes.
+    EnvoyThenApp,
+    /// Node's `new URL(req.url, base)`: a leading `//` starts a host; `\` is `/`, `%2e` a dot, RFC
+    /// 3986's dot removal; the router decodes the path name.
+    Whatwg,
+    /// Go 1.22's ServeMux: each segment of the path as sent decoded; a path that is not clean once
+    /// decoded gets a redirect, not the handler.
+    GoMux,
+    /// IIS (HTTP.sys): `%uXXXX` and `%XX` decoded, `\` as `/`, dots resolved.
+    Iis,
 }
 
-const READERS: [Reader; 6] =
-    [Reader::Go, Reader::Wsgi, Reader::Express, Reader::AspNet, Reader::Tomcat, Reader::NginxThenApp];
+const READERS: [Reader; 10] = [
+    Reader::Go,
+    Reader::Wsgi,
+    Reader::Express,
+    Reader::AspNet,
+    Reader::Tomcat,
+    Reader::NginxThenApp,
+    Reader::EnvoyThenApp,
+    Reader::Whatwg,
+    Reader::GoMux,
+    Reader::Iis,
+];
+
+/// RFC 3986 section 5.2.4, as written there.
+fn remove_dot_segments(path: &str) -> String {
+    let mut input = path.to_string();
+    let mut output = String::new();
+    let pop = |output: &mut String| output.truncate(output.rfind('/').unwrap_or(0));
+    while !input.is_empty() {
+        if input.starts_with("../") {
+            input.drain(..3);
+        } else if input.starts_with("./") {
+            input.drain(..2);
+        } else if input.starts_with("/./") {
+            input.replace_range(..3, "/");
+        } else if input == "/." {
+            input = "/".into();
+        } else if input.starts_with("/../") {
+            input.replace_range(..4, "/");
+            pop(&mut output);
+        } else if input == "/.." {
+            input = "/".into();
+            pop(&mut output);
+        } else if input == "." || input == ".." {
+            input.clear();
+        } else {
+            let start = usize::from(input.starts_with('/'));
+            let end = input[start..].find('/').map_or(input.len(), |i| i + start);
+            output.push_str(&input[..end]);
+            input.drain(..end);
+        }
+    }
+    output
+}
+
+/// The segments of an absolute path, one trailing slash ignored.
+fn segments_of(path: &str) -> Vec<String> {
+    let path = path.strip_prefix('/').unwrap_or(path);
+    let path = path.strip_suffix('/').unwrap_or(path);
+    if path.is_empty() {
+        return Vec::new();
+    }
+    path.split('/').map(String::from).collect()
+}
+
+/// Decodes the escapes `keep` does not refuse.
+fn decode_but(s: &str, keep: impl Fn(u8) -> bool) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let byte = (h * 16 + l) as u8;
+                if !keep(byte) {
+                    out.push(byte);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Decodes `%uXXXX` escapes only.
+fn decode_percent_u(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(at) = rest.find("%u").or_else(|| rest.find("%U")) {
+        out.push_str(&rest[..at]);
+        let digits = rest.get(at + 2..at + 6).and_then(|d| u32::from_str_radix(d, 16).ok()).and_then(char::from_u32);
+        match digits {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[at + 6..];
+            }
+            None => {
+                out.push_str(&rest[at..at + 2]);
+                rest = &rest[at + 2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
 
 fn decode(s: &str) -> String {
     let b = s.as_bytes();
@@ -258,15 +367,15 @@ fn fold(segments: Vec<String>) -> Vec<String> {
         .collect()
 }
 
-/// The method and path segments `reader` routes `method path` by.
-fn read(reader: Reader, method: &str, path: &str) -> (String, Vec<String>) {
+/// The method and path segments `reader` routes `method path` by; `None` if it serves no handler.
+fn read(reader: Reader, method: &str, path: &str) -> Option<(String, Vec<String>)> {
     let path = path.split(['?', '#']).next().unwrap_or_default();
     let upper = method.to_ascii_uppercase();
-    match reader {
+    Some(match reader {
         Reader::Go => (method.to_string(), resolve(&decode(path), false)),
         Reader::Wsgi => (upper, decode(path).split('/').filter(|s| !s.is_empty()).map(String::from).collect()),
         Reader::Express => (upper, fold(path.split('/').filter(|s| !s.is_empty()).map(String::from).collect())),
-        Reader::AspNet => (upper, fold(resolve(&decode(path), true))),
+        Reader::AspNet => (upper, fold(segments_of(&remove_dot_segments(&decode_but(path, |c| c == b'/'))))),
         Reader::Tomcat => {
             let stripped: Vec<&str> = path.split('/').map(|seg| seg.split(';').next().unwrap_or_default()).collect();
             (method.to_string(), resolve(&decode(&stripped.join("/")), false))
@@ -275,7 +384,39 @@ fn read(reader: Reader, method: &str, path: &str) -> (String, Vec<String>) {
             let once = resolve(&decode(path), false).join("/");
             (upper, resolve(&decode(&once), false))
         }
-    }
+        Reader::EnvoyThenApp => {
+            let unreserved = |c: u8| !(c.is_ascii_alphanumeric() || b"-._~".contains(&c));
+            let normal = remove_dot_segments(&decode_but(&path.replace('\\', "/"), unreserved));
+            (method.to_string(), segments_of(&decode(&normal)))
+        }
+        Reader::Whatwg => {
+            let slashed = path.replace('\\', "/");
+            let path = match slashed.strip_prefix("//") {
+                Some(rest) => {
+                    let rest = rest.trim_start_matches('/');
+                    rest.find('/').map_or("/", |at| &rest[at..]).to_string()
+                }
+                None => slashed,
+            };
+            let dotted: Vec<String> = path
+                .split('/')
+                .map(|seg| match seg.to_ascii_lowercase().as_str() {
+                    "%2e" => ".".to_string(),
+                    ".%2e" | "%2e." | "%2e%2e" => "..".to_string(),
+                    _ => seg.to_string(),
+                })
+                .collect();
+            (upper, segments_of(&decode_but(&remove_dot_segments(&dotted.join("/")), |c| c == b'/')))
+        }
+        Reader::GoMux => {
+            let decoded = decode(path);
+            if resolve(&decoded, false).join("/") != decoded.trim_start_matches('/').trim_end_matches('/') {
+                return None; // a redirect to the clean path, which keygate then sees
+            }
+            (method.to_string(), segments_of(path).iter().map(|s| decode(s)).collect())
+        }
+        Reader::Iis => (upper, fold(resolve(&decode(&decode_percent_u(path)), true))),
+    })
 }
 
 /// A reading written out as a plain request, if it can be: no segment keygate would read again.
@@ -289,46 +430,65 @@ fn plain(segments: &[String]) -> Option<String> {
 fn reading_spelling(path: &'static str) -> impl Strategy<Value = String> {
     let segments: Vec<&'static str> = path.trim_start_matches('/').split('/').collect();
     let n = segments.len();
-    (prop::collection::vec(0u8..16, n), any::<bool>(), 0u8..5).prop_map(move |(tricks, trailing, prefix)| {
-        let mut out = match prefix {
-            0 => String::new(),
-            1 => "/docs/..;".to_string(),
-            2 => "/docs/x/..;/..;".to_string(),
-            3 => "/docs/..".to_string(),
-            _ => "/healthz/%2e%2e;".to_string(),
-        };
-        for (seg, trick) in segments.iter().zip(tricks) {
-            match trick {
-                0 => out.push_str(&format!("/{seg}")),
-                1 => out.push_str(&format!("/{seg};x=1")),
-                2 => out.push_str(&format!("/zz/..;/{seg}")),
-                3 => out.push_str(&format!("/.;/{seg}")),
-                4 => out.push_str(&format!("/{seg}%3Bx")),
-                5 => out.push_str(&format!("/{}", seg.to_uppercase())),
-                6 => out.push_str(&format!("/{}", seg.replace('s', "\u{17f}"))),
-                7 => out.push_str(&format!("/zz/%252e%252e/{seg}")),
-                8 => out.push_str(&format!("/zz%252F..%252F{seg}")),
-                9 => out.push_str(&format!("/zz/%2e%2e/{seg}")),
-                10 => out.push_str(&format!("//{seg}")),
-                11 => out.push_str(&format!("\\{seg}")),
-                12 => out.push_str(&format!("/{}", seg.replace('e', "%65"))),
-                // `\` is a separator to some readers only: these walk back into /docs/** for them.
-                13 => out.push_str(&format!("/{seg}/q\\..\\..\\..\\..\\..\\..\\docs\\a\\b/..")),
-                14 => out.push_str(&format!("/{seg}/q%5C..%5C..%5C..%5C..%5C..%5C..%5Cdocs%5Ca%5Cb/..")),
-                _ => {
-                    let mut first = true;
-                    out.push('/');
-                    for c in seg.chars() {
-                        out.push(if std::mem::take(&mut first) { c.to_ascii_uppercase() } else { c });
+    (prop::collection::vec(0u8..21, n), any::<bool>(), 0u8..7, 0u8..4).prop_map(
+        move |(tricks, trailing, prefix, suffix)| {
+            let mut out = match prefix {
+                0 => String::new(),
+                1 => "/docs/..;".to_string(),
+                2 => "/docs/x/..;/..;".to_string(),
+                3 => "/docs/..".to_string(),
+                4 => "/healthz/%2e%2e;".to_string(),
+                // A host to a WHATWG URL parser.
+                5 => "//docs".to_string(),
+                _ => "/docs/%u002e%u002e".to_string(),
+            };
+            for (seg, trick) in segments.iter().zip(tricks) {
+                match trick {
+                    0 => out.push_str(&format!("/{seg}")),
+                    1 => out.push_str(&format!("/{seg};x=1")),
+                    2 => out.push_str(&format!("/zz/..;/{seg}")),
+                    3 => out.push_str(&format!("/.;/{seg}")),
+                    4 => out.push_str(&format!("/{seg}%3Bx")),
+                    5 => out.push_str(&format!("/{}", seg.to_uppercase())),
+                    6 => out.push_str(&format!("/{}", seg.replace('s', "\u{17f}"))),
+                    7 => out.push_str(&format!("/zz/%252e%252e/{seg}")),
+                    8 => out.push_str(&format!("/zz%252F..%252F{seg}")),
+                    9 => out.push_str(&format!("/zz/%2e%2e/{seg}")),
+                    10 => out.push_str(&format!("//{seg}")),
+                    11 => out.push_str(&format!("\\{seg}")),
+                    12 => out.push_str(&format!("/{}", seg.replace('e', "%65"))),
+                    // `\` is a separator to some readers only: these walk back into /docs/** for them.
+                    13 => out.push_str(&format!("/{seg}/q\\..\\..\\..\\..\\..\\..\\docs\\a\\b/..")),
+                    14 => out.push_str(&format!("/{seg}/q%5C..%5C..%5C..%5C..%5C..%5C..%5Cdocs%5Ca%5Cb/..")),
+                    // `//..` removes only the empty segment to RFC 3986's dot removal, a real one otherwise.
+                    15 => out.push_str(&format!("/zz//../{seg}")),
+                    16 => out.push_str(&format!("/{seg}//..")),
+                    // Decoded, `%2F..` walks back into /docs; kept encoded, the final `..` removes one segment.
+                    17 => out.push_str(&format!("/{seg}/q%2F..%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fa/..")),
+                    18 => out.push_str(&format!("/zz/%u002e%u002e/{seg}")),
+                    19 => out.push_str(&format!("/zz/.%2E/{seg}")),
+                    _ => {
+                        let mut first = true;
+                        out.push('/');
+                        for c in seg.chars() {
+                            out.push(if std::mem::take(&mut first) { c.to_ascii_uppercase() } else { c });
+                        }
                     }
                 }
             }
-        }
-        if trailing {
-            out.push('/');
-        }
-        out
-    })
+            match suffix {
+                // Nothing to readers that drop empty segments first; `/docs/a` to RFC 3986 readers.
+                1 => out.push_str("//..//..//..//..//..//../docs/a"),
+                2 => out.push_str("/q%2F..%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fa/.."),
+                3 => out.push_str("/..%2f..%2f..%2f..%2f..%2f..%2fdocs"),
+                _ => {}
+            }
+            if trailing {
+                out.push('/');
+            }
+            out
+        },
+    )
 }
 
 fn method_spelling() -> impl Strategy<Value = &'static str> {
@@ -385,7 +545,7 @@ proptest! {
         let _ = target;
         if allowed(&p, method, &spelled, key) {
             for reader in READERS {
-                let (m, segments) = read(reader, method, &spelled);
+                let Some((m, segments)) = read(reader, method, &spelled) else { continue };
                 let Some(path) = plain(&segments) else { continue };
                 prop_assert!(
                     allowed(&p, &m, &path, key),

@@ -565,3 +565,145 @@ fn a_request_naming_too_many_methods_or_paths_is_refused() {
     assert_eq!(kind(&decide(&p, "GET", "/docs/x", &urls)), Some(DenyKind::Forbidden));
     assert_eq!(kind(&decide(&p, "GET", "/docs/x", &urls[..3])), None);
 }
+
+#[test]
+fn a_dot_dot_that_removes_an_empty_segment_reaches_no_route_with_less_than_it_needs() {
+    let p = policy_from(config_with_docs());
+    // ASP.NET Core, Envoy's normalize_path and WHATWG URLs read `//..` as removing the empty segment
+    // only: this is /v1/venues/v_8/treatments/docs/x to them, /docs/x once empty segments are dropped.
+    let path = "/docs/../v1/venues/v_8/treatments//..//..//..//../docs/x";
+    assert_eq!(kind(&decide(&p, "GET", path, &[])), Some(DenyKind::MissingKey));
+    assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), Some(DenyKind::Forbidden));
+}
+
+#[test]
+fn an_encoded_slash_kept_by_the_upstream_reaches_no_route_with_less_than_it_needs() {
+    let p = policy_from(config_with_docs());
+    // Decoded, `%2F..` walks back into /docs; kept encoded (ASP.NET Core, Envoy's normalize_path), the
+    // final `..` removes that one segment and leaves the treatments route.
+    let path = "/v1/venues/v_7/treatments/a%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fx/..";
+    assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", PLATFORM)])), Some(DenyKind::InsufficientScope));
+    assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), None);
+    // Go's ServeMux decodes each segment: `%76enues` is `venues`, `v_7%2Fx` one segment.
+    let d = decide(&p, "GET", "/v1/%76enues/v_7%2Fx/treatments", &[("x-api-key", PLATFORM)]);
+    assert_eq!(kind(&d), Some(DenyKind::InsufficientScope));
+}
+
+#[test]
+fn a_leading_double_slash_read_as_an_authority_needs_what_the_rest_needs() {
+    let p = policy_from(config_with_docs());
+    // `new URL("//docs/v1/venues/v_8/treatments", base)` has host `docs` and that route's path.
+    for path in ["//docs/v1/venues/v_8/treatments", "/\\docs/v1/venues/v_8/treatments", "///docs/v1/venues/v_8/x"] {
+        assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), Some(DenyKind::Forbidden), "{path}");
+    }
+    let d = decide(&p, "GET", "//docs/v1/venues/v_7/treatments", &[("x-api-key", PLATFORM)]);
+    assert_eq!(kind(&d), Some(DenyKind::InsufficientScope));
+}
+
+#[test]
+fn a_percent_u_escape_reaches_no_route_with_less_than_it_needs() {
+    let p = policy_from(config_with_docs());
+    // IIS decodes `%u002e` to `.`, then resolves: /docs/../v1/venues/v_8/treatments.
+    let path = "/docs/%u002e%u002e/v1/venues/v_8/treatments";
+    assert_eq!(kind(&decide(&p, "GET", path, &[])), Some(DenyKind::MissingKey));
+    assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), Some(DenyKind::Forbidden));
+}
+
+#[test]
+fn a_method_override_in_any_spelling_needs_what_the_method_it_names_needs() {
+    let p = policy_from(config());
+    // CGI-style servers (Symfony's HTTP_X_HTTP_METHOD_OVERRIDE) read `_` and `.` as `-`.
+    for name in ["x_http_method_override", "X_HTTP_Method", "x.method.override"] {
+        let d = decide(&p, "POST", "/v1/venues/v_7/treatments", &[(name, "GET"), ("x-api-key", PLATFORM)]);
+        assert_eq!(kind(&d), Some(DenyKind::InsufficientScope), "{name}");
+    }
+    // PHP decodes the name's escapes, drops leading spaces and reads ` ` and `.` as `_`.
+    for query in
+        ["_%6Dethod=GET", "_m%65thod=GET", ".method=GET", "+_method=GET", "%20.method=get", "a=%41&_method=GET"]
+    {
+        let d = decide(&p, "POST", &format!("/v1/venues/v_7/treatments?{query}"), &[("x-api-key", PLATFORM)]);
+        assert_eq!(kind(&d), Some(DenyKind::InsufficientScope), "{query}");
+    }
+    assert_eq!(kind(&decide(&p, "POST", "/v1/venues/v_7/x?a=%41", &[("x-api-key", PLATFORM)])), None);
+}
+
+#[test]
+fn a_url_override_in_any_spelling_needs_what_the_path_it_names_needs() {
+    let p = policy_from(config_with_docs());
+    for name in ["x_original_url", "X_Rewrite_URL", "x.original.url"] {
+        let d = decide(&p, "GET", "/docs/x", &[(name, "/v1/venues/v_8/treatments")]);
+        assert_eq!(kind(&d), Some(DenyKind::MissingKey), "{name}");
+    }
+}
+
+#[test]
+fn a_head_request_needs_what_its_get_needs_even_under_an_earlier_head_route() {
+    let mut c = config();
+    c["routes"].as_array_mut().unwrap().insert(0, json!({"methods": ["HEAD"], "path": "/v1/**", "public": true}));
+    let p = policy_from(c);
+    // Servers answer HEAD with their GET handler: the headers of the treatments reply leak otherwise.
+    assert_eq!(kind(&decide(&p, "HEAD", "/v1/venues/v_7/treatments", &[])), Some(DenyKind::MissingKey));
+    let d = decide(&p, "HEAD", "/v1/venues/v_8/treatments", &[("x-api-key", READER)]);
+    assert_eq!(kind(&d), Some(DenyKind::Forbidden));
+    assert_eq!(kind(&decide(&p, "HEAD", "/v1/venues/v_7/treatments", &[("x-api-key", READER)])), None);
+    let d = decide(&p, "GET", "/v1/venues/v_7/x", &[("x-http-method-override", "HEAD"), ("x-api-key", READER)]);
+    assert_eq!(kind(&d), None);
+}
+
+#[test]
+fn a_key_in_a_basic_credential_is_stripped() {
+    let p = policy_from(config_with_docs());
+    // Stripe-style APIs take `-u sk_live_…:` as the key: base64 of `<key>:`, and of `user:<key>`.
+    let as_user = format!("Basic {}", "c2tfbGl2ZV9hYWFhMDAwMV9yZWFkZXI6");
+    let as_password = format!("basic  {}", "dTpza19saXZlX2FhYWEwMDAxX3JlYWRlcg==");
+    let joined = format!("Digest x, {as_user}");
+    for value in [&as_user, &as_password, &joined] {
+        let Decision::Allow { edits, .. } = decide(&p, "GET", "/docs/x", &[("authorization", value)]) else {
+            panic!("{value}")
+        };
+        assert_eq!(edits.remove, vec!["authorization"], "{value}");
+        let d = decide(&p, "GET", "/v1/venues", &[("authorization", value)]);
+        assert_eq!(kind(&d), Some(DenyKind::MissingKey), "{value}: not a credential keygate accepts");
+    }
+    let Decision::Allow { edits, .. } = decide(&p, "GET", "/docs/x", &[("authorization", "Basic dXNlcjpwYXNz")]) else {
+        panic!()
+    };
+    assert!(edits.remove.is_empty(), "a Basic credential without a key is the upstream's");
+}
+
+#[test]
+fn a_path_resolved_then_decoded_and_resolved_again_needs_what_that_reading_needs() {
+    let p = policy_from(config_with_docs());
+    // nginx decodes and resolves (`q%2F..` walks back over `v_8` and the first `%252e%252e`), then the
+    // application decodes and resolves what is left: /v1/venues/zz/docs, venue `zz`.
+    let path = "/v1/zz/%252e%252e/venues/zz/%252e%252e/v_8/q%2F..%2F..%2F..%2Fdocs%2Fa/..";
+    assert_eq!(kind(&decide(&p, "GET", path, &[("x-api-key", READER)])), Some(DenyKind::Forbidden));
+}
+
+#[test]
+fn a_long_path_that_needs_reading_is_refused() {
+    let p = policy_from(config_with_docs());
+    let key = [("x-api-key", READER)];
+    let long = format!("/docs/{}", "a".repeat(crate::routes::MAX_READ_PATH));
+    assert_eq!(kind(&decide(&p, "GET", &long, &[])), None, "a long path in normal form is read as it is");
+    let odd = format!("/docs/{}", "a/..%2F".repeat(crate::routes::MAX_READ_PATH / 7));
+    assert_eq!(kind(&decide(&p, "GET", &odd, &key)), Some(DenyKind::Forbidden));
+    assert_eq!(kind(&decide(&p, "GET", "/docs/x", &[("x-original-url", &odd)])), Some(DenyKind::Forbidden));
+    let within = format!("/docs/{}", "a/..%2F".repeat(crate::routes::MAX_READ_PATH / 8));
+    assert_eq!(kind(&decide(&p, "GET", &within, &key)), None);
+    // The path and the URL overrides share one budget.
+    let d = decide(&p, "GET", &within, &[("x-original-url", &within), ("x-api-key", READER)]);
+    assert_eq!(kind(&d), Some(DenyKind::Forbidden));
+}
+
+#[test]
+fn a_letter_that_full_case_folding_takes_to_two_needs_what_they_need() {
+    let mut c = config();
+    c["routes"].as_array_mut().unwrap().insert(0, json!({"path": "/v1/access/**", "scopes": ["admin"]}));
+    let p = policy_from(c);
+    // Python's `casefold` (and JavaScript's `toUpperCase`) read `ß` as `ss`.
+    for path in ["/v1/acce%C3%9F/x", "/v1/ACCE\u{1e9e}/x"] {
+        let d = decide(&p, "GET", path, &[("x-api-key", PLATFORM)]);
+        assert_eq!(kind(&d), Some(DenyKind::InsufficientScope), "{path}");
+    }
+}

@@ -35,10 +35,11 @@ pub type Captures<'p, 'r> = Vec<(&'p str, &'r [u8])>;
 pub enum Case {
     /// Byte for byte.
     Exact,
-    /// Ignoring case, as a case-insensitive router does: ASCII letters, and the four characters
-    /// outside ASCII that Unicode's simple case mappings take to ASCII letters (`ſ` is `s`, `ı` and `İ`
-    /// are `i`, `K` is `k`, as .NET's `OrdinalIgnoreCase` and Java's `equalsIgnoreCase` read them).
-    /// Captures are kept as sent.
+    /// Ignoring case, as a case-insensitive router does: ASCII letters, the four characters outside
+    /// ASCII that Unicode's simple case mappings take to ASCII letters (`ſ` is `s`, `ı` and `İ` are
+    /// `i`, `K` is `k`, as .NET's `OrdinalIgnoreCase` and Java's `equalsIgnoreCase` read them), and
+    /// those that full case folding takes to several (`ß` is `ss`, `ﬁ` is `fi`, as Python's
+    /// `casefold` reads them). Captures are kept as sent.
     Folded,
 }
 
@@ -132,20 +133,30 @@ fn literal_eq(lit: &str, seg: &[u8], case: Case) -> bool {
     if seg.is_ascii() {
         return lit.as_bytes().eq_ignore_ascii_case(seg);
     }
-    // Literals are ASCII (see `parse_segment`); four characters outside ASCII fold onto ASCII
+    // Literals are ASCII (see `parse_segment`); a few characters outside ASCII fold onto ASCII
     // letters.
     let Ok(seg) = std::str::from_utf8(seg) else { return false };
     let mut lit = lit.bytes();
+    let mut one = [0u8; 4];
     for c in seg.chars() {
-        let ascii = match c {
-            '\u{17f}' => b's',  // LATIN SMALL LETTER LONG S, upper-cased to S
-            '\u{131}' => b'i',  // LATIN SMALL LETTER DOTLESS I, upper-cased to I
-            '\u{130}' => b'i',  // LATIN CAPITAL LETTER I WITH DOT ABOVE, lower-cased to i (Java)
-            '\u{212a}' => b'k', // KELVIN SIGN, lower-cased to k
-            c if c.is_ascii() => c as u8,
+        let ascii: &[u8] = match c {
+            '\u{17f}' => b"s",  // LATIN SMALL LETTER LONG S, upper-cased to S
+            '\u{131}' => b"i",  // LATIN SMALL LETTER DOTLESS I, upper-cased to I
+            '\u{130}' => b"i",  // LATIN CAPITAL LETTER I WITH DOT ABOVE, lower-cased to i (Java)
+            '\u{212a}' => b"k", // KELVIN SIGN, lower-cased to k
+            // Full case folding (Python's `casefold`, ICU, Rust's `unicase`) and JavaScript's and
+            // Python's `upper` take these to two or three ASCII letters.
+            '\u{df}' | '\u{1e9e}' => b"ss", // SHARP S
+            '\u{fb00}' => b"ff",
+            '\u{fb01}' => b"fi",
+            '\u{fb02}' => b"fl",
+            '\u{fb03}' => b"ffi",
+            '\u{fb04}' => b"ffl",
+            '\u{fb05}' | '\u{fb06}' => b"st",
+            c if c.is_ascii() => c.encode_utf8(&mut one).as_bytes(),
             _ => return false,
         };
-        if !lit.next().is_some_and(|l| l.eq_ignore_ascii_case(&ascii)) {
+        if !ascii.iter().all(|a| lit.next().is_some_and(|l| l.eq_ignore_ascii_case(a))) {
             return false;
         }
     }
@@ -179,32 +190,87 @@ fn parse_segment(seg: &str, pattern: &str) -> Result<Part, String> {
 /// One reading of a path: its segments.
 pub type Segments<'a> = Vec<Cow<'a, [u8]>>;
 
+/// How many bytes of paths not in normal form one request may ask keygate to read in every way (its
+/// `:path` and URL-override headers together); a request with more is refused, which bounds the work
+/// it costs. Most servers refuse a request line over 8 KiB anyway (ASP.NET Core, Tomcat, nginx,
+/// Apache).
+pub const MAX_READ_PATH: usize = 8192;
+
 /// The readings of a request path that keygate authorises, without repeats. Usually one; more when
 /// the path as sent is not in normal form.
 #[derive(Debug)]
 pub struct PathViews<'a> {
     /// The normalised reading first.
     readings: Vec<Segments<'a>>,
+    /// Not in normal form and longer than what was left of [`MAX_READ_PATH`]: not read, to be refused.
+    too_long: bool,
 }
 
 impl<'a> PathViews<'a> {
     /// Splits `:path` (query and fragment dropped) into its readings.
     pub fn of(path: &'a [u8]) -> Self {
+        let mut budget = MAX_READ_PATH;
+        PathViews::within(path, &mut budget)
+    }
+
+    /// [`PathViews::of`], taking the length of a path not in normal form from `budget`; one longer
+    /// than what is left is not read and is [`PathViews::too_long`].
+    pub fn within(path: &'a [u8], budget: &mut usize) -> Self {
         let end = path.iter().position(|&c| c == b'?' || c == b'#').unwrap_or(path.len());
         let path = path.get(..end).unwrap_or_default();
         let literal = literal_segments(path);
         let needs_work = path.iter().any(|&c| c == b'%' || c == b'\\' || c == b';')
             || literal.iter().any(|s| s.is_empty() || s.as_ref() == b"." || s.as_ref() == b"..");
         if !needs_work {
-            return PathViews { readings: vec![literal] };
+            return PathViews { readings: vec![literal], too_long: false };
         }
+        let Some(left) = budget.checked_sub(path.len()) else {
+            return PathViews { readings: vec![literal], too_long: true };
+        };
+        *budget = left;
+        let escaped = path.contains(&b'%');
         let once = percent_decode(path);
-        let mut views = PathViews { readings: Vec::with_capacity(4) };
+        let mut views = PathViews { readings: Vec::with_capacity(8), too_long: false };
         views.add_resolved(&once);
+        // Go's ServeMux and Spring's PathPattern split the path as sent, then decode each segment
+        // (`%2F` is part of a segment to them), and resolve nothing.
+        let each_decoded = escaped.then(|| decoded_each(&literal));
         views.add(literal);
+        if let Some(each) = each_decoded {
+            views.add(each);
+        }
+        if escaped {
+            // ASP.NET Core (Kestrel), Envoy's own `normalize_path`, Apache's `NoDecode` and WHATWG URL
+            // parsers decode everything but an encoded `/` (and `\`), then resolve dot segments.
+            let kept = decode_keeping_separators(path);
+            // A proxy that normalises and forwards (nginx; Envoy's normalize_path in a sidecar), then
+            // an application that decodes and resolves what is left: dots that appear only then are
+            // resolved against a path whose first dots are gone.
+            let first = [resolved_segments(&once, false, false), resolved_segments(&kept, true, true)];
+            for forwarded in first.iter().map(|segments| joined(segments)).filter(|f| has_escape(f)) {
+                views.add_resolved(&percent_decode(&forwarded));
+            }
+            if kept != once {
+                views.add_resolved(&kept);
+            }
+        }
+        if let Some(rest) = after_authority(path) {
+            // A WHATWG URL parser (Node's `new URL(req.url, base)`) reads `//docs/v1/x` as host
+            // `docs` and path `/v1/x`; its `\` is a `/`.
+            views.add_resolved(&decode_keeping_separators(rest));
+            views.add_resolved(&percent_decode(rest));
+        }
+        if has_percent_u(path) {
+            // IIS (HTTP.sys) decodes `%uXXXX` (`%u002e` is `.`) before it resolves the path.
+            views.add_resolved(&percent_u_decode(path));
+        }
         if path.contains(&b';') {
             // Tomcat, Jetty, Spring: parameters stripped from the path as sent, then decoded.
-            views.add_resolved(&percent_decode(&strip_parameters(path)));
+            let stripped = strip_parameters(path);
+            views.add_resolved(&percent_decode(&stripped));
+            if escaped {
+                views.add(decoded_each(&literal_segments(&stripped)));
+            }
         }
         // A second decoding: an application behind a proxy that decoded before forwarding.
         let twice = has_escape(&once).then(|| percent_decode(&once));
@@ -225,11 +291,22 @@ impl<'a> PathViews<'a> {
     }
 
     /// Adds `path` with dot segments resolved, `\` taken as a separator (Windows servers, Envoy's
-    /// normalisation) and, if it holds one, also not (nginx, Apache, Jetty, Go split on `/` alone).
+    /// normalisation, WHATWG URLs) and, if it holds one, also not (nginx, Apache, Jetty, Go split on
+    /// `/` alone); empty segments dropped first (Go, Tomcat, nginx) and, if it has any, also kept, as
+    /// RFC 3986's dot removal keeps them (ASP.NET Core, Envoy's `normalize_path`, WHATWG URLs, nginx
+    /// with `merge_slashes off`): to those `/a//..` is `/a/`, not `/`.
     fn add_resolved(&mut self, path: &[u8]) {
-        self.add(resolved_segments(path, true));
-        if path.contains(&b'\\') {
-            self.add(resolved_segments(path, false));
+        let backslash = path.contains(&b'\\');
+        self.add(resolved_segments(path, true, false));
+        if backslash {
+            self.add(resolved_segments(path, false, false));
+        }
+        let separator = |c: &u8| *c == b'/' || *c == b'\\';
+        if path.windows(2).any(|w| w.iter().all(separator)) {
+            self.add(resolved_segments(path, true, true));
+            if backslash {
+                self.add(resolved_segments(path, false, true));
+            }
         }
     }
 
@@ -237,6 +314,11 @@ impl<'a> PathViews<'a> {
         if !self.readings.contains(&reading) {
             self.readings.push(reading);
         }
+    }
+
+    /// True if the path is not in normal form and too long to be read in every way: refuse it.
+    pub fn too_long(&self) -> bool {
+        self.too_long
     }
 
     /// The normalised reading: decoded once, dot segments resolved.
@@ -266,20 +348,58 @@ fn literal_segments(path: &[u8]) -> Segments<'_> {
     path.split(|&c| c == b'/').map(Cow::Borrowed).collect()
 }
 
-/// Segments split on `/` (and `\` when `backslash`), empty and `.` segments dropped and `..` resolved
-/// (never above the root).
-fn resolved_segments(path: &[u8], backslash: bool) -> Segments<'static> {
+/// Segments split on `/` (and `\` when `backslash`), `.` segments dropped and `..` resolved (never
+/// above the root). Empty segments are dropped, or with `keep_empty` kept as RFC 3986's dot removal
+/// keeps them (a `..` after one removes only it; one trailing empty segment, a trailing slash, is
+/// the same path).
+fn resolved_segments(path: &[u8], backslash: bool, keep_empty: bool) -> Segments<'static> {
+    let separator = |c: &u8| *c == b'/' || (backslash && *c == b'\\');
+    let body = match path.split_first() {
+        Some((first, rest)) if keep_empty && separator(first) => rest,
+        _ => path,
+    };
     let mut out: Segments<'static> = Vec::new();
-    for seg in path.split(|&c| c == b'/' || (backslash && c == b'\\')) {
+    for seg in body.split(separator) {
         match seg {
-            b"" | b"." => {}
+            b"." => {}
+            b"" if !keep_empty => {}
             b".." => {
                 out.pop();
             }
             _ => out.push(Cow::Owned(seg.to_vec())),
         }
     }
+    if keep_empty && out.last().is_some_and(|s| s.is_empty()) {
+        out.pop();
+    }
     out
+}
+
+/// Segments written out as a path again.
+fn joined(segments: &[Cow<'_, [u8]>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(segments.iter().map(|s| s.len() + 1).sum());
+    for segment in segments {
+        out.push(b'/');
+        out.extend_from_slice(segment);
+    }
+    out
+}
+
+/// Each segment percent-decoded on its own: an encoded `/` stays inside its segment.
+fn decoded_each(segments: &[Cow<'_, [u8]>]) -> Segments<'static> {
+    segments.iter().map(|s| Cow::Owned(percent_decode(s))).collect()
+}
+
+/// What follows the authority of a path that a WHATWG URL parser reads as scheme-relative: one
+/// starting with two separators (`/` or `\`; any more are skipped), then a host up to the next one.
+/// `None` for any other path, or one of separators only (no host: the parser fails).
+fn after_authority(path: &[u8]) -> Option<&[u8]> {
+    let separator = |c: &u8| *c == b'/' || *c == b'\\';
+    if !(path.first().is_some_and(separator) && path.get(1).is_some_and(separator)) {
+        return None;
+    }
+    let host = path.get(path.iter().position(|c| !separator(c))?..)?;
+    host.get(host.iter().position(separator).unwrap_or(host.len())..)
 }
 
 /// Removes every segment's parameters: from a `;` to the end of its segment (`/a;x=1/..;/b` is
@@ -308,6 +428,33 @@ fn has_escape(input: &[u8]) -> bool {
 
 /// Decodes every valid `%XX` once; a `%` not followed by two hex digits stays as it is.
 pub fn percent_decode(input: &[u8]) -> Vec<u8> {
+    decode(input, false, false)
+}
+
+/// Decodes every valid `%XX` once but `%2F` and `%5C`, which stay encoded, as ASP.NET Core and
+/// Envoy's `normalize_path` leave an encoded separator.
+fn decode_keeping_separators(input: &[u8]) -> Vec<u8> {
+    decode(input, true, false)
+}
+
+/// Decodes `%uXXXX` (IIS's HTTP.sys) as well as `%XX`.
+fn percent_u_decode(input: &[u8]) -> Vec<u8> {
+    decode(input, false, true)
+}
+
+/// True if `input` holds a `%uXXXX` escape.
+fn has_percent_u(input: &[u8]) -> bool {
+    input.windows(6).any(|w| percent_u(w).is_some())
+}
+
+/// The character of a `%uXXXX` escape at the start of `input`.
+fn percent_u(input: &[u8]) -> Option<char> {
+    let [b'%', b'u' | b'U', digits @ ..] = input.get(..6)? else { return None };
+    let code = digits.iter().try_fold(0u32, |acc, &c| Some(acc << 4 | u32::from(hex_value(c)?)))?;
+    char::from_u32(code)
+}
+
+fn decode(input: &[u8], keep_separators: bool, percent_u_too: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(input.len());
     let mut i = 0;
     while let Some(&c) = input.get(i) {
@@ -315,8 +462,16 @@ pub fn percent_decode(input: &[u8]) -> Vec<u8> {
             let hi = input.get(i + 1).and_then(|&h| hex_value(h));
             let lo = input.get(i + 2).and_then(|&l| hex_value(l));
             if let (Some(hi), Some(lo)) = (hi, lo) {
-                out.push(hi << 4 | lo);
-                i += 3;
+                let byte = hi << 4 | lo;
+                if !(keep_separators && (byte == b'/' || byte == b'\\')) {
+                    out.push(byte);
+                    i += 3;
+                    continue;
+                }
+            }
+            if let Some(ch) = percent_u_too.then(|| input.get(i..).and_then(percent_u)).flatten() {
+                out.extend_from_slice(ch.encode_utf8(&mut [0; 4]).as_bytes());
+                i += 6;
                 continue;
             }
         }
@@ -389,7 +544,49 @@ mod tests {
 
     #[test]
     fn empty_segments_are_dropped_when_normalised() {
-        assert_eq!(readings("//v1//venues"), [owned(&["v1", "venues"]), owned(&["", "v1", "", "venues"])]);
+        assert_eq!(normalised("/v1//venues"), ["v1", "venues"]);
+        assert_eq!(readings("/v1//venues"), [owned(&["v1", "venues"]), owned(&["v1", "", "venues"])]);
+    }
+
+    #[test]
+    fn a_dot_dot_after_an_empty_segment_removes_only_it_in_a_reading_of_its_own() {
+        // RFC 3986's dot removal (ASP.NET Core, Envoy's normalize_path, WHATWG URLs): `/a//..` is `/a/`.
+        let all = readings("/docs/../v1/venues/v_8/treatments//..//..//..//../docs/x");
+        assert_eq!(all.first(), Some(&owned(&["docs", "x"])));
+        assert!(all.contains(&owned(&["v1", "venues", "v_8", "treatments", "docs", "x"])), "{all:?}");
+        assert!(readings("/a/b//../").contains(&owned(&["a", "b"])), "a trailing slash is the same path");
+    }
+
+    #[test]
+    fn an_encoded_slash_is_kept_in_a_reading_of_its_own() {
+        // ASP.NET Core and Envoy's normalize_path decode all but `%2F`, then resolve the dots.
+        let all = readings("/v1/venues/v_7/treatments/a%2F..%2F..%2F..%2F..%2F..%2Fdocs%2Fx/..");
+        assert_eq!(all.first(), Some(&owned(&["docs"])));
+        assert!(all.contains(&owned(&["v1", "venues", "v_7", "treatments"])), "{all:?}");
+        // Go's ServeMux and Spring's PathPattern decode each segment as sent.
+        assert!(readings("/v1/%76enues/v_7%2Fx/t").contains(&owned(&["v1", "venues", "v_7/x", "t"])));
+        assert!(readings("/v1/%76enues;a=1/v_7%2Fx/t").contains(&owned(&["v1", "venues", "v_7/x", "t"])));
+    }
+
+    #[test]
+    fn a_leading_double_slash_is_also_read_as_an_authority() {
+        // Node's `new URL(req.url, base)`: `//docs/v1/x` is host `docs`, path `/v1/x`.
+        for path in ["//docs/v1/x", "/\\docs/v1/x", "\\\\docs\\v1/x", "////docs/v1/x", "//docs/v1/%2e%2e/v1/x"] {
+            assert!(readings(path).contains(&owned(&["v1", "x"])), "{path}: {:?}", readings(path));
+        }
+        assert!(readings("//docs").contains(&owned(&[])));
+        assert_eq!(after_authority(b"//"), None);
+        assert_eq!(after_authority(b"/docs//x"), None);
+    }
+
+    #[test]
+    fn a_percent_u_escape_is_decoded_in_a_reading_of_its_own() {
+        // IIS's HTTP.sys decodes `%uXXXX`.
+        let all = readings("/docs/%u002e%u002E/v1/venues/v_8/x");
+        assert!(all.contains(&owned(&["v1", "venues", "v_8", "x"])), "{all:?}");
+        assert!(readings("/a/%u017Fx").contains(&owned(&["a", "\u{17f}x"])));
+        assert!(!has_percent_u(b"/a/%u00"), "too short");
+        assert!(!has_percent_u(b"/a/%uD800"), "a surrogate is no character");
     }
 
     #[test]
@@ -480,6 +677,12 @@ mod tests {
         for dotted in ["/adm\u{131}n", "/adm\u{130}n", "/adm%C4%B0n"] {
             assert!(admin.matches(PathViews::of(dotted.as_bytes()).normalised(), Case::Folded).is_some(), "{dotted}");
         }
+        let access = PathPattern::parse("/v1/access/files").unwrap();
+        for spelled in ["/v1/acce\u{df}/\u{fb01}les", "/V1/ACCE\u{1e9e}/FILES", "/v1/acce%C3%9F/%EF%AC%81les"] {
+            let v = PathViews::of(spelled.as_bytes());
+            assert!(access.matches(v.normalised(), Case::Folded).is_some(), "{spelled}");
+        }
+        assert!(access.matches(PathViews::of("/v1/acce\u{df}s/files".as_bytes()).normalised(), Case::Folded).is_none());
         let kelvin = PathPattern::parse("/kv").unwrap();
         assert!(kelvin.matches(PathViews::of("/\u{212a}V".as_bytes()).normalised(), Case::Folded).is_some());
         assert!(p.matches(PathViews::of(b"/v1/venuesx/x").normalised(), Case::Folded).is_none());
