@@ -3,7 +3,7 @@
 use crate::checks::same_to_cgi;
 use crate::credential::{carries_credential, extract, Credential, CredentialHeader, KeyFormat};
 use crate::keys::{hash_key, Key, KeyRef, KeySet, KeySource, Lookup};
-use crate::reply::{DenyKind, Replies};
+use crate::reply::{DenyKind, Replies, Reply};
 use crate::routes::{percent_decode, Case, PathPattern, PathViews, MAX_READ_PATH};
 use crate::scopes::ScopeRules;
 use std::borrow::Cow;
@@ -101,6 +101,15 @@ impl<'p> Denial<'p> {
     fn new(kind: DenyKind) -> Self {
         Denial { kind, missing_scopes: Vec::new(), key_id: None }
     }
+
+    /// The hosts' debug log line for this refusal: the kind and, when one was found, the key's
+    /// record id (never the key).
+    pub fn log_line(&self) -> String {
+        match &self.key_id {
+            Some(id) => format!("keygate: denied {} for key {id}", self.kind.name()),
+            None => format!("keygate: denied {}", self.kind.name()),
+        }
+    }
 }
 
 /// Which rule a reading of the path falls under.
@@ -111,6 +120,18 @@ enum Rule<'p, 'r> {
 }
 
 impl Policy {
+    /// The reply to send for `denial`, echoing `request`'s `x-request-id` where a template asks
+    /// for it.
+    pub fn reply(&self, denial: &Denial<'_>, request: &RequestView<'_>) -> Reply {
+        let request_id = request
+            .headers
+            .iter()
+            .find(|(n, _)| n == "x-request-id")
+            .map(|(_, v)| String::from_utf8_lossy(v))
+            .unwrap_or_default();
+        self.replies.render(denial.kind, &denial.missing_scopes, &request_id)
+    }
+
     /// Decides one request. `keys` is where key records are looked up; `now_ms` gives the current
     /// time in Unix milliseconds and is only asked when a key has an expiry.
     pub fn decide<'p>(

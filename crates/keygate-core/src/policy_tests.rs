@@ -707,3 +707,23 @@ fn a_letter_that_full_case_folding_takes_to_two_needs_what_they_need() {
         assert_eq!(kind(&d), Some(DenyKind::InsufficientScope), "{path}");
     }
 }
+
+#[test]
+fn a_refusal_renders_its_reply_with_the_request_id_and_logs_no_key() {
+    let mut config = config();
+    config["errors"] = json!({"body": {"error": "{code}", "request_id": "{request_id}"}});
+    let policy = policy_from(config);
+    let h = headers(&[(":method", "GET"), (":path", "/v1/venues/v_7/x"), ("x-request-id", "rid-9")]);
+    let view = RequestView::from_headers(&h);
+    let Decision::Deny(denial) = policy.decide(&policy.keys, &view, &|| Some(500)) else { panic!("allowed") };
+    let reply = policy.reply(&denial, &view);
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.body, r#"{"error":"missing_api_key","request_id":"rid-9"}"#);
+    assert_eq!(denial.log_line(), "keygate: denied missing_key");
+    let with_id = Denial { key_id: Some("0000bbbb".into()), ..Denial::new(DenyKind::InsufficientScope) };
+    assert_eq!(with_id.log_line(), "keygate: denied insufficient_scope for key 0000bbbb");
+    assert_eq!(
+        crate::reply::internal_error_body("header edit failed"),
+        r#"{"error":"internal_error","message":"header edit failed"}"#
+    );
+}

@@ -328,6 +328,12 @@ pub struct ReplySpec {
     pub body: BodyTemplate,
 }
 
+/// The body of the `500` a host sends when it cannot do keygate's job (a header unreadable, an edit
+/// refused): the request fails closed. `reason` is one of the hosts' fixed texts, never request data.
+pub fn internal_error_body(reason: &str) -> String {
+    format!("{{\"error\":\"internal_error\",\"message\":\"{reason}\"}}")
+}
+
 /// A reply ready to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {

@@ -9,7 +9,7 @@ use keygate_core::keys::{KeyHash, KeySource, Lookup};
 use keygate_core::live::{Answer, Fetch};
 use keygate_core::plugin::Plugin;
 use keygate_core::policy::{Decision, Policy, RequestView};
-use keygate_core::reply::DenyKind;
+use keygate_core::reply::{internal_error_body, DenyKind};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The only filter this module serves (`filter_name` in Envoy's `DynamicModuleFilter`).
@@ -246,18 +246,9 @@ impl Filter {
                 Verdict::Continue
             }
             Decision::Deny(denial) => {
-                let request_id = headers
-                    .iter()
-                    .find(|(n, _)| n == "x-request-id")
-                    .map(|(_, v)| String::from_utf8_lossy(v))
-                    .unwrap_or_default();
-                let reply = self.policy.replies.render(denial.kind, &denial.missing_scopes, &request_id);
+                let reply = self.policy.reply(&denial, &request);
                 if stream.enabled(Level::Debug) {
-                    let line = match &denial.key_id {
-                        Some(id) => format!("keygate: denied {} for key {id}", denial.kind.name()),
-                        None => format!("keygate: denied {}", denial.kind.name()),
-                    };
-                    stream.log(Level::Debug, &line);
+                    stream.log(Level::Debug, &denial.log_line());
                 }
                 if let Some(id) = self.metrics.denied.get(denial.kind.index()).copied().flatten() {
                     stream.increment_counter(id);
@@ -273,7 +264,7 @@ impl Filter {
 /// Refuses the request with a 500 when keygate cannot do its job: failing closed, with the wasm
 /// filter's body.
 pub fn refuse(stream: &mut dyn Stream, reason: &str) -> Verdict {
-    let body = format!("{{\"error\":\"internal_error\",\"message\":\"{reason}\"}}");
+    let body = internal_error_body(reason);
     stream.send_response(500, &[("content-type", "application/json")], &body);
     Verdict::Stop
 }

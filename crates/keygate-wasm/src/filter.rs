@@ -12,6 +12,7 @@ use keygate_core::keys::{KeyHash, KeySource, Lookup};
 use keygate_core::live::{Host, LiveSet, Syncer};
 use keygate_core::plugin::Plugin;
 use keygate_core::policy::{Decision, Policy, RequestView};
+use keygate_core::reply::internal_error_body;
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -207,16 +208,8 @@ impl HttpContext for Request {
                 Action::Continue
             }
             Decision::Deny(denial) => {
-                let request_id = headers
-                    .iter()
-                    .find(|(n, _)| n == "x-request-id")
-                    .map(|(_, v)| String::from_utf8_lossy(v))
-                    .unwrap_or_default();
-                let reply = shared.policy.replies.render(denial.kind, &denial.missing_scopes, &request_id);
-                match &denial.key_id {
-                    Some(id) => debug!("keygate: denied {} for key {id}", denial.kind.name()),
-                    None => debug!("keygate: denied {}", denial.kind.name()),
-                }
+                let reply = shared.policy.reply(&denial, &request);
+                debug!("{}", denial.log_line());
                 Metrics::bump(shared.metrics.denied.get(denial.kind.index()).copied().flatten());
                 let headers: Vec<(&str, &str)> = reply.headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
                 if let Err(status) =
@@ -232,7 +225,7 @@ impl HttpContext for Request {
 
 /// Refuses the request with a 500 when keygate cannot do its job: failing closed.
 fn send_internal_error(reason: &str) -> Action {
-    let body = format!("{{\"error\":\"internal_error\",\"message\":\"{reason}\"}}");
+    let body = internal_error_body(reason);
     let headers = vec![("content-type", "application/json")];
     if let Err(status) = hostcalls::send_http_response(500, headers, Some(body.as_bytes())) {
         error!("keygate: cannot send the 500 reply: {status:?}");
