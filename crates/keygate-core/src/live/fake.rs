@@ -293,6 +293,21 @@ pub struct Vm {
     pub next_tick: i64,
     /// A stalled VM neither ticks nor takes answers until it resumes.
     pub stalled: bool,
+    /// How far behind the world's clock this VM's reading is: the time it read the clock before
+    /// another VM's write it then reads (a thread preempted between the two).
+    pub clock_lag_ms: i64,
+}
+
+/// A VM's reading of the world's clock.
+struct VmClock<'a> {
+    world: &'a World,
+    lag_ms: i64,
+}
+
+impl Clock for VmClock<'_> {
+    fn monotonic_ms(&self) -> Option<i64> {
+        Some(self.world.clock.get() - self.lag_ms)
+    }
 }
 
 /// Keeps a VM's event, noting when a good sync ended.
@@ -349,6 +364,7 @@ impl Envoy {
                 // Each VM's timer has its own phase.
                 next_tick: now + 1 + 7 * i as i64,
                 stalled: false,
+                clock_lag_ms: 0,
             });
         }
         envoy
@@ -394,7 +410,8 @@ impl Envoy {
             }
             vm.next_tick = now + self.world.config.tick_ms() as i64;
             let calls = Calls { world: &self.world, vm: i };
-            let host = Host { store: &self.world.store, fetch: &calls, clock: &self.world };
+            let clock = VmClock { world: &self.world, lag_ms: vm.clock_lag_ms };
+            let host = Host { store: &self.world.store, fetch: &calls, clock: &clock };
             vm.sync.on_tick(&host, &vm.live, &mut |e: Event| keep(&self.world, &mut vm.events, e));
         }
         self.deliver();
@@ -424,7 +441,8 @@ impl Envoy {
         let world = &self.world;
         let v = &mut self.vms[vm];
         let calls = Calls { world, vm };
-        let host = Host { store: &world.store, fetch: &calls, clock: world };
+        let clock = VmClock { world, lag_ms: v.clock_lag_ms };
+        let host = Host { store: &world.store, fetch: &calls, clock: &clock };
         let answer = Handed { world, canned };
         let sink = &mut |e: Event| keep(world, &mut v.events, e);
         v.sync.on_answer(&host, &v.live, &v.inline, token, canned.size, &answer, sink);

@@ -134,21 +134,25 @@ impl Lease {
     }
 
     /// What VM `me` writes (with compare-and-swap) to hold the lease from `now_ms`, or `None` while
-    /// another VM holds an unexpired one. A lease said to last longer than `ttl_ms` from now was
+    /// another VM holds an unexpired one. A lease said to last more than twice `ttl_ms` from now was
     /// written against another clock (shared data forged, or a clock that stepped back), and counts
-    /// as expired.
+    /// as expired. Up to twice: a VM reads the clock before the lease, and the holder may renew in
+    /// between (a worker preempted there), so a lease it finds may last a little longer than
+    /// `ttl_ms` from its `now_ms`.
     pub fn claim(current: Option<Lease>, me: u32, now_ms: i64, ttl_ms: i64) -> Option<Lease> {
+        let furthest = now_ms.saturating_add(ttl_ms.saturating_mul(2));
         match current {
-            Some(l) if l.owner != me && l.expires_ms > now_ms && l.expires_ms <= now_ms.saturating_add(ttl_ms) => None,
+            Some(l) if l.owner != me && l.expires_ms > now_ms && l.expires_ms <= furthest => None,
             Some(l) => Some(Lease { owner: me, expires_ms: now_ms + ttl_ms, ..l }),
             None => Some(Lease { owner: me, expires_ms: now_ms + ttl_ms, next_due_ms: now_ms, failures: 0 }),
         }
     }
 
     /// Whether a sync is due at `now`. A due time further ahead than the longest wait ever
-    /// scheduled ([`KeySetConfig::max_wait_ms`]) was set against another clock, and is due now.
+    /// scheduled ([`KeySetConfig::max_wait_ms`]) and a lease's ttl (the slack of [`Lease::claim`])
+    /// was set against another clock, and is due now.
     pub fn due(&self, now: i64, config: &KeySetConfig) -> bool {
-        let longest = i64::try_from(config.max_wait_ms()).unwrap_or(i64::MAX);
+        let longest = i64::try_from(config.max_wait_ms()).unwrap_or(i64::MAX).saturating_add(config.lease_ttl_ms());
         now >= self.next_due_ms || self.next_due_ms.saturating_sub(now) > longest
     }
 

@@ -75,6 +75,28 @@ fn exactly_one_of_four_vms_polls_once_per_interval() {
 }
 
 #[test]
+fn a_vm_that_read_its_clock_just_before_the_holder_renewed_does_not_take_the_lease() {
+    // On Envoy every worker reads the clock, then the lease; a worker preempted between the two
+    // finds the lease renewed a moment after its own reading, lasting a little longer than a lease
+    // can from its `now`. Taken for a lease set against another clock, it was claimed, and two
+    // workers polled at once (seen in CI: two manifest fetches 346 µs apart).
+    let mut e = loaded(4, &records(&["live"]), 1);
+    let poller = e.requests_for(MANIFEST).last().unwrap().vm;
+    // The workers' timers fire at different phases: a reading one tick old precedes the holder's
+    // latest renewal, whichever VM's timer fired last.
+    let lag = e.world.config.tick_ms() as i64;
+    for (i, vm) in e.vms.iter_mut().enumerate() {
+        vm.clock_lag_ms = if i == poller { 0 } else { lag };
+    }
+    let seen = e.requests_for(MANIFEST).len();
+    e.run_ms(5_000);
+    let polls = poll_times(&e, seen);
+    assert!(polls.iter().all(|(vm, _)| *vm == poller), "another VM took the lease: {polls:?}");
+    assert!((9..=11).contains(&polls.len()), "{polls:?}");
+    assert!(gaps(&polls).iter().all(|g| *g == 500), "{polls:?}");
+}
+
+#[test]
 fn eight_vms_starting_together_load_every_shard_once_and_poll_as_one() {
     let ids: Vec<String> = (0..32).map(|i| format!("n{i:02}")).collect();
     let all: Vec<&str> = ids.iter().map(String::as_str).collect();

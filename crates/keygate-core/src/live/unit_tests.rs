@@ -224,6 +224,10 @@ fn lease_is_held_until_it_expires() {
     assert_eq!(Lease::claim(Some(held), 2, 999, 3_000), None, "another VM holds it");
     assert_eq!(Lease::claim(Some(held), 2, 1_000, 3_000), Some(Lease { owner: 2, expires_ms: 4_000, ..held }));
     assert_eq!(Lease::claim(Some(held), 1, 500, 3_000), Some(Lease { expires_ms: 3_500, ..held }), "renewal");
+    let renewed = Lease { expires_ms: 3_005, ..held };
+    assert_eq!(Lease::claim(Some(renewed), 2, 0, 3_000), None, "renewed just after VM 2 read its clock");
+    let forged = Lease { expires_ms: 6_001, ..held };
+    assert_eq!(Lease::claim(Some(forged), 2, 0, 3_000).map(|l| l.owner), Some(2), "set against another clock");
     assert_eq!(
         Lease::claim(None, 3, 10, 3_000),
         Some(Lease { owner: 3, expires_ms: 3_010, next_due_ms: 10, failures: 0 })
