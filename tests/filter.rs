@@ -302,7 +302,7 @@ fn stats_count_each_outcome_and_the_log_never_holds_a_key() {
     assert_eq!(send("/v1/venues/v_7/treatments", &[("authorization", &bearer(PLATFORM_KEY))]), 403);
     assert_eq!(send("/v1/venues/v_8/x", &[("authorization", &bearer(VENUE_KEY))]), 403);
 
-    let stat = |name: &str| envoy.stat(&format!("wasmcustom.keygate.{name}"));
+    let stat = |name: &str| envoy.keygate_stat(&format!("keygate.{name}"));
     assert_eq!(stat("allowed"), Some(2));
     assert_eq!(stat("denied.missing_key"), Some(1));
     assert_eq!(stat("denied.invalid_key"), Some(1));
@@ -314,9 +314,10 @@ fn stats_count_each_outcome_and_the_log_never_holds_a_key() {
 
     assert!(envoy.wait_for_log("keygate: denied forbidden for key 0000aaaa", std::time::Duration::from_secs(5)));
     // Envoy's own `http` component prints every request header at debug level, Authorization
-    // included; what keygate is answerable for is its own entries, those of the `wasm` component.
+    // included; what keygate is answerable for is its own entries, those of the `wasm` component
+    // (of `dynamic_modules` for the native module).
     let _ = envoy.flushed_log();
-    let keygate_log = envoy.wasm_log();
+    let keygate_log = envoy.keygate_log();
     assert!(keygate_log.contains("keygate: allowed key 0000aaaa"), "keygate logged at debug");
     for key in [VENUE_KEY, PLATFORM_KEY, UNKNOWN_KEY, REVOKED_KEY, EXPIRED_KEY] {
         let secret = key.rsplit('_').next().unwrap_or(key);

@@ -1,12 +1,14 @@
-//! Self-test of the integration-test harness (tests/common), with no keygate filter: the clients
-//! deliver requests unchanged through a real Envoy to the recording upstream, Envoy's refusals
-//! are reported promptly, and no Envoy outlives its handle.
+//! Self-test of the integration-test harness (tests/common), mostly with no keygate filter: the
+//! clients deliver requests unchanged through a real Envoy to the recording upstream, Envoy's
+//! refusals are reported promptly, no Envoy outlives its handle, and keygate runs on the host
+//! under test (`KEYGATE_TEST_HOST`).
 
 mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::envoy::{for_host_under_test, Host};
 use common::{
     get, raw_http1, send, send_body, try_raw_http1, try_send, Envoy, EnvoyOptions, Proto, Upstream, UPSTREAM_BODY,
 };
@@ -268,4 +270,50 @@ fn a_panicking_test_leaves_no_envoy() {
     assert!(!Path::new(&format!("/proc/{pid}")).exists(), "Envoy {pid} outlived the panic");
     assert!(dir.join("envoy.log").exists(), "a failed test keeps the Envoy log");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_host_under_test_runs_keygate_from_a_recipe_and_from_a_generated_configuration() {
+    // `KEYGATE_TEST_HOST` picks the host; a shipped recipe (written for the wasm filter) and a
+    // generated configuration both run keygate there, and only there: its stats exist under that
+    // host's prefix and not the other's.
+    let host = Host::under_test();
+    let other = if host == Host::Wasm { Host::Native } else { Host::Wasm };
+    let upstream = Upstream::start();
+    let recipe = Envoy::start_config_file("envoy/recipes/seaty.yaml", upstream.port());
+    let generated = Envoy::start(&EnvoyOptions::new(Some(r#"{"keys": []}"#), upstream.port()));
+    for envoy in [&recipe, &generated] {
+        assert_eq!(envoy.host(), host);
+        assert!(envoy.keygate_stat("keygate.keys").is_some(), "no keygate stats under {}", host.stats_prefix());
+        assert_eq!(envoy.stat(&format!("{}keygate.keys", other.stats_prefix())), None);
+        assert_eq!(get(envoy.port(), Proto::Http1, "/v1/anything", &[]).status, 401);
+    }
+    assert!(upstream.requests().is_empty());
+}
+
+#[test]
+fn a_configuration_for_the_native_host_keeps_the_plugin_configuration_and_follows_ecds_type_urls() {
+    // What `for_host_under_test` makes of an ECDS listener and its resource on the native host.
+    let wasm_type = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+    let listener = format!(
+        "filters:\n- name: keygate\n  config_discovery:\n    type_urls: [\"{wasm_type}\"]\n    config_source: {{ ads: {{}} }}\n"
+    );
+    let resource = format!(
+        "resources:\n- name: keygate\n  typed_config:\n    \"@type\": {wasm_type}\n    config:\n      failure_policy: FAIL_CLOSED\n      configuration:\n        \"@type\": type.googleapis.com/google.protobuf.StringValue\n        value: '{{\"keys\": []}}'\n"
+    );
+    let (listener, resource) = (for_host_under_test(&listener), for_host_under_test(&resource));
+    if Host::under_test() == Host::Wasm {
+        assert!(listener.contains(wasm_type) && resource.contains("FAIL_CLOSED"), "changed for wasm");
+        return;
+    }
+    let listener: serde_json::Value = serde_json::from_str(&listener).unwrap();
+    assert_eq!(
+        listener["filters"][0]["config_discovery"]["type_urls"][0],
+        "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+    );
+    let resource: serde_json::Value = serde_json::from_str(&resource).unwrap();
+    let typed = &resource["resources"][0]["typed_config"];
+    assert_eq!(typed["filter_config"]["value"], r#"{"keys": []}"#);
+    assert_eq!(typed["dynamic_module_config"]["name"], "keygate");
+    assert!(!resource.to_string().contains("FAIL_CLOSED") && !resource.to_string().contains(wasm_type));
 }

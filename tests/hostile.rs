@@ -101,7 +101,7 @@ impl Gateway {
     /// No secret of any key used in these tests appears in keygate's own log.
     fn assert_no_secret_logged(&self) {
         let _ = self.envoy.flushed_log();
-        let log = self.envoy.wasm_log();
+        let log = self.envoy.keygate_log();
         for key in [VENUE, PLATFORM, REVOKED, WRONG_SECRET] {
             let secret = key.rsplit('_').next().unwrap();
             assert!(!log.contains(secret), "a secret appears in keygate's log");

@@ -91,6 +91,126 @@ pub enum Host {
     Native,
 }
 
+/// The environment variable that picks the host a run of the suite tests (`make test` runs the
+/// behavioural tests once per host).
+pub const TEST_HOST: &str = "KEYGATE_TEST_HOST";
+
+impl Host {
+    /// The host this run tests: `$KEYGATE_TEST_HOST`, `wasm` (the default) or `native`; panics on
+    /// anything else, so that a typo cannot quietly test the wrong one.
+    pub fn under_test() -> Host {
+        match std::env::var(TEST_HOST).as_deref() {
+            Err(_) | Ok("wasm") => Host::Wasm,
+            Ok("native") => Host::Native,
+            Ok(other) => panic!("{TEST_HOST}={other:?}: expected \"wasm\" or \"native\""),
+        }
+    }
+
+    /// Where Envoy puts keygate's stats: the wasm filter's under `wasmcustom.`, the dynamic
+    /// module's under `dynamicmodulescustom.` (Envoy's default metrics namespace for modules).
+    pub fn stats_prefix(self) -> &'static str {
+        match self {
+            Host::Wasm => "wasmcustom.",
+            Host::Native => "dynamicmodulescustom.",
+        }
+    }
+
+    /// Whether this run tests `self`; when not, says on stderr which test does not run here and
+    /// why, for a test (or part of one) that only one host can do.
+    pub fn tested_or_say(self, what: &str, why: &str) -> bool {
+        let tested = Host::under_test() == self;
+        if !tested {
+            eprintln!("not on the {:?} host: {what}: {why}", Host::under_test());
+        }
+        tested
+    }
+}
+
+const WASM_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm";
+const NATIVE_FILTER_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter";
+
+/// An Envoy configuration or ECDS file (YAML or JSON text) for the host under test
+/// ([`Host::under_test`]): unchanged for the wasm filter; for the native module, every keygate
+/// wasm filter in it (a typed config of type `Wasm`, wherever it sits: a listener's filter, an
+/// ECDS resource) becomes the dynamic-module filter with the same plugin configuration, and every
+/// ECDS `type_urls` entry follows. The result is JSON, which YAML reads too. A wasm
+/// `failure_policy` has no native counterpart and is dropped: the module has no VM to fail.
+pub fn for_host_under_test(text: &str) -> String {
+    match Host::under_test() {
+        Host::Wasm => text.to_string(),
+        Host::Native => {
+            let mut config = yaml_to_json(text).unwrap_or_else(|e| panic!("configuration for the native host: {e}"));
+            wasm_filters_to_native(&mut config);
+            serde_json::to_string_pretty(&config).expect("configuration to JSON")
+        }
+    }
+}
+
+/// Every `Wasm` typed config in `value` as the native filter's, and `type_urls` to match.
+fn wasm_filters_to_native(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            if map.get("@type").and_then(Value::as_str) == Some(WASM_FILTER_TYPE) {
+                let plugin = map
+                    .get("config")
+                    .and_then(|c| c.pointer("/configuration/value"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_else(|| panic!("a wasm filter without a string configuration: {map:?}"))
+                    .to_string();
+                native_module_path();
+                *value = native_filter(&plugin)["typed_config"].take();
+                return;
+            }
+            if let Some(Value::Array(urls)) = map.get_mut("type_urls") {
+                for url in urls.iter_mut() {
+                    if url.as_str() == Some(WASM_FILTER_TYPE) {
+                        *url = Value::from(NATIVE_FILTER_TYPE);
+                    }
+                }
+            }
+            map.values_mut().for_each(wasm_filters_to_native);
+        }
+        Value::Array(items) => items.iter_mut().for_each(wasm_filters_to_native),
+        _ => {}
+    }
+}
+
+/// One YAML document (or JSON, which is YAML) as JSON.
+fn yaml_to_json(text: &str) -> Result<serde_json::Value, String> {
+    use yaml_rust2::{Yaml, YamlLoader};
+    fn convert(yaml: &Yaml) -> Result<serde_json::Value, String> {
+        Ok(match yaml {
+            Yaml::Null => serde_json::Value::Null,
+            Yaml::Boolean(b) => json!(b),
+            Yaml::Integer(i) => json!(i),
+            Yaml::Real(r) => json!(r.parse::<f64>().map_err(|e| format!("{r}: {e}"))?),
+            Yaml::String(s) => json!(s),
+            Yaml::Array(items) => serde_json::Value::Array(items.iter().map(convert).collect::<Result<_, _>>()?),
+            Yaml::Hash(map) => {
+                let mut object = serde_json::Map::new();
+                for (k, v) in map {
+                    let key = match k {
+                        Yaml::String(s) => s.clone(),
+                        Yaml::Integer(i) => i.to_string(),
+                        Yaml::Boolean(b) => b.to_string(),
+                        other => return Err(format!("a key that is no scalar: {other:?}")),
+                    };
+                    object.insert(key, convert(v)?);
+                }
+                serde_json::Value::Object(object)
+            }
+            Yaml::Alias(_) | Yaml::BadValue => return Err(format!("unsupported YAML value {yaml:?}")),
+        })
+    }
+    let docs = YamlLoader::load_from_str(text).map_err(|e| e.to_string())?;
+    match docs.as_slice() {
+        [doc] => convert(doc),
+        _ => Err(format!("{} YAML documents, expected one", docs.len())),
+    }
+}
+
 /// The directory holding the native module: `$KEYGATE_NATIVE_DIR`, else `<repo>/target/release`
 /// (`make build-native`). Every Envoy the harness starts gets it as
 /// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`; only a configuration with a dynamic module reads it.
@@ -170,7 +290,7 @@ impl EnvoyOptions {
             normalize_path: false,
             keyset_port: None,
             wasm: None,
-            host: Host::Wasm,
+            host: Host::under_test(),
         }
     }
 
@@ -274,6 +394,8 @@ pub struct Envoy {
     port: u16,
     admin_port: u16,
     dir: PathBuf,
+    /// The host its configuration runs keygate in.
+    host: Host,
 }
 
 impl Envoy {
@@ -292,26 +414,30 @@ impl Envoy {
     /// test. `Err` as for [`Envoy::try_start`].
     pub fn try_start_bootstrap(bootstrap: &serde_json::Value, concurrency: u32) -> Result<Envoy, String> {
         let config = serde_json::to_string_pretty(bootstrap).expect("bootstrap to JSON");
-        Envoy::try_start_config_text(&config, "json", concurrency)
+        launch(&config, "json", concurrency, &[])
     }
 
-    /// Starts Envoy on a configuration given as text, used as is (no recipe substitution);
-    /// `format` is the file extension Envoy goes by: "json" or "yaml".
+    /// Starts Envoy on a configuration given as text, with no recipe substitution, for the host
+    /// under test ([`for_host_under_test`]); `format` is the file extension Envoy goes by: "json"
+    /// or "yaml".
     pub fn try_start_config_text(config: &str, format: &str, concurrency: u32) -> Result<Envoy, String> {
-        launch(config, format, concurrency, &[])
+        launch(&for_host_under_test(config), format, concurrency, &[])
     }
 
     /// Like [`Envoy::try_start_config_text`], with files that Envoy reads at run time (an ECDS
-    /// source, say): each `(name, text)` of `files` is written into the instance directory
-    /// before Envoy starts, and [`INSTANCE_DIR_TOKEN`] in `config` and in every file's text is
-    /// replaced by that directory's path. A test changes such a file through [`Envoy::dir`].
+    /// source, say), also for the host under test: each `(name, text)` of `files` is written into
+    /// the instance directory before Envoy starts, and [`INSTANCE_DIR_TOKEN`] in `config` and in
+    /// every file's text is replaced by that directory's path. A test changes such a file through
+    /// [`Envoy::dir`], passing its text through [`for_host_under_test`].
     pub fn try_start_with_files(
         config: &str,
         format: &str,
         concurrency: u32,
         files: &[(&str, &str)],
     ) -> Result<Envoy, String> {
-        launch(config, format, concurrency, files)
+        let files: Vec<(&str, String)> = files.iter().map(|(name, text)| (*name, for_host_under_test(text))).collect();
+        let files: Vec<(&str, &str)> = files.iter().map(|(name, text)| (*name, text.as_str())).collect();
+        launch(&for_host_under_test(config), format, concurrency, &files)
     }
 
     /// Starts Envoy on a hand-written configuration file (path relative to the repository root,
@@ -326,7 +452,7 @@ impl Envoy {
     pub fn try_start_config_file(path: impl AsRef<Path>, upstream_port: u16) -> Result<Envoy, String> {
         let path = repo_root().join(path.as_ref());
         let text = fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let config = substitute_recipe(&text, upstream_port)?;
+        let config = for_host_under_test(&substitute_recipe(&text, upstream_port)?);
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("yaml").to_string();
         launch(&config, &ext, 1, &[])
     }
@@ -369,6 +495,26 @@ impl Envoy {
     /// (`keygate: ...`) and Envoy's about loading it. The native counterpart of [`Envoy::wasm_log`].
     pub fn module_log(&self) -> String {
         self.component_log("dynamic_modules")
+    }
+
+    /// keygate's own log entries on the host this Envoy runs it in: [`Envoy::wasm_log`] or
+    /// [`Envoy::module_log`].
+    pub fn keygate_log(&self) -> String {
+        match self.host {
+            Host::Wasm => self.wasm_log(),
+            Host::Native => self.module_log(),
+        }
+    }
+
+    /// The host this Envoy runs keygate in.
+    pub fn host(&self) -> Host {
+        self.host
+    }
+
+    /// One of keygate's stats by its name without the host's prefix ([`Host::stats_prefix`]),
+    /// e.g. `keygate.allowed`.
+    pub fn keygate_stat(&self, name: &str) -> Option<u64> {
+        self.stat(&format!("{}{name}", self.host.stats_prefix()))
     }
 
     /// The log entries of one Envoy component, each with its continuation lines.
@@ -565,6 +711,7 @@ fn launch(config: &str, ext: &str, concurrency: u32, files: &[(&str, &str)]) -> 
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     let config = config.replace(INSTANCE_DIR_TOKEN, dir_text);
+    let host = if config.contains(NATIVE_FILTER_TYPE) { Host::Native } else { Host::Wasm };
     let config_path = dir.join(format!("config.{ext}"));
     fs::write(&config_path, config).map_err(|e| format!("writing {}: {e}", config_path.display()))?;
     let admin_address = dir.join("admin-address");
@@ -603,7 +750,7 @@ fn launch(config: &str, ext: &str, concurrency: u32, files: &[(&str, &str)]) -> 
         });
     }
     let child = spawn(cmd).map_err(|e| format!("spawning Envoy: {e}"))?;
-    let mut envoy = Envoy { child, port: 0, admin_port: 0, dir };
+    let mut envoy = Envoy { child, port: 0, admin_port: 0, dir, host };
 
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
