@@ -13,7 +13,8 @@
 //!   exist at start-up. Without a `default_config` the listener is warmed with the file's
 //!   configuration, so the first request already sees the key set.
 //! - A rejected configuration (keygate's `on_configure` returns false: Envoy logs
-//!   `keygate: invalid configuration: …`, then `Plugin keygate failed to load`) counts
+//!   `keygate: invalid configuration: …`, then `Plugin keygate failed to load`; the native module
+//!   refuses its configuration, and Envoy logs `Failed to initialize dynamic module`) counts
 //!   `extension_config_discovery.http_filter.keygate.config_fail` and `update_rejected`, and the
 //!   previous configuration keeps serving.
 //! - If the very first configuration is rejected, Envoy still starts, and answers every request
@@ -32,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::envoy::{substitute_recipe, substitute_wasm, INSTANCE_DIR_TOKEN};
+use common::envoy::{for_host_under_test, substitute_recipe, substitute_wasm, Host, INSTANCE_DIR_TOKEN};
 use common::{get, repo_root, wasm_path, Envoy, EnvoyOptions, KeySetServer, Proto, Response, Upstream, MANIFEST_PATH};
 use keygate_core::keys::hash_key;
 use serde_json::{json, Value};
@@ -129,7 +130,7 @@ fn start(keygate_yaml: &str) -> (Upstream, Envoy) {
 /// Replaces the ECDS file atomically: write `keygate.yaml.tmp`, rename it over `keygate.yaml`.
 fn swap(envoy: &Envoy, text: &str) -> Instant {
     let tmp = envoy.dir().join("keygate.yaml.tmp");
-    fs::write(&tmp, text).unwrap();
+    fs::write(&tmp, for_host_under_test(text)).unwrap();
     let at = Instant::now();
     fs::rename(&tmp, envoy.dir().join("keygate.yaml")).unwrap();
     at
@@ -246,7 +247,7 @@ fn shipped_ecds_example_serves_its_demo_keys() {
     }
     assert_eq!(ecds_stat(&envoy, "config_fail"), 0);
     assert_eq!(ecds_stat(&envoy, "update_success"), 1);
-    assert_eq!(envoy.stat("wasmcustom.keygate.keys"), Some(2));
+    assert_eq!(envoy.keygate_stat("keygate.keys"), Some(2));
 }
 
 #[test]
@@ -264,7 +265,7 @@ fn ecds_file_swap_takes_effect_within_one_second() {
     let swapped = swap(&envoy, &ecds_file(&plugin_config(&[record("ecd5b002", KEY_B)])));
     let took = time_until(&envoy, KEY_B, 200, swapped, Duration::from_secs(1));
     eprintln!("ECDS swap: the new key worked {took:?} after the rename");
-    assert!(took.is_some(), "the swapped-in key did not work within 1 s of the rename\n{}", envoy.wasm_log());
+    assert!(took.is_some(), "the swapped-in key did not work within 1 s of the rename\n{}", envoy.keygate_log());
     let_traffic_run(&traffic, 20);
     let statuses = traffic.finish();
 
@@ -299,7 +300,7 @@ fn rejected_ecds_update_leaves_the_previous_key_set_serving() {
         swap(&envoy, &ecds_file(configuration));
         let deadline = Instant::now() + Duration::from_secs(5);
         while ecds_stat(&envoy, "config_fail") == fails {
-            assert!(Instant::now() < deadline, "{what}: no config_fail counted within 5 s\n{}", envoy.wasm_log());
+            assert!(Instant::now() < deadline, "{what}: no config_fail counted within 5 s\n{}", envoy.keygate_log());
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(ecds_stat(&envoy, "config_fail"), fails + 1, "{what}");
@@ -307,12 +308,13 @@ fn rejected_ecds_update_leaves_the_previous_key_set_serving() {
         assert!(
             envoy.wait_for_log(logged, Duration::from_secs(2)),
             "{what}: `{logged}` not logged\n{}",
-            envoy.wasm_log()
+            envoy.keygate_log()
         );
-        assert!(
-            envoy.wait_for_log("Plugin keygate failed to load", Duration::from_secs(2)),
-            "{what}: Envoy did not log the rejected plugin"
-        );
+        let refused = match envoy.host() {
+            Host::Wasm => "Plugin keygate failed to load",
+            Host::Native => "Filesystem config update rejected: Failed to create filter config: Failed to initialize dynamic module",
+        };
+        assert!(envoy.wait_for_log(refused, Duration::from_secs(2)), "{what}: Envoy did not log the rejected plugin");
         // Give the update time to have done harm if it could (1.5 s), then check the old set.
         std::thread::sleep(Duration::from_millis(1500));
         let_traffic_run(&traffic, 10);
@@ -321,7 +323,7 @@ fn rejected_ecds_update_leaves_the_previous_key_set_serving() {
             assert_eq!(call(&envoy, proto, KEY_B).status, 401, "{what}, {proto:?}: still revoked");
             assert_eq!(call(&envoy, proto, UNKNOWN_KEY).status, 401, "{what}, {proto:?}: unknown key");
         }
-        assert_eq!(count_of(&envoy.wasm_log(), INVALID_CONFIGURATION), n + 1, "{what}: {}", envoy.wasm_log());
+        assert_eq!(count_of(&envoy.keygate_log(), INVALID_CONFIGURATION), n + 1, "{what}: {}", envoy.keygate_log());
     }
     let statuses = traffic.finish();
     let forwarded = upstream.requests();
@@ -355,7 +357,7 @@ fn ecds_start_with_a_rejected_configuration_refuses_everything_until_a_valid_one
     // creates and compiles one first (measured 0.5 to 2 s on a shared 2-core machine).
     let took = time_until(&envoy, KEY_A, 200, swapped, Duration::from_secs(5));
     eprintln!("first valid configuration took effect {took:?} after the rename");
-    assert!(took.is_some(), "the first valid configuration did not take effect within 5 s\n{}", envoy.wasm_log());
+    assert!(took.is_some(), "the first valid configuration did not take effect within 5 s\n{}", envoy.keygate_log());
     for proto in Proto::ALL {
         assert_eq!(call(&envoy, proto, UNKNOWN_KEY).status, 401, "{proto:?}");
     }
@@ -415,7 +417,7 @@ fn key_set_keeps_syncing_across_an_ecds_update() {
     )
     .unwrap_or_else(|log| panic!("Envoy did not start:\n{}", common::envoy::tail(&log, 80)));
     let loaded = time_until(&envoy, LIVE1, 200, Instant::now(), Duration::from_secs(10));
-    assert!(loaded.is_some(), "the key set never loaded\n{}", envoy.wasm_log());
+    assert!(loaded.is_some(), "the key set never loaded\n{}", envoy.keygate_log());
     assert_eq!(call(&envoy, Proto::Http1, KEY_A).status, 200);
 
     let traffic = Traffic::start(envoy.port(), LIVE1);
@@ -433,7 +435,7 @@ fn key_set_keeps_syncing_across_an_ecds_update() {
     server.publish(&[record("live1", LIVE1), record("live2", LIVE2)], 1, 2);
     let took = time_until(&envoy, LIVE2, 200, published, Duration::from_millis(500 + 1000));
     eprintln!("after an ECDS update: new key-set key accepted {took:?} after publication");
-    assert!(took.is_some(), "the key set stopped syncing after the ECDS update\n{}", envoy.wasm_log());
+    assert!(took.is_some(), "the key set stopped syncing after the ECDS update\n{}", envoy.keygate_log());
 
     // And once per poll: the replaced configuration's contexts do not poll as well.
     server.clear_requests();

@@ -414,14 +414,14 @@ impl Envoy {
     /// test. `Err` as for [`Envoy::try_start`].
     pub fn try_start_bootstrap(bootstrap: &serde_json::Value, concurrency: u32) -> Result<Envoy, String> {
         let config = serde_json::to_string_pretty(bootstrap).expect("bootstrap to JSON");
-        launch(&config, "json", concurrency, &[])
+        launch(&config, "json", concurrency, &[], false)
     }
 
     /// Starts Envoy on a configuration given as text, with no recipe substitution, for the host
     /// under test ([`for_host_under_test`]); `format` is the file extension Envoy goes by: "json"
     /// or "yaml".
     pub fn try_start_config_text(config: &str, format: &str, concurrency: u32) -> Result<Envoy, String> {
-        launch(&for_host_under_test(config), format, concurrency, &[])
+        launch(config, format, concurrency, &[], true)
     }
 
     /// Like [`Envoy::try_start_config_text`], with files that Envoy reads at run time (an ECDS
@@ -435,9 +435,7 @@ impl Envoy {
         concurrency: u32,
         files: &[(&str, &str)],
     ) -> Result<Envoy, String> {
-        let files: Vec<(&str, String)> = files.iter().map(|(name, text)| (*name, for_host_under_test(text))).collect();
-        let files: Vec<(&str, &str)> = files.iter().map(|(name, text)| (*name, text.as_str())).collect();
-        launch(&for_host_under_test(config), format, concurrency, &files)
+        launch(config, format, concurrency, files, true)
     }
 
     /// Starts Envoy on a hand-written configuration file (path relative to the repository root,
@@ -452,9 +450,9 @@ impl Envoy {
     pub fn try_start_config_file(path: impl AsRef<Path>, upstream_port: u16) -> Result<Envoy, String> {
         let path = repo_root().join(path.as_ref());
         let text = fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        let config = for_host_under_test(&substitute_recipe(&text, upstream_port)?);
+        let config = substitute_recipe(&text, upstream_port)?;
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("yaml").to_string();
-        launch(&config, &ext, 1, &[])
+        launch(&config, &ext, 1, &[], true)
     }
 
     /// The listener's port on 127.0.0.1.
@@ -699,7 +697,10 @@ fn remove_stale_instances() {
     });
 }
 
-fn launch(config: &str, ext: &str, concurrency: u32, files: &[(&str, &str)]) -> Result<Envoy, String> {
+/// Starts Envoy on `config` with `files` in its instance directory; `for_host` passes both through
+/// [`for_host_under_test`] once the instance directory is in them.
+fn launch(config: &str, ext: &str, concurrency: u32, files: &[(&str, &str)], for_host: bool) -> Result<Envoy, String> {
+    let for_host = |text: String| if for_host { for_host_under_test(&text) } else { text };
     remove_stale_instances();
     let dir = instances_root().join(format!("{}-{}", std::process::id(), INSTANCE.fetch_add(1, Ordering::SeqCst)));
     let _ = fs::remove_dir_all(&dir);
@@ -707,10 +708,10 @@ fn launch(config: &str, ext: &str, concurrency: u32, files: &[(&str, &str)]) -> 
     let dir_text = dir.to_str().ok_or_else(|| format!("instance directory {} is not UTF-8", dir.display()))?;
     for (name, text) in files {
         let path = dir.join(name);
-        fs::write(&path, text.replace(INSTANCE_DIR_TOKEN, dir_text))
+        fs::write(&path, for_host(text.replace(INSTANCE_DIR_TOKEN, dir_text)))
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
-    let config = config.replace(INSTANCE_DIR_TOKEN, dir_text);
+    let config = for_host(config.replace(INSTANCE_DIR_TOKEN, dir_text));
     let host = if config.contains(NATIVE_FILTER_TYPE) { Host::Native } else { Host::Wasm };
     let config_path = dir.join(format!("config.{ext}"));
     fs::write(&config_path, config).map_err(|e| format!("writing {}: {e}", config_path.display()))?;
