@@ -71,11 +71,16 @@ $(VENV)/bin/envoy:
 run: build envoy
 	@sh envoy/demo.sh "$(ENVOY)" "$(CONFIG)"
 
-## test: host unit tests, then integration tests against a real Envoy
+# The integration tests of keygate's behaviour, run a second time on the native module (the
+# first run, of every test, is on the wasm filter; KEYGATE_TEST_HOST picks the host).
+BOTH_HOSTS := harness filter hostile readings recipes cli ecds key_set
+
+## test: host unit tests, then integration tests against a real Envoy: every test on the wasm filter, the behavioural ones again on the native module
 test: build build-probe envoy image-deps
 	$(CARGO) test --workspace --exclude keygate-tests
 	$(CARGO) build -p keygate-cli
 	$(CARGO) test -p keygate-tests --test "*" -- --test-threads 2
+	KEYGATE_TEST_HOST=native $(CARGO) test -p keygate-tests $(BOTH_HOSTS:%=--test %) -- --test-threads 2
 
 ## unit: host unit tests alone (every crate but the integration tests: libraries, binaries, the core's architecture test); no Envoy
 unit:

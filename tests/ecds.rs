@@ -312,7 +312,9 @@ fn rejected_ecds_update_leaves_the_previous_key_set_serving() {
         );
         let refused = match envoy.host() {
             Host::Wasm => "Plugin keygate failed to load",
-            Host::Native => "Filesystem config update rejected: Failed to create filter config: Failed to initialize dynamic module",
+            Host::Native => {
+                "Filesystem config update rejected: Failed to create filter config: Failed to initialize dynamic module"
+            }
         };
         assert!(envoy.wait_for_log(refused, Duration::from_secs(2)), "{what}: Envoy did not log the rejected plugin");
         // Give the update time to have done harm if it could (1.5 s), then check the old set.

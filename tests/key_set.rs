@@ -4,6 +4,10 @@
 //! a cold start without the endpoint refuses with 503 until it comes up, one VM per Envoy polls,
 //! and the conditional requests and stats work as documented.
 //!
+//! They run on both hosts (`KEYGATE_TEST_HOST`). On the native module "one VM polls" is one
+//! poller per process; the two tests that plant proxy-wasm shared data through the probe build
+//! say so and run on the wasm filter only.
+//!
 //! The first tests check the key-set server itself, with no Envoy.
 //!
 //! Timing bounds are generous (a shared 2-core machine runs these) but each one can fail: a
@@ -18,6 +22,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::envoy::Host;
 use common::keyset::{sha256_hex, shard_body, KEYSET_DIR};
 use common::{
     get, try_raw_http1, Envoy, EnvoyOptions, Fault, KeySetServer, Proto, Publication, Response, Upstream, MANIFEST_PATH,
@@ -141,6 +146,10 @@ impl Setup {
         let mut envoy_opts = EnvoyOptions::new(Some(&config), upstream.port());
         envoy_opts.keyset_port = Some(server.port());
         envoy_opts.concurrency = opts.concurrency;
+        assert!(
+            !opts.probe || envoy_opts.host == Host::Wasm,
+            "the probe build plants proxy-wasm shared data: wasm only"
+        );
         envoy_opts.wasm = opts.probe.then(common::envoy::probe_wasm_path);
         envoy_opts.failure_policy = Some(opts.failure_policy.into());
         let envoy = Envoy::start(&envoy_opts);
@@ -160,24 +169,24 @@ impl Setup {
         setup
     }
 
-    /// Waits until the version gauge shows `version`; panics with the wasm log otherwise.
+    /// Waits until the version gauge shows `version`; panics with keygate's log otherwise.
     fn wait_loaded(&self, version: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.stat("version") != Some(version) {
             if Instant::now() >= deadline {
                 panic!(
-                    "key set version {version} not loaded within {timeout:?}; version gauge {:?}\nwasm log:\n{}",
+                    "key set version {version} not loaded within {timeout:?}; version gauge {:?}\nkeygate log:\n{}",
                     self.stat("version"),
-                    self.envoy.wasm_log()
+                    self.envoy.keygate_log()
                 );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
     }
 
-    /// `wasmcustom.keygate.key_set.<name>`.
+    /// `keygate.key_set.<name>` (under the host's prefix).
     fn stat(&self, name: &str) -> Option<u64> {
-        self.envoy.stat(&format!("wasmcustom.keygate.key_set.{name}"))
+        self.envoy.keygate_stat(&format!("keygate.key_set.{name}"))
     }
 
     fn failures(&self) -> u64 {
@@ -526,10 +535,10 @@ fn last_good_set_survives(
         }
         assert!(
             Instant::now() < deadline,
-            "fewer than two failed syncs counted in 15 s (sync_failures {} → {})\nwasm log:\n{}",
+            "fewer than two failed syncs counted in 15 s (sync_failures {} → {})\nkeygate log:\n{}",
             failures,
             s.failures(),
-            s.envoy.wasm_log()
+            s.envoy.keygate_log()
         );
         let proto = Proto::ALL[checks % 2];
         assert_eq!(s.status(proto, &key(&change.a)), 200, "during the fault: key a over {proto:?}");
@@ -810,11 +819,11 @@ fn cold_start_with_endpoint_down_is_503_key_set_unavailable_then_recovers() {
     // Let a few syncs fail (and the backoff grow) before the endpoint comes up.
     let deadline = Instant::now() + Duration::from_secs(10);
     while s.failures() < 2 {
-        assert!(Instant::now() < deadline, "no failed sync counted in 10 s\n{}", s.envoy.wasm_log());
+        assert!(Instant::now() < deadline, "no failed sync counted in 10 s\n{}", s.envoy.keygate_log());
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_key_set_unavailable(&s.call(Proto::Http1, &key("live")), "still down");
-    assert_eq!(s.envoy.stat("wasmcustom.keygate.denied.key_set_unavailable"), Some(5));
+    assert_eq!(s.envoy.keygate_stat("keygate.denied.key_set_unavailable"), Some(5));
 
     s.server.come_up();
     let took = s.time_until(&key("live"), 200, RECOVERY_BOUND);
@@ -1092,7 +1101,7 @@ fn hostile_setup(key_set: Value) -> Setup {
 
 /// While the endpoint serves a hostile body (installed by `attack`), for 8 s: keygate answers
 /// within a second, the set that serves stays, each failure counts and the backoff grows (fewer
-/// manifest fetches than one per poll), and the wasm log says `why`. Then the endpoint behaves
+/// manifest fetches than one per poll), and keygate's log says `why`. Then the endpoint behaves
 /// and the next version loads.
 fn hostile_body_changes_nothing(s: &Setup, attack: impl FnOnce(&Setup), why: &str) {
     let failures = s.failures();
@@ -1102,7 +1111,7 @@ fn hostile_body_changes_nothing(s: &Setup, attack: impl FnOnce(&Setup), why: &st
     let slowest = answers_within_a_second_for(s, window);
     let fetched = s.server.count(MANIFEST_PATH) - fetches;
     eprintln!("during the attack: {slowest:?}; {fetched} manifest fetches in {window:?}");
-    assert!(s.wait_for_wasm_log(why), "the wasm log never said {why:?}:\n{}", s.envoy.wasm_log());
+    assert!(s.wait_for_keygate_log(why), "keygate's log never said {why:?}:\n{}", s.envoy.keygate_log());
     let failed = s.failures() - failures;
     assert!(failed >= 2, "only {failed} failed syncs counted");
     // A poll every 500 ms would be 16; the backoff doubles up to 5 s: 500 ms, 1, 2, 4, 5 s.
@@ -1116,9 +1125,9 @@ fn hostile_body_changes_nothing(s: &Setup, attack: impl FnOnce(&Setup), why: &st
 }
 
 impl Setup {
-    fn wait_for_wasm_log(&self, needle: &str) -> bool {
+    fn wait_for_keygate_log(&self, needle: &str) -> bool {
         let deadline = Instant::now() + Duration::from_secs(3);
-        while !self.envoy.wasm_log().contains(needle) {
+        while !self.envoy.keygate_log().contains(needle) {
             if Instant::now() >= deadline {
                 return false;
             }
@@ -1187,7 +1196,7 @@ fn a_key_from_a_failed_first_load_is_retired_by_a_set_of_another_width() {
     server.set_fault(&format!("{KEYSET_DIR}shards/{}.json", &hash(&key(&blocked))[..1]), Some(Fault::Status(503)));
     let s = Setup::start(server, SetupOptions::default());
     let took = s.time_until(&key(&partial), 200, Duration::from_secs(15));
-    assert!(took.is_some(), "the shard of the first load that did arrive was never written\n{}", s.envoy.wasm_log());
+    assert!(took.is_some(), "the shard of the first load that did arrive was never written\n{}", s.envoy.keygate_log());
     assert_eq!(s.stat("version").unwrap_or(0), 0, "nothing counts as loaded");
     assert!(s.failures() >= 1);
 
@@ -1226,7 +1235,7 @@ fn an_id_in_two_shards_keeps_the_last_good_set_and_names_both() {
                 "shard \"{pc}\" (shards/{pc}.json): keys[0].id: \"{}\" is also shard \"{pb}\" keys[0].id",
                 change.b
             );
-            assert!(s.wait_for_wasm_log(&why), "no {why:?} in the wasm log:\n{}", s.envoy.wasm_log());
+            assert!(s.wait_for_keygate_log(&why), "no {why:?} in keygate's log:\n{}", s.envoy.keygate_log());
             s.server.publish_built(&change.publication);
         },
     );
@@ -1246,7 +1255,7 @@ fn an_id_also_inline_keeps_the_last_good_set_and_names_both() {
             let why = format!(
                 "shard \"{pc}\" (shards/{pc}.json): keys[0].id: \"inline\" is also the id of an inline key (the configuration's `keys`)"
             );
-            assert!(s.wait_for_wasm_log(&why), "no {why:?} in the wasm log:\n{}", s.envoy.wasm_log());
+            assert!(s.wait_for_keygate_log(&why), "no {why:?} in keygate's log:\n{}", s.envoy.keygate_log());
             s.server.publish_built(&change.publication);
         },
     );
@@ -1295,6 +1304,9 @@ fn monotonic_ms() -> i64 {
 fn a_lease_schedule_and_sync_time_an_hour_ahead_are_not_waited_out() {
     // What a VM finds in shared data after its clock stepped back an hour: a lease held by another
     // VM, a poll due and a last sync all an hour ahead. Planted through the probe build.
+    if !Host::Wasm.tested_or_say("a lease planted an hour ahead", "the native module has no shared data to plant in") {
+        return;
+    }
     let opts = SetupOptions { probe: true, ..SetupOptions::default() };
     let s = Setup::loaded_with(&[record("a"), record("b")], 1, opts);
     let raw = serde_json::from_value(json!({"cluster": "keyset", "authority": "keys.internal", "path": MANIFEST_PATH}));
@@ -1334,6 +1346,9 @@ fn a_vm_reloaded_after_a_crash_gets_a_number_no_live_vm_has() {
     // same moment as another's increment leaves. A number handed out twice makes two VMs hold the
     // lease as one: both poll. Counting, the main thread's VMs and the worker's had 1 to 3; the
     // reloaded worker would get 1, then 2: a main thread VM's number.
+    if !Host::Wasm.tested_or_say("a VM reloaded after a crash", "a native module has no VMs, and no failure policy") {
+        return;
+    }
     let opts = SetupOptions { probe: true, failure_policy: "FAIL_RELOAD", ..SetupOptions::default() };
     let s = Setup::loaded_with(&[record("live")], 1, opts);
     let raw = serde_json::from_value(json!({"cluster": "keyset", "authority": "keys.internal", "path": MANIFEST_PATH}));
@@ -1346,7 +1361,7 @@ fn a_vm_reloaded_after_a_crash_gets_a_number_no_live_vm_has() {
         // The next requests are served by a fresh VM, which numbered itself.
         let deadline = Instant::now() + Duration::from_secs(10);
         while s.status(Proto::Http1, &key("live")) != 200 {
-            assert!(Instant::now() < deadline, "no fresh VM served within 10 s\n{}", s.envoy.wasm_log());
+            assert!(Instant::now() < deadline, "no fresh VM served within 10 s\n{}", s.envoy.keygate_log());
             std::thread::sleep(Duration::from_millis(50));
         }
         // Two holders share the schedule, so they poll in turn; they show once a poll lasts:
