@@ -406,10 +406,19 @@ fn native_ecds_file(plugin: &str) -> String {
     .to_string()
 }
 
-#[test]
-fn replacing_the_configuration_through_ecds_keeps_the_set_serving_and_polling_once_without_a_crash() {
-    let server = KeySetServer::start();
-    server.publish(&[live_record("k1")], 1, 1);
+/// Generation `n` of an ECDS configuration with a live key set (fetch timeout `timeout_ms`): each
+/// differs from the others by a public route `/public/<n>`, so Envoy makes a new configuration for
+/// every one.
+fn ecds_generation(n: usize, timeout_ms: u64) -> String {
+    let mut config: Value = serde_json::from_str(&live_config()).unwrap();
+    config["key_set"]["timeout_ms"] = json!(timeout_ms);
+    config["routes"] = json!([{"path": format!("/public/{n}"), "public": true}]);
+    native_ecds_file(&config.to_string())
+}
+
+/// Envoy with two workers whose keygate filter comes from a file-based ECDS source holding
+/// generation 0, polling `server`.
+fn ecds_live_fixture(server: KeySetServer, timeout_ms: u64) -> LiveFixture {
     let upstream = Upstream::start();
     let mut opts = options(Host::Native, "{}", &upstream);
     opts.keyset_port = Some(server.port());
@@ -427,26 +436,45 @@ fn replacing_the_configuration_through_ecds_keeps_the_set_serving_and_polling_on
             "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"],
         },
     });
-    // Each generation differs (a route more), so Envoy makes a new configuration every time.
-    let generation = |n: usize| {
-        let mut config: Value = serde_json::from_str(&live_config()).unwrap();
-        config["routes"] = json!([{"path": format!("/public/{n}"), "public": true}]);
-        native_ecds_file(&config.to_string())
-    };
-    let envoy = Envoy::try_start_with_files(&bootstrap.to_string(), "json", 2, &[("keygate.yaml", &generation(0))])
+    let first = ecds_generation(0, timeout_ms);
+    let envoy = Envoy::try_start_with_files(&bootstrap.to_string(), "json", 2, &[("keygate.yaml", &first)])
         .unwrap_or_else(|log| panic!("Envoy did not start:\n{}", common::envoy::tail(&log, 80)));
-    let live = LiveFixture { server, _upstream: upstream, envoy };
+    LiveFixture { server, _upstream: upstream, envoy }
+}
+
+impl LiveFixture {
+    /// Replaces the ECDS file with generation `n` (by a rename) and waits until it serves.
+    fn replace_with_generation(&self, n: usize, timeout_ms: u64) {
+        let tmp = self.envoy.dir().join("keygate.yaml.tmp");
+        std::fs::write(&tmp, ecds_generation(n, timeout_ms)).unwrap();
+        std::fs::rename(&tmp, self.envoy.dir().join("keygate.yaml")).unwrap();
+        let public = format!("/public/{n}");
+        self.wait("the ECDS update", Duration::from_secs(5), || {
+            common::get(self.envoy.port(), Proto::Http1, &public, &[]).status == 200
+        });
+    }
+
+    /// The `keygate-tick` threads alive in Envoy.
+    fn ticker_threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.envoy.pid()))
+            .unwrap()
+            .filter(|t| {
+                let comm = t.as_ref().unwrap().path().join("comm");
+                std::fs::read_to_string(comm).unwrap_or_default().trim() == "keygate-tick"
+            })
+            .count()
+    }
+}
+
+#[test]
+fn replacing_the_configuration_through_ecds_keeps_the_set_serving_and_polling_once_without_a_crash() {
+    let server = KeySetServer::start();
+    server.publish(&[live_record("k1")], 1, 1);
+    let live = ecds_live_fixture(server, 300);
     live.wait("version 1 loaded", Duration::from_secs(10), || live.stat("version") == Some(1));
 
-    let pid = live.envoy.pid();
     for n in 1..=6 {
-        let tmp = live.envoy.dir().join("keygate.yaml.tmp");
-        std::fs::write(&tmp, generation(n)).unwrap();
-        std::fs::rename(&tmp, live.envoy.dir().join("keygate.yaml")).unwrap();
-        let public = format!("/public/{n}");
-        live.wait("the ECDS update", Duration::from_secs(5), || {
-            common::get(live.envoy.port(), Proto::Http1, &public, &[]).status == 200
-        });
+        live.replace_with_generation(n, 300);
         // The set loaded by an earlier configuration serves the new one at once.
         assert_eq!(live.status("k1"), 200, "after ECDS update {n}");
     }
@@ -460,13 +488,43 @@ fn replacing_the_configuration_through_ecds_keeps_the_set_serving_and_polling_on
     let polls = live.server.count(MANIFEST_PATH);
     assert!((4..=7).contains(&polls), "{polls} manifest polls in 3 s with poll {LIVE_POLL_MS} ms");
     // The replaced configurations' ticker threads are gone: one `keygate-tick` thread is left.
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter(|t| {
-            let comm = t.as_ref().unwrap().path().join("comm");
-            std::fs::read_to_string(comm).unwrap_or_default().trim() == "keygate-tick"
-        })
-        .count();
-    assert_eq!(threads, 1, "ticker threads alive after 6 replacements");
+    assert_eq!(live.ticker_threads(), 1, "ticker threads alive after 6 replacements");
     assert_eq!(live.status("k1"), 200);
+}
+
+/// Envoy destroys a replaced configuration whatever its sync is doing. Envoy 1.40 calls the
+/// module's destroy hook, then cancels the configuration's callouts still in flight, so the answer
+/// of a key-set fetch started by a configuration that is gone never reaches the module. With every
+/// manifest answer 1.5 s slow, the poller is nearly always waiting for one when it is replaced.
+#[test]
+fn a_configuration_replaced_while_its_fetch_is_in_flight_leaves_envoy_serving() {
+    const SLOW: Duration = Duration::from_millis(1_500);
+    let server = KeySetServer::start();
+    server.publish(&[live_record("k1")], 1, 1);
+    server.set_fault(MANIFEST_PATH, Some(common::Fault::Slow(SLOW)));
+    let live = ecds_live_fixture(server, 5_000);
+    live.wait("version 1 loaded", Duration::from_secs(10), || live.stat("version") == Some(1));
+    let pid = live.envoy.pid();
+    let mut replaced = Vec::new();
+    for n in 1..=6 {
+        replaced.push(std::time::Instant::now());
+        live.replace_with_generation(n, 5_000);
+        assert_eq!(live.status("k1"), 200, "after ECDS update {n}");
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    // Fetches that were waiting for their answer when a configuration was replaced.
+    let straddling = live
+        .server
+        .requests_for(MANIFEST_PATH)
+        .iter()
+        .filter(|r| replaced.iter().any(|at| r.at < *at && *at < r.at + SLOW))
+        .count();
+    eprintln!("{straddling} manifest fetches were in flight as 6 configurations were replaced");
+    assert!(straddling >= 3, "only {straddling} fetches in flight across the replacements");
+    live.server.clear_faults();
+    live.server.publish(&[live_record("k1"), live_record("k2")], 1, 2);
+    live.wait("a publication after the updates", LIVE_CHANGE_BOUND + SLOW, || live.status("k2") == 200);
+    assert_eq!(live.envoy.pid(), pid);
+    assert_eq!(live.envoy.admin_get("/ready").body.trim(), "LIVE");
+    assert_eq!(live.ticker_threads(), 1);
 }
