@@ -182,6 +182,16 @@ fn wasm_filters_to_native(value: &mut serde_json::Value) {
 
 /// One YAML document (or JSON, which is YAML) as JSON.
 fn yaml_to_json(text: &str) -> Result<serde_json::Value, String> {
+    let docs = yaml_documents(text)?;
+    match <[serde_json::Value; 1]>::try_from(docs) {
+        Ok([doc]) => Ok(doc),
+        Err(docs) => Err(format!("{} YAML documents, expected one", docs.len())),
+    }
+}
+
+/// Every document of a YAML stream (`---` between them) as JSON: scalars typed as YAML 1.2 reads
+/// them, mapping keys as strings; anchors and aliases are refused.
+pub fn yaml_documents(text: &str) -> Result<Vec<serde_json::Value>, String> {
     use yaml_rust2::{Yaml, YamlLoader};
     fn convert(yaml: &Yaml) -> Result<serde_json::Value, String> {
         Ok(match yaml {
@@ -207,11 +217,7 @@ fn yaml_to_json(text: &str) -> Result<serde_json::Value, String> {
             Yaml::Alias(_) | Yaml::BadValue => return Err(format!("unsupported YAML value {yaml:?}")),
         })
     }
-    let docs = YamlLoader::load_from_str(text).map_err(|e| e.to_string())?;
-    match docs.as_slice() {
-        [doc] => convert(doc),
-        _ => Err(format!("{} YAML documents, expected one", docs.len())),
-    }
+    YamlLoader::load_from_str(text).map_err(|e| e.to_string())?.iter().map(convert).collect()
 }
 
 /// The directory holding the native module: `$KEYGATE_NATIVE_DIR`, else `<repo>/target/release`
