@@ -1,8 +1,9 @@
-//! The module's safe half: what the configuration hook and the request-headers hook do, written
+//! The module's safe half: what the configuration hook and the request hooks do, written
 //! against two small traits ([`ConfigHost`], [`Stream`]) that [`crate::ffi`] implements with Envoy's
 //! callbacks and the tests implement with a recording fake. It mirrors `keygate-wasm`'s
 //! `filter.rs` on the request path: gather every header at once, ask [`Policy::decide`], apply the
-//! edits or send the rendered reply, bump one counter.
+//! edits or send the rendered reply, bump one counter; then remove from an allowed request's
+//! trailers what [`Policy::trailers_to_remove`] names.
 
 use crate::live::Live;
 use keygate_core::keys::{KeyHash, KeySource, Lookup};
@@ -52,13 +53,17 @@ pub enum Unreadable {
     NameNotUtf8,
 }
 
-/// What the request-headers hook needs from Envoy for one stream. Every mutating call reports
-/// whether Envoy carried it out.
+/// What the request hooks (headers, trailers) need from Envoy for one stream. Every mutating call
+/// reports whether Envoy carried it out.
 pub trait Stream: Log {
     /// Every request header, pseudo-headers included, in Envoy's order.
     fn request_headers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable>;
     /// Removes every value of a request header.
     fn remove_request_header(&mut self, name: &str) -> bool;
+    /// Every request trailer, in Envoy's order (during the trailers hook).
+    fn request_trailers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable>;
+    /// Removes every value of a request trailer.
+    fn remove_request_trailer(&mut self, name: &str) -> bool;
     /// Replaces every value of a request header with one value, which is not empty.
     fn set_request_header(&mut self, name: &str, value: &str) -> bool;
     /// Answers the request locally; nothing goes upstream.
@@ -258,6 +263,36 @@ impl Filter {
                 Verdict::Stop
             }
         }
+    }
+
+    /// The request trailers of a stream whose request headers got `headers` (`None`: no verdict
+    /// yet). Only an allowed request's trailers go on, without every trailer
+    /// [`Policy::trailers_to_remove`] names. A refused request stays stopped (its reply is sent);
+    /// trailers before any verdict, or that cannot be read or edited, refuse the request with a
+    /// 500: trailers never resume a request keygate did not allow.
+    pub fn on_request_trailers(&self, stream: &mut dyn Stream, headers: Option<Verdict>) -> Verdict {
+        match headers {
+            Some(Verdict::Continue) => {}
+            Some(Verdict::Stop) => return Verdict::Stop,
+            None => {
+                stream.log(Level::Error, "keygate: request trailers before the request headers were decided");
+                return refuse(stream, "request trailers before a decision");
+            }
+        }
+        let trailers = match stream.request_trailers() {
+            Ok(trailers) => trailers,
+            Err(why) => {
+                stream.log(Level::Error, &format!("keygate: cannot read request trailers: {why:?}"));
+                return refuse(stream, "request trailers unreadable");
+            }
+        };
+        for name in self.policy.trailers_to_remove(&trailers) {
+            if !stream.remove_request_trailer(name) {
+                stream.log(Level::Error, &format!("keygate: cannot remove trailer {name}"));
+                return refuse(stream, "trailer edit failed");
+            }
+        }
+        Verdict::Continue
     }
 }
 

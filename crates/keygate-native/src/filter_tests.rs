@@ -94,6 +94,9 @@ struct FakeStream {
     unreadable: Option<Unreadable>,
     fail_remove: bool,
     fail_set: bool,
+    trailers: Vec<(String, Vec<u8>)>,
+    trailers_unreadable: Option<Unreadable>,
+    fail_remove_trailer: bool,
     sent: Vec<Sent>,
     counted: Vec<usize>,
     log: Lines,
@@ -132,6 +135,20 @@ impl Stream for FakeStream {
         let name = name.to_ascii_lowercase();
         self.headers.retain(|(n, _)| *n != name);
         !self.fail_remove
+    }
+    fn request_trailers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable> {
+        match self.trailers_unreadable {
+            Some(why) => Err(why),
+            None => Ok(self.trailers.clone()),
+        }
+    }
+    fn remove_request_trailer(&mut self, name: &str) -> bool {
+        if self.fail_remove_trailer {
+            return false;
+        }
+        let name = name.to_ascii_lowercase();
+        self.trailers.retain(|(n, _)| *n != name);
+        true
     }
     fn set_request_header(&mut self, name: &str, value: &str) -> bool {
         assert!(!value.is_empty(), "set {name} to an empty value, which Envoy 1.40 turns into a removal");
@@ -273,6 +290,74 @@ fn an_empty_identity_value_removes_the_header() {
     assert_eq!(filter.on_request_headers(&mut stream), Verdict::Continue);
     assert!(stream.values("x-api-key-scopes").is_empty());
     assert_eq!(stream.values("x-api-key-id"), ["0000eeee"]);
+}
+
+fn trailers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+    pairs.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
+}
+
+#[test]
+fn an_allowed_requests_trailers_lose_every_key_and_identity_and_keep_the_rest() {
+    let (filter, _) = filter();
+    let auth = format!("Bearer {KEY}");
+    let mut stream = request("POST", "/v1/venues/v_7", &[("authorization", &auth)]);
+    stream.trailers = trailers(&[
+        ("authorization", &auth),
+        ("x-checksum", "abc"),
+        ("x_org_id", "org_evil"),
+        ("x-api-key", UNSCOPED),
+        ("x.venue.id", "v_8"),
+        ("x-original-url", "/v1/venues/v_8"),
+    ]);
+    let verdict = filter.on_request_headers(&mut stream);
+    assert_eq!(filter.on_request_trailers(&mut stream, Some(verdict)), Verdict::Continue);
+    assert_eq!(stream.trailers, trailers(&[("x-checksum", "abc")]));
+    assert!(stream.sent.is_empty());
+}
+
+#[test]
+fn a_refused_requests_trailers_stay_stopped_with_no_second_reply() {
+    let (filter, _) = filter();
+    let mut stream = request("POST", "/v1/venues/v_7", &[]);
+    stream.trailers = trailers(&[("authorization", &format!("Bearer {KEY}"))]);
+    let verdict = filter.on_request_headers(&mut stream);
+    assert_eq!(verdict, Verdict::Stop);
+    assert_eq!(filter.on_request_trailers(&mut stream, Some(verdict)), Verdict::Stop);
+    assert_eq!(stream.sent.len(), 1, "the 401 alone: {:?}", stream.sent);
+    assert_eq!(stream.sent[0].0, 401);
+}
+
+#[test]
+fn trailers_before_a_verdict_refuse_the_request() {
+    let (filter, _) = filter();
+    let mut stream = request("POST", "/healthz", &[]);
+    stream.trailers = trailers(&[("x-checksum", "abc")]);
+    assert_eq!(filter.on_request_trailers(&mut stream, None), Verdict::Stop);
+    assert_internal_error(&stream, "request trailers before a decision");
+}
+
+#[test]
+fn unreadable_or_unedited_trailers_refuse_the_request() {
+    let (filter, _) = filter();
+    let mut stream = request("POST", "/healthz", &[]);
+    stream.trailers_unreadable = Some(Unreadable::Host);
+    assert_eq!(filter.on_request_trailers(&mut stream, Some(Verdict::Continue)), Verdict::Stop);
+    assert_internal_error(&stream, "request trailers unreadable");
+    assert_eq!(stream.log.at(Level::Error), ["keygate: cannot read request trailers: Host"]);
+
+    let mut stream = request("POST", "/healthz", &[]);
+    stream.trailers = trailers(&[("x-checksum", "abc"), ("x-org-id", "org_evil")]);
+    stream.fail_remove_trailer = true;
+    assert_eq!(filter.on_request_trailers(&mut stream, Some(Verdict::Continue)), Verdict::Stop);
+    assert_internal_error(&stream, "trailer edit failed");
+    assert_eq!(stream.log.at(Level::Error), ["keygate: cannot remove trailer x-org-id"]);
+
+    // Nothing to remove: no edit is asked, so none can fail.
+    let mut stream = request("POST", "/healthz", &[]);
+    stream.trailers = trailers(&[("x-checksum", "abc")]);
+    stream.fail_remove_trailer = true;
+    assert_eq!(filter.on_request_trailers(&mut stream, Some(Verdict::Continue)), Verdict::Continue);
+    assert!(stream.sent.is_empty());
 }
 
 fn assert_internal_error(stream: &FakeStream, message: &str) {
