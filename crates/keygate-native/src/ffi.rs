@@ -45,8 +45,8 @@
 //!   stream's request trailers as R3 and R2 say for headers.
 //!
 //! No panic crosses the boundary. Every hook that does more than return a constant runs its body
-//! in [`guarded`] (`catch_unwind`), whose fallback fails closed: a refused request (500) or a
-//! refused configuration. The workspace's release profile unwinds (the wasm filter has a profile of
+//! in [`guarded`] (`catch_unwind`), or for a stream hook through [`Request`], whose fallback fails
+//! closed: a refused request (500) or a refused configuration. The workspace's release profile unwinds (the wasm filter has a profile of
 //! its own that aborts, as wasm32-wasip1 must), so in the `libkeygate.so` Envoy loads a defect that
 //! panics costs one refused request, not the Envoy process. The code is still written never to
 //! panic: the workspace's clippy lints deny `unwrap`, `expect`, `panic!` and indexing outside
@@ -57,10 +57,9 @@
 // Every unsafe operation sits in its own block with its reason, unsafe functions included.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-use crate::filter::{self, guarded, ConfigHost, Filter, Level, Log, Stream, Unreadable, Verdict};
+use crate::filter::{self, guarded, ConfigHost, Filter, Level, Log, Request, Stream, Unreadable, Verdict};
 use crate::live::{self, CalloutAnswer, Ticker};
 use keygate_core::live::Fetch;
-use std::cell::Cell;
 use std::ffi::{c_char, c_void};
 use std::ptr;
 use std::sync::Arc;
@@ -559,28 +558,37 @@ unsafe fn configured<'a>(ptr: *const c_void) -> Option<&'a Configured> {
     unsafe { ptr.cast::<Configured>().as_ref() }
 }
 
-/// What a stream's module pointer points at: its configuration, and the request-headers hook's
-/// verdict, which decides whether the stream's trailers may go on. Made by `on_http_filter_new`,
-/// freed by `on_http_filter_destroy`; read and written by the stream's hooks, one at a time on its
-/// worker thread (R8), hence a `Cell`.
+/// What a stream's module pointer points at: its configuration, and what the stream keeps between
+/// its hooks (the verdict on its headers, for its trailers). Made by `on_http_filter_new`, freed
+/// by `on_http_filter_destroy`; used by the stream's hooks, one at a time on its worker thread (R8).
 struct StreamState {
     config: ConfigModulePtr,
-    headers: Cell<Option<Verdict>>,
+    request: Request,
 }
 
-/// The state and the filter behind a stream's module pointer; `None` for a null one.
+/// Runs a stream hook: `hook` gets the stream's [`Request`] (a fresh one for a null module
+/// pointer, which refuses the request as not configured) and its filter.
 ///
 /// # Safety
 /// `ptr` is null or a pointer [`envoy_dynamic_module_on_http_filter_new`] returned for a stream
-/// that is not destroyed yet (R8).
-unsafe fn stream_of<'a>(ptr: FilterModulePtr) -> Option<(&'a StreamState, &'a Filter)> {
-    // SAFETY: the caller's contract: such a pointer is a live `Box<StreamState>`, only ever read
-    // (its `Cell` is its own).
-    let state = unsafe { ptr.cast::<StreamState>().as_ref() }?;
+/// that is not destroyed yet (R8), and `filter_envoy_ptr` is that stream's (R5).
+unsafe fn on_stream(
+    filter_envoy_ptr: FilterEnvoyPtr,
+    ptr: FilterModulePtr,
+    hook: impl FnOnce(&Request, Option<&Filter>, &mut dyn Stream) -> Verdict,
+) -> Status {
+    // SAFETY: the caller's contract: such a pointer is a live `Box<StreamState>`, only read here
+    // (its `Request` keeps its own `Cell`).
+    let state = unsafe { ptr.cast::<StreamState>().as_ref() };
     // SAFETY: R4, the configuration of a live stream is alive; `config` is the pointer config_new
     // returned for it.
-    let configured = unsafe { configured(state.config) }?;
-    Some((state, &configured.filter))
+    let filter = state.and_then(|s| unsafe { configured(s.config) }).map(|c| &c.filter);
+    let fresh = Request::default();
+    let request = state.map_or(&fresh, |s| &s.request);
+    match hook(request, filter, &mut StreamHandle(filter_envoy_ptr)) {
+        Verdict::Continue => CONTINUE,
+        Verdict::Stop => STOP_ITERATION,
+    }
 }
 
 /// Starts the ticks of a configuration with a live key set: a scheduler, and a thread that commits
@@ -671,7 +679,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     _filter_envoy_ptr: FilterEnvoyPtr,
 ) -> FilterModulePtr {
     guarded(ptr::null, || {
-        let state = StreamState { config: filter_config_ptr, headers: Cell::new(None) };
+        let state = StreamState { config: filter_config_ptr, request: Request::default() };
         Box::into_raw(Box::new(state)).cast_const().cast()
     })
 }
@@ -686,31 +694,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     filter_module_ptr: FilterModulePtr,
     _end_of_stream: bool,
 ) -> Status {
-    // SAFETY: R8, the module pointer of the running stream hook, as on_http_filter_new made it.
-    let stream_state = unsafe { stream_of(filter_module_ptr) };
-    let mut stream = StreamHandle(filter_envoy_ptr);
-    let verdict = guarded(
-        || {
-            StreamHandle(filter_envoy_ptr).log(Level::Error, "keygate: internal error on the request path");
-            filter::refuse(&mut StreamHandle(filter_envoy_ptr), "internal error")
-        },
-        || match stream_state {
-            Some((_, filter)) => filter.on_request_headers(&mut stream),
-            // Never configured: refuse rather than let anything through.
-            None => filter::refuse(&mut stream, "keygate is not configured"),
-        },
-    );
-    if let Some((state, _)) = stream_state {
-        state.headers.set(Some(verdict));
-    }
-    status(verdict)
-}
-
-/// The stream hooks' status for a verdict.
-fn status(verdict: Verdict) -> Status {
-    match verdict {
-        Verdict::Continue => CONTINUE,
-        Verdict::Stop => STOP_ITERATION,
+    // SAFETY: R8 and R5, the pointers of the running stream hook.
+    unsafe {
+        on_stream(filter_envoy_ptr, filter_module_ptr, |request, filter, stream| request.on_headers(filter, stream))
     }
 }
 
@@ -724,20 +710,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     filter_envoy_ptr: FilterEnvoyPtr,
     filter_module_ptr: FilterModulePtr,
 ) -> Status {
-    // SAFETY: R8, as in the request-headers hook.
-    let stream_state = unsafe { stream_of(filter_module_ptr) };
-    let mut stream = StreamHandle(filter_envoy_ptr);
-    let verdict = guarded(
-        || {
-            StreamHandle(filter_envoy_ptr).log(Level::Error, "keygate: internal error on the request trailers");
-            filter::refuse(&mut StreamHandle(filter_envoy_ptr), "internal error")
-        },
-        || match stream_state {
-            Some((state, filter)) => filter.on_request_trailers(&mut stream, state.headers.get()),
-            None => filter::refuse(&mut stream, "keygate is not configured"),
-        },
-    );
-    status(verdict)
+    // SAFETY: R8 and R5, the pointers of the running stream hook.
+    unsafe {
+        on_stream(filter_envoy_ptr, filter_module_ptr, |request, filter, stream| request.on_trailers(filter, stream))
+    }
 }
 
 /// `envoy_dynamic_module_on_http_filter_config_scheduled`: a tick of the key-set sync, on the main

@@ -11,6 +11,7 @@ use keygate_core::live::{Answer, Fetch};
 use keygate_core::plugin::Plugin;
 use keygate_core::policy::{Decision, Policy, RequestView};
 use keygate_core::reply::{internal_error_body, DenyKind};
+use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The only filter this module serves (`filter_name` in Envoy's `DynamicModuleFilter`).
@@ -296,6 +297,56 @@ impl Filter {
     }
 }
 
+/// One stream between its hooks: its verdict so far, which its trailers hook needs (trailers go
+/// on only after allowed headers). `None` before the headers hook; once a hook refused the
+/// request, it stays refused and no hook sends a second reply. [`crate::ffi`] keeps one per
+/// stream, used by one hook at a time on the stream's worker thread, hence the `Cell`. Each hook
+/// runs its body so that a panic in it refuses the request (500) instead of crossing into Envoy.
+#[derive(Debug, Default)]
+pub struct Request {
+    verdict: Cell<Option<Verdict>>,
+}
+
+impl Request {
+    /// The request-headers hook; `filter` is `None` for a stream without a configuration.
+    pub fn on_headers(&self, filter: Option<&Filter>, stream: &mut dyn Stream) -> Verdict {
+        if self.verdict.get() == Some(Verdict::Stop) {
+            return Verdict::Stop;
+        }
+        let verdict = refusing_on_panic(stream, "the request path", |stream| match filter {
+            Some(filter) => filter.on_request_headers(stream),
+            // Never configured: refuse rather than let anything through.
+            None => refuse(stream, "keygate is not configured"),
+        });
+        self.verdict.set(Some(verdict));
+        verdict
+    }
+
+    /// The request-trailers hook ([`Filter::on_request_trailers`] with this stream's verdict).
+    pub fn on_trailers(&self, filter: Option<&Filter>, stream: &mut dyn Stream) -> Verdict {
+        let verdict = refusing_on_panic(stream, "the request trailers", |stream| match filter {
+            Some(filter) => filter.on_request_trailers(stream, self.verdict.get()),
+            None => refuse(stream, "keygate is not configured"),
+        });
+        if verdict == Verdict::Stop {
+            self.verdict.set(Some(Verdict::Stop));
+        }
+        verdict
+    }
+}
+
+/// Runs a stream hook's body; a panic in it (every native build unwinds, see [`crate::ffi`]) is
+/// logged and refuses the request.
+fn refusing_on_panic(stream: &mut dyn Stream, what: &str, body: impl FnOnce(&mut dyn Stream) -> Verdict) -> Verdict {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mut *stream))) {
+        Ok(verdict) => verdict,
+        Err(_) => {
+            stream.log(Level::Error, &format!("keygate: internal error on {what}"));
+            refuse(stream, "internal error")
+        }
+    }
+}
+
 /// Refuses the request with a 500 when keygate cannot do its job: failing closed, with the wasm
 /// filter's body.
 pub fn refuse(stream: &mut dyn Stream, reason: &str) -> Verdict {
@@ -318,8 +369,9 @@ pub fn owned_headers<'a>(
     Ok(out)
 }
 
-/// Runs a hook's body, turning a panic into `fallback` (every native build unwinds, see
-/// [`crate::ffi`]); the code is still written not to panic.
+/// Runs a configuration hook's body, turning a panic into `fallback` (every native build unwinds,
+/// see [`crate::ffi`]; the stream hooks' bodies run in [`Request`]); the code is still written not
+/// to panic.
 pub fn guarded<R>(fallback: impl FnOnce() -> R, body: impl FnOnce() -> R) -> R {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|_| fallback())
 }

@@ -97,6 +97,8 @@ struct FakeStream {
     trailers: Vec<(String, Vec<u8>)>,
     trailers_unreadable: Option<Unreadable>,
     fail_remove_trailer: bool,
+    /// A defect in a host call: removing a header panics.
+    panic_in_remove: bool,
     sent: Vec<Sent>,
     counted: Vec<usize>,
     log: Lines,
@@ -132,6 +134,7 @@ impl Stream for FakeStream {
         }
     }
     fn remove_request_header(&mut self, name: &str) -> bool {
+        assert!(!self.panic_in_remove, "a defect in a host call");
         let name = name.to_ascii_lowercase();
         self.headers.retain(|(n, _)| *n != name);
         !self.fail_remove
@@ -500,6 +503,31 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_panic_under_a_stream_hook_refuses_the_request_for_good() {
+    let (filter, _) = filter();
+    let auth = format!("Bearer {KEY}");
+    let mut stream = request("POST", "/v1/venues/v_7", &[("authorization", &auth)]);
+    stream.panic_in_remove = true;
+    let hooks = Request::default();
+    assert_eq!(hooks.on_headers(Some(&filter), &mut stream), Verdict::Stop);
+    assert_internal_error(&stream, "internal error");
+    assert_eq!(stream.log.at(Level::Error), ["keygate: internal error on the request path"]);
+    stream.trailers = trailers(&[("x-checksum", "abc")]);
+    assert_eq!(hooks.on_trailers(Some(&filter), &mut stream), Verdict::Stop, "trailers do not resume it");
+    assert_eq!(stream.sent.len(), 1, "and no second reply");
+}
+
+#[test]
+fn a_stream_without_a_configuration_is_refused() {
+    let mut stream = request("GET", "/healthz", &[]);
+    assert_eq!(Request::default().on_headers(None, &mut stream), Verdict::Stop);
+    assert_internal_error(&stream, "keygate is not configured");
+    let mut stream = request("GET", "/healthz", &[]);
+    assert_eq!(Request::default().on_trailers(None, &mut stream), Verdict::Stop);
+    assert_internal_error(&stream, "keygate is not configured");
 }
 
 #[test]
