@@ -538,3 +538,6 @@ fn a_panic_in_a_hook_becomes_its_fail_closed_answer() {
     assert_internal_error(&stream, "internal error");
     assert_eq!(guarded(|| 0, || 7), 7);
 }
+
+#[path = "filter_props.rs"]
+mod props;
