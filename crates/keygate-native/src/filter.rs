@@ -172,6 +172,11 @@ fn now_ms() -> Option<i64> {
 }
 
 impl Filter {
+    /// The compiled policy (for the fuzz target's checks).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// How often the live key set's sync wants a tick; `None` without one.
     pub fn tick(&self) -> Option<std::time::Duration> {
         self.live.as_ref().map(Live::tick)
