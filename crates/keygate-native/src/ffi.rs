@@ -50,9 +50,9 @@
 //! its own that aborts, as wasm32-wasip1 must), so in the `libkeygate.so` Envoy loads a defect that
 //! panics costs one refused request, not the Envoy process. The code is still written never to
 //! panic: the workspace's clippy lints deny `unwrap`, `expect`, `panic!` and indexing outside
-//! tests, and the request path is property-tested on the host (filter_tests.rs, which also proves
-//! `guarded`'s fallback). No unwinding can leave an `extern "C"` function either way: Rust aborts
-//! there.
+//! tests, and every hook's safe half is tested on the host (filter_tests.rs, which also proves the
+//! panic fallbacks; filter_props.rs and fuzz/'s `native` target, with arbitrary input). No
+//! unwinding can leave an `extern "C"` function either way: Rust aborts there.
 
 // Every unsafe operation sits in its own block with its reason, unsafe functions included.
 #![deny(unsafe_op_in_unsafe_fn)]
