@@ -433,7 +433,7 @@ fn check_reports_the_exact_field_of_every_planted_error_in_one_run() {
     assert_eq!(run.stderr, "");
     let want = r#"config.json: keys[1].hash: expected 64 hex characters (a SHA-256)
 config.json: keys[2].id: duplicate id "k1" (also keys[0])
-config.json: keys[3].team: unknown field `team`, expected one of `id`, `hash`, `org`, `name`, `scopes`, `attributes`, `expires_at`, `revoked`
+config.json: keys[3].team: unknown field `team`, expected one of `id`, `hash`, `org`, `name`, `scopes`, `attributes`, `expires_at`, `revoked`, `created_at`, `preview`
 config.json: keys[4].hash: duplicate hash (also keys[0])
 config.json: keys[4].expires_at: expected an RFC 3339 timestamp such as 2027-01-01T00:00:00Z, got "next year"
 config.json: routes[0].bind.venue: the path "/v1/venues/{venue_id}" has no {venue}
@@ -555,7 +555,7 @@ spec:
     assert_eq!(
         run.stdout,
         "bad.yaml:14: keys[0].colour: unknown field `colour`, expected one of `id`, `hash`, `org`, `name`, \
-         `scopes`, `attributes`, `expires_at`, `revoked`\n\
+         `scopes`, `attributes`, `expires_at`, `revoked`, `created_at`, `preview`\n\
          bad.yaml:18: keys[1].scopes[1]: invalid type: integer `7`, expected a string\n"
     );
 }

@@ -67,6 +67,8 @@ pub(super) fn new(p: &Parsed) -> Result<(), Fail> {
         attributes,
         expires_at,
         revoked: false,
+        created_at: None,
+        preview: None,
     };
     let mut make_key = |id: String| -> Result<String, Fail> {
         let key = format!("{prefix}{id}_{}", random_hex(32)?);
