@@ -16,7 +16,8 @@ Commands:
   serve    Serve a published key set over HTTP and keep the usage reports filters send
 
 A key-set file is {\"keys\": [records]}: the filter's own key records, so it is also a valid
-plugin configuration. keygate never stores a key: only its SHA-256, and a preview with its last 4 characters.
+plugin configuration. keygate never stores a key: only its SHA-256, and a preview that holds the
+last 4 characters of its secret.
 
 Run `keygate <command> --help` for the options of a command.
 Exit status: 0 success, 1 failure (or problems found by check), 2 wrong usage.
