@@ -697,14 +697,14 @@ def cpu_part(work: Path, lines: list[str], verdicts: list[tuple[str, bool | None
         why = failed.get(name) or failed.get(base) or "?"
         verdicts.append((f"Accepted request, {CPU_KEYS:,} keys, {LABELS[name]}: CPU/request ≤ {bound:.2f} × {what}",
                          (r <= bound if r == r else False) if big else None,
-                         (f"{r:.2f} ×" if r == r else f"did not start: {why[:120]}")
+                         (f"{against(r, bound)} ×" if r == r else f"did not start: {why[:120]}")
                          + ("" if big else " (not 1M keys: indicative only)")))
 
     def flood(name: str):
         r = per_round_ratio(samples["invalid"][name], accepted[name])
         verdicts.append((f"Invalid-key flood, {CPU_KEYS:,} keys, {LABELS[name]}: CPU/request ≤ accepted request's",
                          r <= 1.0 if r == r else None,
-                         f"{r:.2f} × the accepted request's" if r == r else "did not start"))
+                         f"{against(r, 1.0)} × the accepted request's" if r == r else "did not start"))
 
     for name in ("wasm-inline", "wasm-live"):
         at_most("the floor wasm filter", name, "floor", 1.05)
@@ -719,6 +719,12 @@ def cpu_part(work: Path, lines: list[str], verdicts: list[tuple[str, bool | None
 
 def fmt(x: float) -> str:
     return f"{x:.2f}" if x == x else "—"
+
+
+def against(r: float, bound: float) -> str:
+    """A ratio for a verdict: two decimals, or three where two would read as the bound itself (a
+    1.104 that misses ≤ 1.10 is not printed as 1.10)."""
+    return f"{r:.3f}" if f"{r:.2f}" == f"{bound:.2f}" else f"{r:.2f}"
 
 
 def check_variant(envoy: Envoy, name: str):
@@ -818,7 +824,7 @@ def scale_part(work: Path, lines: list[str], verdicts: list[tuple[str, bool | No
             for conc in SCALE_CONCURRENCY:
                 check(f"1M keys, `--concurrency {conc}`, {label}: RSS ≤ ½ × `api_key_auth`'s (after load)",
                       get(name, conc, "rss_load"), get("api_key_auth", conc, "rss_load"), lambda a, b: a <= b / 2,
-                      lambda a, b: f"{a:.0f} MiB vs {b:.0f} MiB ({a / b:.2f} ×)")
+                      lambda a, b: f"{a:.0f} MiB vs {b:.0f} MiB ({against(a / b, 0.5)} ×)")
             if len(SCALE_CONCURRENCY) >= 2:
                 lo, hi = SCALE_CONCURRENCY[0], SCALE_CONCURRENCY[-1]
                 check(f"1M keys, {label}: RSS grows ≤ {growth * 100:.0f} % from `--concurrency {lo}` to `{hi}` "
