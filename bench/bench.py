@@ -365,7 +365,8 @@ class Variant:
             publish(self.keys, self.dir / "keyset", version=self.PUBLISHED_VERSION)
             self.server = KeySetServer(self.dir / "keyset")
             keyset_port = self.server.port
-        keygate = keygate_configuration(None, self.KEY_SET) if self.live else keygate_configuration(self.keys, None)
+        if name in KEYGATE_VARIANTS:
+            keygate = keygate_configuration(None, self.KEY_SET) if self.live else keygate_configuration(self.keys, None)
         if name == "none":
             filters = []
         elif name == "noop":
