@@ -163,18 +163,27 @@ image-test: build envoy image-deps
 # SCALE_TIMEOUT and PARTS are passed through the environment, e.g.
 #   ROUNDS=2 DURATION=3 SCALE=1k make bench        PARTS=cpu,size make bench
 NOOP_WASM  := target/bench/noop/wasm32-wasip1/release/keygate_bench_noop.wasm
+FLOOR_WASM := target/bench/floor/wasm32-wasip1/release/keygate_bench_floor.wasm
 BENCH_SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: bench bench-noop bench-deps
+.PHONY: bench bench-noop bench-floor bench-deps
 
-## bench: the benchmark; prints the tables and saves them to target/bench/report.md
-bench: build envoy bench-noop bench-deps
+## bench: the benchmark (keygate wasm and native beside no filter, api_key_auth and the two wasm
+## baselines); prints the tables and saves them to target/bench/report.md
+bench: build envoy bench-noop bench-floor bench-deps
 	$(CARGO) build --release -p keygate-cli
-	NOOP_WASM=$(CURDIR)/$(NOOP_WASM) KEYGATE=$(CURDIR)/target/release/keygate python3 bench/bench.py
+	NOOP_WASM=$(CURDIR)/$(NOOP_WASM) FLOOR_WASM=$(CURDIR)/$(FLOOR_WASM) \
+	  KEYGATE_NATIVE=$(CURDIR)/target/release/libkeygate.so KEYGATE=$(CURDIR)/target/release/keygate \
+	  python3 bench/bench.py
 
 ## bench-noop: the no-op proxy-wasm filter the benchmark compares keygate with (bench/noop)
 bench-noop: wasm-target
 	$(CARGO) build --release --target wasm32-wasip1 --manifest-path bench/noop/Cargo.toml --target-dir target/bench/noop
+
+## bench-floor: the floor for wasm, a proxy-wasm filter doing only keygate's mandated work (hash,
+## lookup, remove the key, set the identity headers) (bench/floor)
+bench-floor: wasm-target
+	$(CARGO) build --release --target wasm32-wasip1 --manifest-path bench/floor/Cargo.toml --target-dir target/bench/floor
 
 ## bench-deps: wrk, the load generator, installed with apt-get when missing
 bench-deps:
