@@ -99,7 +99,8 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let Plugin { policy, key_set } = match Plugin::from_json(&text) {
+        // `usage` reporting is compiled by the core but not served by this host yet.
+        let Plugin { policy, key_set, usage: _ } = match Plugin::from_json(&text) {
             Ok(plugin) => plugin,
             Err(e) => {
                 error!("keygate: invalid configuration: {e}");

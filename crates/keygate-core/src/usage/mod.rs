@@ -1,0 +1,21 @@
+//! Usage reporting: what each key did, counted on the request path and sent to a receiver once a
+//! flush interval, as one JSON report per Envoy process.
+//!
+//! Everything here is host-free. The parts:
+//!
+//! - [`settings`]: the `usage` settings, compiled ([`UsageConfig`]);
+//! - [`tally`]: one worker's counts since its last flush ([`Tally`]), bounded by
+//!   `usage.max_pending_keys`; recording a request is at most a map update, no host call.
+//!
+//! A host counts each decision in its worker's tally ([`Tally::record`] of [`Outcome::of`]) and
+//! sets the tally's coarse clock on each tick ([`Tally::set_now`]). Reporting never delays, fails or
+//! changes a request.
+
+pub mod settings;
+pub mod tally;
+
+pub use settings::{RawUsage, UsageConfig};
+pub use tally::{attributable, DenyCounts, KeyUsage, Outcome, Tally};
+
+#[cfg(test)]
+mod unit_tests;

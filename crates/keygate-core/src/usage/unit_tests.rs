@@ -1,0 +1,242 @@
+//! Unit tests of usage reporting's parts, each on its own: the settings and a tally (what it counts, its bound, that a request of a known key
+//! allocates nothing).
+//!
+//! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
+
+use super::*;
+use crate::error::ErrorKind;
+use crate::keys::hash_key;
+use crate::plugin::Plugin;
+use crate::policy::RequestView;
+use crate::reply::DenyKind;
+use serde_json::json;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+
+fn compile(usage: serde_json::Value) -> Result<UsageConfig, crate::error::ConfigError> {
+    let text = json!({ "usage": usage }).to_string();
+    Plugin::from_json(text.as_bytes()).map(|p| p.usage.unwrap()).map_err(|e| e.into_first())
+}
+
+fn minimal() -> serde_json::Value {
+    json!({"cluster": "usage", "authority": "usage.internal", "path": "/v1/usage"})
+}
+
+fn with(field: &str, value: serde_json::Value) -> serde_json::Value {
+    let mut raw = minimal();
+    raw[field] = value;
+    raw
+}
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+
+#[test]
+fn usage_settings_have_defaults() {
+    let c = compile(minimal()).unwrap();
+    assert_eq!((c.cluster.as_str(), c.authority.as_str(), c.path.as_str()), ("usage", "usage.internal", "/v1/usage"));
+    assert_eq!((c.flush_interval_ms, c.timeout_ms, c.max_pending_keys), (10_000, 5_000, 10_000));
+    assert_eq!(c.tick_ms(), 1_000);
+    assert_eq!(c.silence_limit_ms(), 6_000);
+    let waits: Vec<u64> = (1..=6).map(|n| c.retry_after_ms(n)).collect();
+    assert_eq!(waits, [1_000, 2_000, 4_000, 8_000, 10_000, 10_000]);
+    assert_eq!(c.retry_after_ms(u32::MAX), 10_000);
+    assert!(c.tally_entry().starts_with("keygate/usage/") && c.tally_entry().ends_with("/tally"));
+    let other = compile(with("path", json!("/v2/usage"))).unwrap();
+    assert_ne!(other.tally_entry(), c.tally_entry(), "two receivers never share an entry");
+    assert!(Plugin::from_json(b"{}").unwrap().usage.is_none(), "no usage block: nothing is counted");
+}
+
+#[test]
+fn usage_settings_refuse_bad_values_naming_the_field() {
+    for (raw, field, reason) in [
+        (with("cluster", json!("")), "usage.cluster", "must name an Envoy cluster"),
+        (with("authority", json!("a b")), "usage.authority", "must be a host name"),
+        (with("path", json!("v1/usage")), "usage.path", "must be a path starting with '/'"),
+        (with("flush_interval_ms", json!(999)), "usage.flush_interval_ms", "must be between 1000 and 3600000"),
+        (with("flush_interval_ms", json!(3_600_001)), "usage.flush_interval_ms", "must be between 1000 and 3600000"),
+        (with("timeout_ms", json!(9)), "usage.timeout_ms", "must be between 10 and 60000"),
+        (with("timeout_ms", json!(10_000)), "usage.timeout_ms", "must be less than usage.flush_interval_ms (10000)"),
+        (with("max_pending_keys", json!(0)), "usage.max_pending_keys", "must be between 1 and 1000000"),
+        (with("max_pending_keys", json!(1_000_001)), "usage.max_pending_keys", "must be between 1 and 1000000"),
+    ] {
+        let e = compile(raw.clone()).unwrap_err();
+        assert_eq!((e.field.as_str(), e.reason(), &e.kind), (field, reason, &ErrorKind::Invalid), "{raw}");
+    }
+    let c = compile(json!({"cluster": "u", "authority": "u", "path": "/", "flush_interval_ms": 1_000,
+                           "timeout_ms": 999, "max_pending_keys": 1}))
+    .unwrap();
+    assert_eq!((c.flush_interval_ms, c.timeout_ms, c.max_pending_keys, c.tick_ms()), (1_000, 999, 1, 100));
+}
+
+#[test]
+fn usage_settings_refuse_unknown_missing_and_mistyped_fields() {
+    let e = compile(with("colour", json!(1))).unwrap_err();
+    assert_eq!(e.field, "usage.colour");
+    let ErrorKind::Unknown { allowed } = e.kind else { panic!("{e:?}") };
+    assert_eq!(allowed, ["cluster", "authority", "path", "flush_interval_ms", "timeout_ms", "max_pending_keys"]);
+    let e = compile(json!({"cluster": "u", "path": "/"})).unwrap_err();
+    assert_eq!((e.field.as_str(), e.kind), ("usage", ErrorKind::Missing { name: "authority".into() }));
+    let e = compile(with("flush_interval_ms", json!("10s"))).unwrap_err();
+    assert_eq!((e.field.as_str(), e.kind), ("usage.flush_interval_ms", ErrorKind::Type));
+    let e = Plugin::from_json(br#"{"usage": "on"}"#).unwrap_err().into_first();
+    assert_eq!((e.field.as_str(), e.kind), ("usage", ErrorKind::Type));
+}
+
+#[test]
+fn a_usage_problem_is_reported_with_the_configurations_others() {
+    let text = json!({"unmatched": "deny", "credential": {"max_length": 0}, "usage": with("timeout_ms", json!(0))});
+    let errors = Plugin::from_json(text.to_string().as_bytes()).unwrap_err();
+    let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["credential.max_length", "usage.timeout_ms"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tally
+
+#[test]
+fn a_tally_counts_per_key_and_refusals_without_a_key_as_totals() {
+    let mut t = Tally::new(10, 100);
+    t.record(Outcome::Allowed { key_id: Some("a") });
+    t.set_now(105);
+    t.record(Outcome::Allowed { key_id: Some("a") });
+    t.record(Outcome::Denied { kind: DenyKind::InsufficientScope, key_id: Some("a") });
+    t.record(Outcome::Denied { kind: DenyKind::ExpiredKey, key_id: Some("b") });
+    t.record(Outcome::Denied { kind: DenyKind::InvalidKey, key_id: None });
+    t.record(Outcome::Denied { kind: DenyKind::InvalidKey, key_id: Some("made-up") });
+    t.record(Outcome::Denied { kind: DenyKind::Forbidden, key_id: None });
+    t.record(Outcome::Allowed { key_id: None });
+    assert_eq!(t.len(), 2);
+    let a = t.get("a").unwrap();
+    assert_eq!((a.allowed, a.denied.get(DenyKind::InsufficientScope), a.last_used_s), (2, 1, 105));
+    assert_eq!(t.get("b").unwrap().denied.iter().collect::<Vec<_>>(), [(DenyKind::ExpiredKey, 1)]);
+    assert_eq!(t.unattributed().iter().collect::<Vec<_>>(), [(DenyKind::InvalidKey, 2), (DenyKind::Forbidden, 1)]);
+    assert_eq!((t.dropped(), t.requests()), (0, 7));
+    let taken = t.take();
+    assert!(t.is_empty() && !taken.is_empty());
+    assert_eq!((t.max_keys(), t.now_s()), (10, 105));
+}
+
+#[test]
+fn only_found_keys_are_attributed() {
+    let kinds: Vec<DenyKind> = DenyKind::ALL.into_iter().filter(|k| attributable(*k)).collect();
+    assert_eq!(kinds, [DenyKind::RevokedKey, DenyKind::ExpiredKey, DenyKind::InsufficientScope, DenyKind::Forbidden]);
+}
+
+#[test]
+fn a_tally_keeps_at_most_its_bound_and_counts_the_rest_as_dropped() {
+    let mut t = Tally::new(2, 0);
+    for id in ["a", "b", "c", "c", "a", "d"] {
+        t.record(Outcome::Allowed { key_id: Some(id) });
+    }
+    assert_eq!((t.len(), t.dropped(), t.get("a").unwrap().allowed), (2, 3, 2));
+    let mut other = Tally::new(5, 0);
+    for id in ["a", "x", "y"] {
+        other.record(Outcome::Denied { kind: DenyKind::RevokedKey, key_id: Some(id) });
+    }
+    other.record(Outcome::Allowed { key_id: Some("y") });
+    other.record(Outcome::Denied { kind: DenyKind::MissingKey, key_id: None });
+    t.merge(other);
+    assert_eq!(t.len(), 2, "a merge keeps the bound");
+    assert_eq!(t.get("a").unwrap().denied.get(DenyKind::RevokedKey), 1);
+    assert_eq!(t.dropped(), 3 + 3, "x's one request and y's two");
+    assert_eq!(t.requests(), 6 + 5);
+    assert_eq!(Tally::new(0, 0).max_keys(), 1);
+}
+
+#[test]
+fn merging_keeps_the_latest_last_use() {
+    let mut a = Tally::new(4, 50);
+    a.record(Outcome::Allowed { key_id: Some("k") });
+    let mut b = Tally::new(4, 70);
+    b.record(Outcome::Allowed { key_id: Some("k") });
+    let mut c = Tally::new(4, 60);
+    c.record(Outcome::Allowed { key_id: Some("k") });
+    a.merge(b);
+    a.merge(c);
+    assert_eq!(*a.get("k").unwrap(), KeyUsage { allowed: 3, denied: DenyCounts::default(), last_used_s: 70 });
+}
+
+#[test]
+fn outcome_of_a_decision_carries_the_key_id_only_when_the_key_was_found() {
+    let hash = |k: &str| hex::encode(hash_key(k.as_bytes()));
+    let config = json!({"keys": [{"id": "k1", "hash": hash("sk_1"), "org": "o", "scopes": ["a"]},
+                                 {"id": "k2", "hash": hash("sk_2"), "org": "o", "revoked": true}],
+                        "routes": [{"path": "/open", "public": true}, {"path": "/a", "scopes": ["a"]},
+                                   {"path": "/b", "scopes": ["b"]}]});
+    let policy = Plugin::from_json(config.to_string().as_bytes()).unwrap().policy;
+    let mut t = Tally::new(10, 0);
+    for (path, key) in [
+        ("/a", Some("sk_1")),
+        ("/b", Some("sk_1")),
+        ("/a", Some("sk_2")),
+        ("/a", Some("sk_9")),
+        ("/a", None),
+        ("/open", None),
+    ] {
+        let mut h = vec![(":method".to_string(), b"GET".to_vec()), (":path".to_string(), path.as_bytes().to_vec())];
+        if let Some(key) = key {
+            h.push(("authorization".to_string(), format!("Bearer {key}").into_bytes()));
+        }
+        let decision = policy.decide(&policy.keys, &RequestView::from_headers(&h), &|| Some(0));
+        t.record(Outcome::of(&decision));
+    }
+    let k1 = t.get("k1").unwrap();
+    assert_eq!((k1.allowed, k1.denied.get(DenyKind::InsufficientScope)), (1, 1));
+    assert_eq!(t.get("k2").unwrap().denied.get(DenyKind::RevokedKey), 1);
+    assert_eq!(t.len(), 2);
+    assert_eq!(t.unattributed().iter().collect::<Vec<_>>(), [(DenyKind::MissingKey, 1), (DenyKind::InvalidKey, 1)]);
+}
+
+/// Counts the allocations of the thread that asks, so that tests running at once do not mix.
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the counter is a const
+// thread-local `Cell` with no destructor, which allocates nothing.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn allocations_of(f: impl FnOnce()) -> usize {
+    let before = ALLOCATIONS.with(Cell::get);
+    f();
+    ALLOCATIONS.with(Cell::get) - before
+}
+
+#[test]
+fn recording_a_key_already_counted_allocates_nothing() {
+    let mut t = Tally::new(2, 0);
+    let ids: Vec<String> = ["k1", "k2", "k3"].iter().map(|s| s.to_string()).collect();
+    assert!(allocations_of(|| t.record(Outcome::Allowed { key_id: Some(&ids[0]) })) > 0, "a new entry");
+    t.record(Outcome::Allowed { key_id: Some(&ids[1]) });
+    let n = allocations_of(|| {
+        for _ in 0..1_000 {
+            t.record(Outcome::Allowed { key_id: Some(&ids[0]) });
+            t.record(Outcome::Denied { kind: DenyKind::Forbidden, key_id: Some(&ids[1]) });
+            t.record(Outcome::Allowed { key_id: Some(&ids[2]) }); // past the bound: dropped
+            t.record(Outcome::Denied { kind: DenyKind::InvalidKey, key_id: None });
+        }
+    });
+    assert_eq!(n, 0);
+    assert_eq!((t.get("k1").unwrap().allowed, t.dropped()), (1_001, 1_000));
+}
+
