@@ -59,7 +59,7 @@ pub use store::{
 pub use sync::{Syncer, MAX_IN_FLIGHT};
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod sync_props;
 #[cfg(test)]

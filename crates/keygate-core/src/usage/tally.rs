@@ -173,6 +173,14 @@ impl Tally {
         }
     }
 
+    pub(crate) fn add_unattributed(&mut self, counts: &DenyCounts) {
+        self.unattributed.merge(counts);
+    }
+
+    pub(crate) fn add_dropped(&mut self, requests: u64) {
+        self.dropped = self.dropped.saturating_add(requests);
+    }
+
     /// Adds every count of `other`, within this tally's bound: the requests of a key that does not
     /// fit are counted as dropped.
     pub fn merge(&mut self, other: Tally) {

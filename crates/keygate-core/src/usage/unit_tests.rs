@@ -1,11 +1,13 @@
-//! Unit tests of usage reporting's parts, each on its own: the settings and a tally (what it counts, its bound, that a request of a known key
-//! allocates nothing).
+//! Unit tests of usage reporting's parts, each on its own: the settings, a tally (what it counts, its bound, that a request of a known key
+//! allocates nothing), its bytes and the shared-data merge.
 //!
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
 use super::*;
 use crate::error::ErrorKind;
 use crate::keys::hash_key;
+use crate::live::fake::FakeStore;
+use crate::live::store::Store;
 use crate::plugin::Plugin;
 use crate::policy::RequestView;
 use crate::reply::DenyKind;
@@ -240,3 +242,139 @@ fn recording_a_key_already_counted_allocates_nothing() {
     assert_eq!((t.get("k1").unwrap().allowed, t.dropped()), (1_001, 1_000));
 }
 
+// ---------------------------------------------------------------------------------------------
+// A tally's bytes
+
+fn sample() -> Tally {
+    let mut t = Tally::new(100, 1_796_306_409);
+    t.record(Outcome::Allowed { key_id: Some("ab12cd34") });
+    t.record(Outcome::Denied { kind: DenyKind::InsufficientScope, key_id: Some("ab12cd34") });
+    t.record(Outcome::Denied { kind: DenyKind::RevokedKey, key_id: Some("old\"one\\") });
+    for _ in 0..300 {
+        t.record(Outcome::Denied { kind: DenyKind::MissingKey, key_id: None });
+    }
+    t.add_dropped(u64::MAX - 1);
+    t
+}
+
+#[test]
+fn a_tally_comes_back_from_its_bytes() {
+    let t = sample();
+    let bytes = encode(&t);
+    assert_eq!(&bytes[..2], b"U\x01");
+    assert_eq!(decode(&bytes, 100, 1_796_306_409).unwrap(), t);
+    assert_eq!(decode(&encode(&Tally::new(5, 0)), 5, 0).unwrap(), Tally::new(5, 0));
+    assert_eq!(decode(b"", 5, 9).unwrap(), Tally::new(5, 9), "an emptied entry");
+    // Read with a smaller bound, the entries past it are dropped requests.
+    let small = decode(&bytes, 1, 0).unwrap();
+    assert_eq!((small.len(), small.dropped()), (1, u64::MAX), "saturated");
+    assert_eq!(small.unattributed().get(DenyKind::MissingKey), 300);
+}
+
+#[test]
+fn bytes_that_are_no_tally_are_refused_with_where_and_why() {
+    let good = encode(&sample());
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let one_entry = |id: &[u8]| {
+        let mut b = vec![b'U', 1, 0, 0, 1, id.len() as u8];
+        b.extend_from_slice(id);
+        b.extend_from_slice(&[1, 0, 0]);
+        b
+    };
+    let mut twice = vec![b'U', 1, 0, 0, 2];
+    twice.extend_from_slice(&[1, b'k', 1, 0, 0, 1, b'k', 1, 0, 0]);
+    for (bytes, at, reason) in [
+        (b"X\x01".to_vec(), 2, "not a keygate usage tally (version 1)"),
+        (b"U\x02".to_vec(), 2, "not a keygate usage tally (version 1)"),
+        (b"U".to_vec(), 0, "truncated"),
+        (good[..good.len() - 1].to_vec(), good.len() - 1, "truncated"),
+        (trailing, good.len(), "bytes after the last entry"),
+        (vec![b'U', 1, 0x80, 0x00], 4, "a number not in its shortest form"),
+        (vec![b'U', 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02], 12, "a number past 64 bits"),
+        (vec![b'U', 1, 0, 0x80, 0x01], 5, "an unknown deny kind"),
+        (vec![b'U', 1, 0, 1, 0], 5, "a count of zero"),
+        (one_entry(b""), 6, "a key id that is not visible ASCII"),
+        (one_entry(b"a b"), 9, "a key id that is not visible ASCII"),
+        (one_entry("é".as_bytes()), 8, "a key id that is not visible ASCII"),
+        (twice, 15, "a key id listed twice"),
+        (vec![b'U', 1, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f], 9, "truncated"),
+    ] {
+        let e = decode(&bytes, 10, 0).unwrap_err();
+        assert_eq!((e.at, e.reason), (at, reason), "{bytes:?}");
+    }
+    assert_eq!(decode(b"U", 1, 0).unwrap_err().to_string(), "usage tally: truncated at byte 0");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared data
+
+#[test]
+fn workers_deposit_in_shared_data_and_the_reporter_collects_it_all_once() {
+    let store = FakeStore::default();
+    let entry = "keygate/usage/test/tally";
+    shared::prepare(&store, entry).unwrap();
+    shared::prepare(&store, entry).unwrap();
+    let mut expected = Tally::new(10, 0);
+    for w in 0..4 {
+        let mut t = Tally::new(10, 100 + w);
+        t.record(Outcome::Allowed { key_id: Some("shared") });
+        t.record(Outcome::Allowed { key_id: Some(&format!("w{w}")) });
+        t.record(Outcome::Denied { kind: DenyKind::MissingKey, key_id: None });
+        assert_eq!(shared::deposit(&store, entry, &t).unwrap(), None);
+        expected.merge(t);
+    }
+    let got = shared::collect(&store, entry, 10, 0).unwrap();
+    assert_eq!(got, expected);
+    assert_eq!(got.get("shared").unwrap().last_used_s, 103);
+    assert_eq!(store.value(entry), Some(Vec::new()), "collected: empty");
+    assert!(shared::collect(&store, entry, 10, 0).unwrap().is_empty(), "nothing is collected twice");
+    assert!(shared::collect(&store, "absent", 10, 0).unwrap().is_empty());
+}
+
+#[test]
+fn a_deposit_racing_another_write_retries_and_unreadable_bytes_are_replaced() {
+    /// A store where another worker writes the entry between each of the first reads and writes.
+    struct Racing<'a> {
+        inner: &'a FakeStore,
+        races: Cell<usize>,
+    }
+    impl Store for Racing<'_> {
+        fn get(&self, entry: &str) -> Result<Option<(Vec<u8>, u32)>, crate::live::StoreError> {
+            let got = self.inner.get(entry);
+            if self.races.get() > 0 {
+                self.races.set(self.races.get() - 1);
+                let mut other = Tally::new(10, 0);
+                other.record(Outcome::Allowed { key_id: Some("other") });
+                let current = self.inner.get(entry).unwrap().map(|(v, _)| v).unwrap_or_default();
+                let mut merged = decode(&current, 10, 0).unwrap();
+                merged.merge(other);
+                self.inner.set(entry, &encode(&merged), None).unwrap();
+            }
+            got
+        }
+        fn set(&self, entry: &str, value: &[u8], cas: Option<u32>) -> Result<bool, crate::live::StoreError> {
+            self.inner.set(entry, value, cas)
+        }
+    }
+    let inner = FakeStore::default();
+    let entry = "e";
+    shared::prepare(&inner, entry).unwrap();
+    let store = Racing { inner: &inner, races: Cell::new(3) };
+    let mut mine = Tally::new(10, 0);
+    mine.record(Outcome::Allowed { key_id: Some("mine") });
+    shared::deposit(&store, entry, &mine).unwrap();
+    let got = shared::collect(&inner, entry, 10, 0).unwrap();
+    assert_eq!((got.get("other").unwrap().allowed, got.get("mine").unwrap().allowed), (3, 1));
+
+    let always = Racing { inner: &inner, races: Cell::new(usize::MAX) };
+    assert_eq!(shared::deposit(&always, entry, &mine).unwrap_err(), "e: no compare-and-swap succeeded in 100 tries");
+
+    inner.set(entry, b"junk", None).unwrap();
+    let unreadable = shared::deposit(&inner, entry, &mine).unwrap();
+    assert_eq!(unreadable.map(|e| e.reason), Some("not a keygate usage tally (version 1)"));
+    assert_eq!(shared::collect(&inner, entry, 10, 0).unwrap(), mine);
+    inner.set(entry, b"junk", None).unwrap();
+    assert!(shared::collect(&inner, entry, 10, 0).unwrap().is_empty());
+    assert_eq!(inner.value(entry), Some(Vec::new()));
+}
