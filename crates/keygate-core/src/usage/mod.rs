@@ -7,18 +7,21 @@
 //! - [`tally`]: one worker's counts since its last flush ([`Tally`]), bounded by
 //!   `usage.max_pending_keys`; recording a request is at most a map update, no host call;
 //! - [`encoding`]: a tally's compact bytes, to merge workers' tallies through shared data;
-//! - [`shared`]: that merge, with compare-and-swap on a [`Store`](crate::live::Store).
+//! - [`shared`]: that merge, with compare-and-swap on a [`Store`](crate::live::Store);
+//! - [`report`]: the report's JSON, written and read back ([`Report`]).
 //!
 //! A host counts each decision in its worker's tally ([`Tally::record`] of [`Outcome::of`]) and
 //! sets the tally's coarse clock on each tick ([`Tally::set_now`]). Reporting never delays, fails or
 //! changes a request.
 
 pub mod encoding;
+pub mod report;
 pub mod settings;
 pub mod shared;
 pub mod tally;
 
 pub use encoding::{decode, encode, DecodeError};
+pub use report::{batch_id, Report, ReportError, ReportLimits, KIND_NAMES, MAX_BATCH_ID_BYTES, MAX_NODE_BYTES};
 pub use settings::{RawUsage, UsageConfig};
 pub use tally::{attributable, DenyCounts, KeyUsage, Outcome, Tally};
 

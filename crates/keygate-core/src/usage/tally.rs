@@ -211,6 +211,11 @@ impl Tally {
         self.keys.iter().map(|(id, usage)| (id.as_str(), usage))
     }
 
+    /// Every key counted, taken out of the tally.
+    pub(crate) fn into_keys(self) -> HashMap<String, KeyUsage> {
+        self.keys
+    }
+
     /// How many key ids are counted.
     pub fn len(&self) -> usize {
         self.keys.len()

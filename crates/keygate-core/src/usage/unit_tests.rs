@@ -1,5 +1,5 @@
 //! Unit tests of usage reporting's parts, each on its own: the settings, a tally (what it counts, its bound, that a request of a known key
-//! allocates nothing), its bytes and the shared-data merge.
+//! allocates nothing), its bytes, the report's JSON and its parser, and the shared-data merge.
 //!
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
@@ -304,6 +304,140 @@ fn bytes_that_are_no_tally_are_refused_with_where_and_why() {
         assert_eq!((e.at, e.reason), (at, reason), "{bytes:?}");
     }
     assert_eq!(decode(b"U", 1, 0).unwrap_err().to_string(), "usage tally: truncated at byte 0");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report
+
+fn report() -> Report {
+    let mut t = Tally::new(10, 1_796_306_409);
+    for _ in 0..12 {
+        t.record(Outcome::Allowed { key_id: Some("ab12cd34") });
+    }
+    t.record(Outcome::Denied { kind: DenyKind::InsufficientScope, key_id: Some("ab12cd34") });
+    t.set_now(1_796_306_402);
+    t.record(Outcome::Denied { kind: DenyKind::ExpiredKey, key_id: Some("9z") });
+    for kind in [DenyKind::MissingKey, DenyKind::InvalidKey] {
+        for _ in 0..(if kind == DenyKind::MissingKey { 3 } else { 5 }) {
+            t.record(Outcome::Denied { kind, key_id: None });
+        }
+    }
+    Report::new(batch_id("node-1", 1_796_306_399_750, 3), "node-1", 1_796_306_400, 1_796_306_410, t)
+}
+
+const REPORT: &str = concat!(
+    r#"{"batch_id":"node-1/1796306399750/3","node":"node-1","from":"2026-12-03T14:00:00Z","to":"2026-12-03T14:00:10Z","#,
+    r#""keys":{"9z":{"allowed":0,"denied":{"expired_key":1},"last_used":"2026-12-03T14:00:02Z"},"#,
+    r#""ab12cd34":{"allowed":12,"denied":{"insufficient_scope":1},"last_used":"2026-12-03T14:00:09Z"}},"#,
+    r#""unattributed":{"missing_key":3,"invalid_key":5},"dropped":0}"#
+);
+
+#[test]
+fn a_report_is_written_in_the_documented_shape() {
+    let r = report();
+    assert_eq!(String::from_utf8(r.to_json()).unwrap(), REPORT);
+    assert_eq!(r.requests(), 12 + 1 + 1 + 3 + 5);
+    let value: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
+    assert_eq!(value["keys"]["ab12cd34"]["denied"], json!({"insufficient_scope": 1}));
+}
+
+#[test]
+fn a_report_reads_back_as_written() {
+    let r = report();
+    assert_eq!(Report::parse(&r.to_json()).unwrap(), r);
+    let pretty = serde_json::to_string_pretty(&serde_json::from_slice::<serde_json::Value>(&r.to_json()).unwrap());
+    assert_eq!(Report::parse(pretty.unwrap().as_bytes()).unwrap(), r, "whitespace is not the writer's alone");
+    // Any node text, and ids with quotes and backslashes, are escaped and read back.
+    let mut t = Tally::new(3, 0);
+    t.record(Outcome::Allowed { key_id: Some(r#"a"b\c"#) });
+    let odd = Report::new("b/1/1".into(), "nöde \"1\"\n\u{1}", 0, 0, t);
+    assert_eq!(Report::parse(&odd.to_json()).unwrap(), odd);
+    // A zero count someone else wrote is as good as none.
+    let zero = REPORT.replace(r#""missing_key":3,"#, r#""missing_key":0,"revoked_key":0,"#);
+    let read = Report::parse(zero.as_bytes()).unwrap();
+    assert_eq!(read.unattributed.iter().collect::<Vec<_>>(), [(DenyKind::InvalidKey, 5)]);
+}
+
+#[test]
+fn the_kind_names_are_the_stats_names() {
+    assert_eq!(KIND_NAMES.to_vec(), DenyKind::ALL.map(DenyKind::name).to_vec());
+}
+
+#[test]
+fn a_malformed_report_is_refused_naming_the_member() {
+    let edit = |from: &str, to: &str| {
+        assert!(REPORT.contains(from), "{from}");
+        REPORT.replacen(from, to, 1)
+    };
+    for (text, field, kind) in [
+        (
+            edit(r#""dropped":0"#, r#""dropped":0,"extra":1"#),
+            "extra",
+            ErrorKind::Unknown { allowed: &["batch_id", "node", "from", "to", "keys", "unattributed", "dropped"] },
+        ),
+        (edit(r#","dropped":0"#, ""), "", ErrorKind::Missing { name: "dropped".into() }),
+        (edit(r#""dropped":0"#, r#""dropped":-1"#), "dropped", ErrorKind::Invalid),
+        (edit(r#""dropped":0"#, r#""dropped":"0""#), "dropped", ErrorKind::Type),
+        (
+            edit(r#""missing_key":3"#, r#""teapot":3"#),
+            "unattributed.teapot",
+            ErrorKind::Unknown { allowed: &KIND_NAMES },
+        ),
+        (
+            edit(r#""missing_key":3"#, r#""missing_key":3,"missing_key":1"#),
+            "unattributed.missing_key",
+            ErrorKind::Duplicate { of: "unattributed.missing_key".into() },
+        ),
+        (edit(r#""9z":{"#, r#""ab12cd34":{"#), "keys.ab12cd34", ErrorKind::Duplicate { of: "keys.ab12cd34".into() }),
+        (edit(r#""9z":{"#, r#""9 z":{"#), "keys.9 z", ErrorKind::Invalid),
+        (edit(r#""9z":{"#, r#""":{"#), "keys.", ErrorKind::Invalid),
+        (edit(r#""allowed":0,"#, ""), "keys.9z", ErrorKind::Missing { name: "allowed".into() }),
+        (edit("2026-12-03T14:00:02Z", "2026-12-03T14:00:02.5Z"), "keys.9z.last_used", ErrorKind::Invalid),
+        (edit("2026-12-03T14:00:00Z", "2026-12-03T15:00:00+01:00"), "from", ErrorKind::Invalid),
+        (edit("2026-12-03T14:00:00Z", "yesterday"), "from", ErrorKind::Invalid),
+        (edit("2026-12-03T14:00:10Z", "2026-12-03T13:59:59Z"), "to", ErrorKind::Invalid),
+        (edit(r#""node-1/1796306399750/3""#, r#""""#), "batch_id", ErrorKind::Invalid),
+        (edit(r#""node":"node-1""#, r#""node":null"#), "node", ErrorKind::Type),
+        (REPORT[..REPORT.len() - 1].to_string(), "", ErrorKind::Syntax),
+        (format!("{REPORT} {{}}"), "", ErrorKind::Syntax),
+        ("[]".to_string(), "", ErrorKind::Type),
+        ("  ".to_string(), "", ErrorKind::Syntax),
+    ] {
+        match Report::parse(text.as_bytes()) {
+            Err(ReportError::Invalid(e)) => {
+                assert!(e.field == field && e.kind == kind, "{text}: {e:?}");
+                assert!(!e.reason().is_empty());
+            }
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+    let e = Report::parse(edit("2026-12-03T14:00:00Z", "yesterday").as_bytes()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "usage report: from: expected an RFC 3339 UTC time to the second such as 2027-01-01T00:00:00Z, got \
+         \"yesterday\" at line 1 column 71"
+    );
+    let long_node = edit(r#""node":"node-1""#, &format!(r#""node":"{}""#, "n".repeat(MAX_NODE_BYTES + 1)));
+    assert!(matches!(Report::parse(long_node.as_bytes()), Err(ReportError::Invalid(e)) if e.field == "node"));
+}
+
+#[test]
+fn an_oversized_report_is_refused_unread() {
+    let limits = ReportLimits { max_bytes: REPORT.len() - 1, max_keys: 10 };
+    let e = Report::parse_within(REPORT.as_bytes(), &limits).unwrap_err();
+    assert_eq!(e, ReportError::TooLarge { bytes: REPORT.len(), limit: REPORT.len() - 1 });
+    assert_eq!(
+        e.to_string(),
+        format!("usage report: {} bytes, more than the limit ({})", REPORT.len(), REPORT.len() - 1)
+    );
+    // Past the limit, even bytes that are not JSON at all are refused for their size.
+    let huge = vec![b'x'; (64 << 20) + 1];
+    let start = std::time::Instant::now();
+    assert!(matches!(Report::parse(&huge), Err(ReportError::TooLarge { .. })));
+    assert!(start.elapsed() < std::time::Duration::from_millis(100));
+    let e = Report::parse_within(REPORT.as_bytes(), &ReportLimits { max_bytes: 1 << 20, max_keys: 1 }).unwrap_err();
+    assert_eq!(e, ReportError::TooManyKeys { keys: 2, limit: 1 });
+    assert_eq!(e.to_string(), "usage report: 2 keys, more than the limit (1)");
 }
 
 // ---------------------------------------------------------------------------------------------
