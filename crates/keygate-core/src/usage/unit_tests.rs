@@ -1,5 +1,6 @@
-//! Unit tests of usage reporting's parts, each on its own: the settings, a tally (what it counts, its bound, that a request of a known key
-//! allocates nothing), its bytes, the report's JSON and its parser, and the shared-data merge.
+//! Unit tests of usage reporting's parts, each on its own: the settings, a tally (what it counts,
+//! its bound, that a request of a known key allocates nothing), its bytes, the report's JSON and its
+//! parser, and the shared-data merge (the reporter as a whole: `reporter_tests.rs`).
 //!
 //! Test code only: its parent declares it under #[cfg(test)], so unwrap and panic are fine here.
 
