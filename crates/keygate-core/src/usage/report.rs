@@ -25,9 +25,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// Longest `node` written or read; a longer node id is cut to it (at a character boundary).
-pub const MAX_NODE_BYTES: usize = 1_024;
-/// Longest `batch_id` read: a node, the two numbers and their slashes.
-pub const MAX_BATCH_ID_BYTES: usize = MAX_NODE_BYTES + 48;
+pub const MAX_NODE_BYTES: usize = 200;
+/// Longest `batch_id` read: a node, the two numbers (20 characters at most each) and their
+/// slashes fit, and so does every name `keygate serve` accepts (256 bytes).
+pub const MAX_BATCH_ID_BYTES: usize = 256;
 
 /// The deny kinds' names, as stats and reports spell them, in the order of [`DenyKind::ALL`].
 pub const KIND_NAMES: [&str; DenyKind::ALL.len()] = [

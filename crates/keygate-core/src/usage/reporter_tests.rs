@@ -11,6 +11,7 @@
 use super::fake::*;
 use crate::live::host::Answer;
 use crate::reply::DenyKind;
+use crate::usage::report::{batch_id, MAX_BATCH_ID_BYTES, MAX_NODE_BYTES};
 use crate::usage::reporter::{Event, Post, Reporter, Stats};
 use crate::usage::tally::{DenyCounts, Outcome};
 use serde_json::json;
@@ -394,7 +395,10 @@ fn batch_ids_differ_across_restarts_of_one_node() {
 fn an_unknown_node_reports_as_empty_and_a_long_one_is_cut() {
     let config = config(&json!({}));
     let receiver = Receiver::default();
-    for (node, want) in [("", String::new()), (&*"n".repeat(5_000), "n".repeat(1_024))] {
+    // 201 bytes whose 200th is inside a two-byte character: cut before it.
+    let wide = format!("n{}", "é".repeat(MAX_NODE_BYTES / 2));
+    let cut = format!("n{}", "é".repeat(MAX_NODE_BYTES / 2 - 1));
+    for (node, want) in [("", String::new()), (&*"n".repeat(5_000), "n".repeat(MAX_NODE_BYTES)), (&*wide, cut)] {
         let mut reporter = Reporter::new(config.clone(), node, 5);
         let mut tally = config.tally(WALL0_S);
         tally.record(Outcome::Allowed { key_id: Some("k") });
@@ -404,6 +408,9 @@ fn an_unknown_node_reports_as_empty_and_a_long_one_is_cut() {
         assert_eq!(report.node, want);
         assert_eq!(report.batch_id, format!("{want}/5/1"));
     }
+    // The longest id there can be still reads back.
+    let longest = batch_id(&"n".repeat(MAX_NODE_BYTES), i64::MIN, u64::MAX);
+    assert!(longest.len() <= MAX_BATCH_ID_BYTES, "{}", longest.len());
 }
 
 #[test]
