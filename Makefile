@@ -104,7 +104,7 @@ soak: build envoy
 ## size limit (key_set.max_manifest_bytes, 1 MiB), the others up to 4 KiB.
 FUZZ_SECONDS  ?= 60
 FUZZ_TIMEOUT  ?= 2
-FUZZ_TARGETS  := credential path config keyset
+FUZZ_TARGETS  := credential path config keyset native
 fuzz:
 	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 	@cargo +nightly fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --locked

@@ -246,13 +246,71 @@ fn new_prints_only_the_key_on_stdout_and_its_record_without_secret_on_stderr() {
     let secret = key.rsplit('_').next().unwrap();
     assert!(!run.stderr.contains(secret), "the secret is on stderr: {}", run.stderr);
     let record: Value = serde_json::from_str(&run.stderr).unwrap_or_else(|e| panic!("{e}: {}", run.stderr));
+    let created = record["created_at"].as_str().unwrap().to_string();
+    assert_is_now(&created);
     assert_eq!(
         record,
         serde_json::json!({"id": id_of(key), "hash": sha256_hex(key), "org": "org_42", "name": "Till 3",
             "scopes": ["a:read", "b:write"], "attributes": {"venue": "v_7"},
-            "expires_at": "2099-01-01T00:00:00Z", "revoked": false})
+            "expires_at": "2099-01-01T00:00:00Z", "revoked": false,
+            "created_at": created, "preview": format!("sk_live_{}_…{}", id_of(key), &secret[60..])})
     );
     assert!(!s.path("keys.json").exists());
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// `at` is an RFC 3339 UTC time in whole seconds, within a minute of now.
+fn assert_is_now(at: &str) {
+    let at_ms = keygate_core::time::parse_rfc3339(at).unwrap_or_else(|e| panic!("{at:?}: {e}"));
+    assert!((at_ms - now_ms()).abs() < 60_000, "{at} is not now");
+    assert!(at.ends_with('Z') && at.len() == 20, "{at}");
+}
+
+#[test]
+fn new_writes_a_preview_that_holds_only_the_last_four_characters_of_the_secret() {
+    let s = Scratch::new("new-preview");
+    let key = new_key(&s, &["--org", "o", "--prefix", "pk_test_"]);
+    let secret = key.rsplit('_').next().unwrap();
+    let record = &records(&s)[0];
+    assert_eq!(record["preview"], format!("pk_test_{}_…{}", id_of(&key), &secret[60..]));
+    assert_is_now(record["created_at"].as_str().unwrap());
+    // Any 8 characters of the secret would be more than its last four.
+    let file = s.read("keys.json");
+    for i in 0..=56 {
+        assert!(!file.contains(&secret[i..i + 8]), "keys.json holds {:?} of the secret", &secret[i..i + 8]);
+    }
+}
+
+#[test]
+fn new_takes_a_default_expiry_from_keygate_expires_and_never_overrides_it() {
+    let s = Scratch::new("new-default-expiry");
+    let with_default = |args: &[&str]| {
+        let out = Command::new(&*BIN).args(args).current_dir(&s.0).env("KEYGATE_EXPIRES", "365d").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    with_default(&["new", "--org", "o", "--keys", "keys.json"]);
+    with_default(&["new", "--org", "o", "--keys", "keys.json", "--expires", "never"]);
+    with_default(&["new", "--org", "o", "--keys", "keys.json", "--expires", "2d"]);
+    new_key(&s, &["--org", "o"]);
+    let all = records(&s);
+    let expiry = |i: usize| all[i]["expires_at"].as_str().map(|t| keygate_core::time::parse_rfc3339(t).unwrap());
+    let day = 86_400_000;
+    assert!((expiry(0).unwrap() - now_ms() - 365 * day).abs() < 60_000, "{:?}", all[0]);
+    assert_eq!(expiry(1), None);
+    assert!((expiry(2).unwrap() - now_ms() - 2 * day).abs() < 60_000, "{:?}", all[2]);
+    assert_eq!(expiry(3), None, "without KEYGATE_EXPIRES a key does not expire");
+    let out = Command::new(&*BIN)
+        .args(["new", "--org", "o"])
+        .current_dir(&s.0)
+        .env("KEYGATE_EXPIRES", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(from KEYGATE_EXPIRES)"), "{out:?}");
+    assert!(out.stdout.is_empty());
 }
 
 #[test]
@@ -358,10 +416,10 @@ fn list_shows_the_public_part_expiry_and_status_of_every_key() {
     );
     let run = ok(&s, &["list", "--keys", "keys.json"]);
     let want = "\
-ID        KEY                 ORG    NAME    SCOPES  EXPIRES               STATUS
-aaaa0001  sk_live_aaaa0001_…  org_1  Till 1  a b     2099-01-01T00:00:00Z  active
-aaaa0002  sk_live_aaaa0002_…  org_2  -       -       never                 revoked
-aaaa0003  sk_live_aaaa0003_…  org_3  -       -       2020-01-01T00:00:00Z  expired
+ID        NAME    PREVIEW             ORG    SCOPES  CREATED  EXPIRES               LAST USED  REQUESTS  STATUS
+aaaa0001  Till 1  sk_live_aaaa0001_…  org_1  a b     -        2099-01-01T00:00:00Z  -          -         active
+aaaa0002  -       sk_live_aaaa0002_…  org_2  -       -        never                 -          -         revoked
+aaaa0003  -       sk_live_aaaa0003_…  org_3  -       -        2020-01-01T00:00:00Z  -          -         expired
 ";
     assert_eq!(run.stdout, want);
     let run = ok(&s, &["list", "--keys", "keys.json", "--prefix", "pk_"]);
@@ -433,7 +491,7 @@ fn check_reports_the_exact_field_of_every_planted_error_in_one_run() {
     assert_eq!(run.stderr, "");
     let want = r#"config.json: keys[1].hash: expected 64 hex characters (a SHA-256)
 config.json: keys[2].id: duplicate id "k1" (also keys[0])
-config.json: keys[3].team: unknown field `team`, expected one of `id`, `hash`, `org`, `name`, `scopes`, `attributes`, `expires_at`, `revoked`
+config.json: keys[3].team: unknown field `team`, expected one of `id`, `hash`, `org`, `name`, `scopes`, `attributes`, `expires_at`, `revoked`, `created_at`, `preview`
 config.json: keys[4].hash: duplicate hash (also keys[0])
 config.json: keys[4].expires_at: expected an RFC 3339 timestamp such as 2027-01-01T00:00:00Z, got "next year"
 config.json: routes[0].bind.venue: the path "/v1/venues/{venue_id}" has no {venue}
@@ -555,7 +613,7 @@ spec:
     assert_eq!(
         run.stdout,
         "bad.yaml:14: keys[0].colour: unknown field `colour`, expected one of `id`, `hash`, `org`, `name`, \
-         `scopes`, `attributes`, `expires_at`, `revoked`\n\
+         `scopes`, `attributes`, `expires_at`, `revoked`, `created_at`, `preview`\n\
          bad.yaml:18: keys[1].scopes[1]: invalid type: integer `7`, expected a string\n"
     );
 }
@@ -747,7 +805,7 @@ fn a_writer_killed_at_any_moment_never_leaves_a_corrupt_file() {
 fn every_command_has_help() {
     let s = Scratch::new("help");
     let main = ok(&s, &["--help"]).stdout;
-    for command in ["new", "revoke", "list", "hash", "check", "config"] {
+    for command in ["new", "rotate", "revoke", "list", "hash", "check", "config", "serve"] {
         assert!(main.contains(&format!("  {command} ")), "{command} missing from keygate --help");
         let run = ok(&s, &[command, "--help"]);
         assert!(run.stdout.starts_with("Usage: keygate "), "{command}: {}", run.stdout);
@@ -761,7 +819,7 @@ fn errors_are_one_line_on_stderr_with_a_nonzero_exit() {
     let s = Scratch::new("errors");
     assert_eq!(
         fails(&s, &["frobnicate"], 2),
-        "keygate: no command \"frobnicate\"; the commands are new, revoke, list, hash, check, config (see keygate --help)\n"
+        "keygate: no command \"frobnicate\"; the commands are new, rotate, revoke, list, hash, check, config, serve (see keygate --help)\n"
     );
     assert_eq!(fails(&s, &["new"], 2), "keygate new: --org is required (see keygate new --help)\n");
     assert_eq!(
@@ -780,4 +838,380 @@ fn errors_are_one_line_on_stderr_with_a_nonzero_exit() {
     let run = keygate(&s, &[]);
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("Usage: keygate"));
+}
+
+// ---- rotate -------------------------------------------------------------------------------------
+
+#[test]
+fn rotate_revokes_the_key_and_its_successor_works_in_envoy_with_the_same_identity() {
+    let s = Scratch::new("rotate");
+    let old = new_key(
+        &s,
+        &["--org", "org_42", "--scope", "venues:read", "--attr", "venue=v_7", "--name", "Till 3", "--expires", "30d"],
+    );
+    let other = new_key(&s, &["--org", "org_9"]);
+    let run = ok(&s, &["rotate", id_of(&old), "--keys", "keys.json"]);
+    assert_eq!(run.stdout.lines().count(), 1, "{run:#?}");
+    let new = run.stdout.trim_end().to_string();
+    assert_key_format(&new);
+    let secret = new.rsplit('_').next().unwrap();
+    assert!(!run.stderr.contains(secret), "{run:#?}");
+    let new_id = id_of(&new);
+    assert_eq!(
+        run.stderr,
+        format!(
+            "keygate: revoked key {} and added its successor {new_id} (org org_42) to keys.json\n\
+             keygate: key {} had an expiry and {new_id} has none (give --expires, or set KEYGATE_EXPIRES)\n",
+            id_of(&old),
+            id_of(&old)
+        )
+    );
+    let all = records(&s);
+    assert_eq!(all.len(), 3);
+    assert_eq!(all[0]["revoked"], true);
+    assert_eq!(all[1]["revoked"], false, "another key was touched: {all:#?}");
+    let successor = &all[2];
+    for field in ["org", "name", "scopes", "attributes"] {
+        assert_eq!(successor[field], all[0][field], "{field}");
+    }
+    assert_eq!(successor["hash"], sha256_hex(&new));
+    assert_eq!(successor["preview"], format!("sk_live_{new_id}_…{}", &secret[60..]));
+    assert_eq!(successor.get("expires_at"), None);
+    assert_is_now(successor["created_at"].as_str().unwrap());
+
+    s.write("routes.json", ROUTES);
+    let config = ok(&s, &["config", "--keys", "keys.json", "--routes", "routes.json"]).stdout;
+    let upstream = Upstream::start();
+    let envoy = Envoy::start(&EnvoyOptions::new(Some(&config), upstream.port()));
+    for proto in Proto::ALL {
+        upstream.clear();
+        let reply = get(envoy.port(), proto, "/v1/venues/v_7", &[("authorization", &format!("Bearer {old}"))]);
+        assert_eq!(reply.status, 401, "{proto:?}: the rotated key still works: {}", reply.body);
+        assert!(upstream.requests().is_empty());
+        let reply = get(envoy.port(), proto, "/v1/venues/v_7", &[("authorization", &format!("Bearer {new}"))]);
+        assert_eq!(reply.status, 200, "{proto:?}: {}", reply.body);
+        let seen = upstream.single_request();
+        assert_eq!(seen.header("x-api-key-id").as_deref(), Some(new_id));
+        assert_eq!(seen.header("x-org-id").as_deref(), Some("org_42"));
+        assert_eq!(seen.header("x-venue-id").as_deref(), Some("v_7"));
+        upstream.clear();
+        let reply = get(envoy.port(), proto, "/v1/venues/v_8", &[("x-api-key", &new)]);
+        assert_eq!(reply.status, 403, "{proto:?}: the successor lost its binding: {}", reply.body);
+        let reply = get(envoy.port(), proto, "/v1/venues/v_7", &[("x-api-key", &other)]);
+        assert_eq!(reply.status, 403, "{proto:?}: {}", reply.body);
+    }
+}
+
+#[test]
+fn rotate_refuses_an_unknown_or_revoked_id_and_changes_nothing() {
+    let s = Scratch::new("rotate-refused");
+    new_key(&s, &["--org", "o", "--id", "0000000a"]);
+    let before = s.read("keys.json");
+    assert_eq!(
+        fails(&s, &["rotate", "ffffffff", "--keys", "keys.json"], 1),
+        "keygate: keys.json: no key with id \"ffffffff\"; nothing was changed\n"
+    );
+    ok(&s, &["revoke", "0000000a", "--keys", "keys.json"]);
+    let revoked = s.read("keys.json");
+    assert_ne!(revoked, before);
+    let run = keygate(&s, &["rotate", "0000000a", "--keys", "keys.json"]);
+    assert_eq!((run.code, run.stdout.as_str()), (1, ""), "{run:#?}");
+    assert_eq!(
+        run.stderr,
+        "keygate: keys.json: key 0000000a is already revoked (rotated before?); `keygate new` makes a key with its \
+         settings; nothing was changed\n"
+    );
+    assert_eq!(s.read("keys.json"), revoked);
+    assert_eq!(
+        fails(&s, &["rotate", "--keys", "keys.json"], 2),
+        "keygate rotate: name the ID of the key to rotate (see keygate rotate --help)\n"
+    );
+}
+
+#[test]
+fn rotate_keeps_the_old_keys_prefix_and_takes_an_expiry() {
+    let s = Scratch::new("rotate-prefix");
+    let old = new_key(&s, &["--org", "o", "--prefix", "pk_test_"]);
+    let new = ok(&s, &["rotate", id_of(&old), "--keys", "keys.json", "--expires", "90d"]).stdout;
+    assert!(new.starts_with("pk_test_"), "{new}");
+    let at = records(&s)[1]["expires_at"].as_str().unwrap().to_string();
+    let at_ms = keygate_core::time::parse_rfc3339(&at).unwrap();
+    assert!((at_ms - now_ms() - 90 * 86_400_000).abs() < 60_000, "{at}");
+}
+
+// ---- serve --------------------------------------------------------------------------------------
+
+/// A running `keygate serve`, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Serve {
+    child: Option<std::process::Child>,
+    port: u16,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Serve {
+    /// `keygate serve --keys KEYS --usage-dir USAGE` in `s`, on a port the system picks.
+    fn start(s: &Scratch, keys: &str, usage: &str) -> Serve {
+        use std::io::BufRead;
+        let mut child = Command::new(&*BIN)
+            .args(["serve", "--keys", keys, "--usage-dir", usage, "--listen", "127.0.0.1:0"])
+            .current_dir(&s.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        stderr.read_line(&mut first).unwrap();
+        let port = first
+            .strip_prefix("keygate serve: listening on http://127.0.0.1:")
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("keygate serve did not start: {first:?}"));
+        let log = std::sync::Arc::new(std::sync::Mutex::new(vec![first.trim_end().to_string()]));
+        let lines = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Serve { child: Some(child), port, log, reader: Some(reader) }
+    }
+
+    /// SIGTERM; returns the exit code and every line it wrote.
+    fn stop(mut self) -> (Option<i32>, Vec<String>) {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) with the pid of a child this test started and has not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        self.reader.take().unwrap().join().unwrap();
+        (status.code(), self.log.lock().unwrap().clone())
+    }
+
+    fn get(&self, path: &str, headers: &str) -> common::Response {
+        common::raw_http1(
+            self.port,
+            format!("GET {path} HTTP/1.1\r\nHost: keys\r\n{headers}Connection: close\r\n\r\n").as_bytes(),
+        )
+    }
+
+    fn post_usage(&self, body: &str) -> common::Response {
+        let request = format!(
+            "POST /usage HTTP/1.1\r\nHost: keys\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        common::raw_http1(self.port, request.as_bytes())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A usage report of the contract, for key `id`.
+fn report(batch: &str, id: &str, allowed: u64, last_used: &str) -> String {
+    format!(
+        r#"{{"batch_id": "{batch}", "node": "envoy-1", "from": "2026-12-03T14:00:00Z", "to": "2026-12-03T14:00:10Z",
+            "keys": {{"{id}": {{"allowed": {allowed}, "denied": {{"insufficient_scope": 1}}, "last_used": "{last_used}"}}}},
+            "unattributed": {{"missing_key": 3, "invalid_key": 5}}, "dropped": 0}}"#
+    )
+}
+
+#[test]
+fn serve_gives_each_file_a_strong_etag_answers_304_and_refuses_every_path_outside_the_key_set() {
+    let s = Scratch::new("serve-files");
+    new_key(&s, &["--org", "o"]);
+    ok(&s, &["config", "--keys", "keys.json", "--shards", "out", "--manifest-version", "1"]);
+    fs::write(s.path("secret.json"), "{}").unwrap();
+    fs::write(s.path("out/.hidden"), "{}").unwrap();
+    fs::write(s.path("out/manifest.json.keygate-tmp"), "{\"half").unwrap();
+    let serve = Serve::start(&s, "out", "usage");
+
+    let manifest = fs::read(s.path("out/manifest.json")).unwrap();
+    let etag = format!("\"{}\"", hex::encode(hash_key(&manifest)));
+    let reply = serve.get("/manifest.json", "");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body.as_bytes(), manifest);
+    assert_eq!(reply.header("etag"), Some(etag.as_str()));
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let reply = serve.get("/manifest.json", &format!("If-None-Match: {etag}\r\n"));
+    assert_eq!((reply.status, reply.body.as_str(), reply.header("etag")), (304, "", Some(etag.as_str())));
+    let reply = serve.get("/manifest.json", "If-None-Match: \"0000\"\r\n");
+    assert_eq!(reply.status, 200);
+    let reply = serve.get("/shards/0.json?x=1", "");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.body.as_bytes(), fs::read(s.path("out/shards/0.json")).unwrap());
+
+    for path in [
+        "/",
+        "/nope.json",
+        "/shards",
+        "/../secret.json",
+        "/shards/../../secret.json",
+        "/%2e%2e/secret.json",
+        "/shards%2f..%2f..%2fsecret.json",
+        "/..%5csecret.json",
+        "/.hidden",
+        "/manifest.json.keygate-tmp",
+        "/manifest.json.lock",
+        "//secret.json",
+    ] {
+        let reply = serve.get(path, "");
+        assert_eq!(reply.status, 404, "{path}: {}", reply.body);
+        assert_eq!(reply.body, "{\"error\":\"no such file in the key set\"}\n", "{path}");
+    }
+    let reply = common::raw_http1(
+        serve.port,
+        b"GET http://keys/../secret.json HTTP/1.1\r\nHost: keys\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(reply.status, 404);
+    let reply =
+        common::raw_http1(serve.port, b"DELETE /manifest.json HTTP/1.1\r\nHost: keys\r\nConnection: close\r\n\r\n");
+    assert_eq!((reply.status, reply.header("allow")), (405, Some("GET, HEAD")));
+
+    let (code, log) = serve.stop();
+    assert_eq!(code, Some(0), "{log:#?}");
+    let requests: Vec<&String> = log.iter().skip(1).filter(|l| l.contains(" GET ")).collect();
+    assert_eq!(requests.len(), 4 + 12 + 1, "one line per request: {log:#?}");
+    assert!(requests[1].ends_with(" ms") && requests[1].contains(" GET /manifest.json 304 0 bytes "), "{log:#?}");
+    assert!(log.iter().all(|l| !l.contains("x=1")), "a query string was logged: {log:#?}");
+}
+
+#[test]
+fn serve_reads_a_republished_key_set_at_once() {
+    let s = Scratch::new("serve-republish");
+    new_key(&s, &["--org", "o"]);
+    ok(&s, &["config", "--keys", "keys.json", "--shards", "out", "--manifest-version", "1"]);
+    let serve = Serve::start(&s, "out", "usage");
+    let first = serve.get("/manifest.json", "");
+    let etag = first.header("etag").unwrap().to_string();
+    ok(&s, &["config", "--keys", "keys.json", "--shards", "out", "--manifest-version", "2"]);
+    let reply = serve.get("/manifest.json", &format!("If-None-Match: {etag}\r\n"));
+    assert_eq!(reply.status, 200, "the republished manifest was not seen");
+    assert_ne!(reply.header("etag"), Some(etag.as_str()));
+    assert!(reply.body.contains("\"version\": \"2\""), "{}", reply.body);
+}
+
+#[test]
+fn serve_keeps_each_report_once_across_a_restart_and_refuses_malformed_and_oversized_ones() {
+    let s = Scratch::new("serve-usage");
+    fs::create_dir_all(s.path("out")).unwrap();
+    let serve = Serve::start(&s, "out", "usage");
+    let one = report("n1-1", "ab12cd34", 12, "2026-12-03T14:00:09Z");
+    let reply = serve.post_usage(&one);
+    assert_eq!((reply.status, reply.body.as_str()), (200, "{\"accepted\":true}\n"));
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let reply = serve.post_usage(&one);
+    assert_eq!((reply.status, reply.body.as_str()), (200, "{\"accepted\":false,\"duplicate\":true}\n"));
+
+    let reply = serve.post_usage("{\"batch_id\": 7}");
+    assert_eq!(reply.status, 400);
+    assert_eq!(
+        reply.body,
+        "{\"accepted\":false,\"error\":\"batch_id: invalid type: integer `7`, expected a string at line 1 column 14\"}\n"
+    );
+    let reply = serve.post_usage(&one.replace("\"dropped\": 0", "\"dropped\": 0, \"secret\": 1"));
+    assert_eq!(reply.status, 400);
+    assert!(reply.body.contains("secret: unknown field `secret`"), "{}", reply.body);
+    let reply = common::raw_http1(
+        serve.port,
+        format!("POST /usage HTTP/1.1\r\nHost: keys\r\nContent-Length: {}\r\n\r\n{{", 8 * 1024 * 1024 + 1).as_bytes(),
+    );
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.body, "{\"accepted\":false,\"error\":\"a report is at most 8388608 bytes\"}\n");
+    let reply = common::raw_http1(serve.port, b"GET /usage HTTP/1.1\r\nHost: keys\r\nConnection: close\r\n\r\n");
+    assert_eq!((reply.status, reply.header("allow")), (405, Some("POST")));
+    let (code, log) = serve.stop();
+    assert_eq!(code, Some(0));
+    assert!(log.iter().all(|l| !l.contains("ab12cd34") && !l.contains("secret")), "a body was logged: {log:#?}");
+
+    let stored = fs::read_to_string(s.path("usage/usage.jsonl")).unwrap();
+    assert_eq!(stored.lines().count(), 1, "{stored}");
+    let line: Value = serde_json::from_str(stored.lines().next().unwrap()).unwrap();
+    assert_eq!(line, serde_json::from_str::<Value>(&one).unwrap());
+
+    let serve = Serve::start(&s, "out", "usage");
+    assert!(serve.log.lock().unwrap()[0].ends_with("(1 reports)"), "{:?}", serve.log.lock().unwrap());
+    let reply = serve.post_usage(&one);
+    assert_eq!(reply.body, "{\"accepted\":false,\"duplicate\":true}\n", "a restart forgot the batch");
+    let reply = serve.post_usage(&report("n1-2", "ab12cd34", 1, "2026-12-03T14:00:19Z"));
+    assert_eq!(reply.body, "{\"accepted\":true}\n");
+    drop(serve);
+    assert_eq!(fs::read_to_string(s.path("usage/usage.jsonl")).unwrap().lines().count(), 2);
+}
+
+#[test]
+fn list_sums_requests_and_the_last_use_from_the_reports_serve_kept() {
+    let s = Scratch::new("list-usage");
+    s.write(
+        "keys.json",
+        &format!(
+            r#"{{"keys": [
+  {{"id": "aaaa0001", "hash": "{}", "org": "org_1", "name": "Till 1", "created_at": "2026-01-01T10:00:00+01:00", "preview": "sk_live_aaaa0001_…9f3a"}},
+  {{"id": "aaaa0002", "hash": "{}", "org": "org_2", "revoked": true}}
+]}}"#,
+            "1".repeat(64),
+            "2".repeat(64)
+        ),
+    );
+    fs::create_dir_all(s.path("out")).unwrap();
+    let serve = Serve::start(&s, "out", "usage");
+    for body in [
+        report("b1", "aaaa0001", 12, "2026-12-03T14:00:09Z"),
+        report("b2", "aaaa0001", 100, "2026-12-03T13:00:00+01:00"),
+        report("b1", "aaaa0001", 12, "2026-12-03T14:00:09Z"),
+        report("b3", "ffff0000", 5, "2026-12-03T14:00:09Z"),
+    ] {
+        assert_eq!(serve.post_usage(&body).status, 200);
+    }
+    drop(serve);
+    let want = "\
+ID        NAME    PREVIEW                 ORG    SCOPES  CREATED               EXPIRES  LAST USED             REQUESTS  STATUS
+aaaa0001  Till 1  sk_live_aaaa0001_…9f3a  org_1  -       2026-01-01T09:00:00Z  never    2026-12-03T14:00:09Z  114       active
+aaaa0002  -       sk_live_aaaa0002_…      org_2  -       -                     never    never                 0         revoked
+";
+    assert_eq!(ok(&s, &["list", "--keys", "keys.json", "--usage", "usage"]).stdout, want);
+    assert_eq!(ok(&s, &["list", "--keys", "keys.json", "--usage", "usage/usage.jsonl"]).stdout, want);
+    s.write("bad.jsonl", "{\"batch_id\": \"x\"}\n");
+    assert_eq!(
+        fails(&s, &["list", "--keys", "keys.json", "--usage", "bad.jsonl"], 1),
+        "keygate: bad.jsonl:1: not a usage report: missing field `from` at line 1 column 17\n"
+    );
+}
+
+#[test]
+fn envoy_loads_keys_from_keygate_serve_and_a_revocation_republished_with_the_cli_takes_effect() {
+    let s = Scratch::new("serve-envoy");
+    let key = new_key(&s, &["--org", "org_1"]);
+    let other = new_key(&s, &["--org", "org_2"]);
+    ok(&s, &["config", "--keys", "keys.json", "--shards", "out", "--manifest-version", "1"]);
+    let serve = Serve::start(&s, "out", "usage");
+    let upstream = Upstream::start();
+    let config = format!(
+        r#"{{"credential": {{"prefixes": ["sk_live_"]}},
+            "key_set": {{"cluster": "{KEYSET_CLUSTER}", "path": "/manifest.json", "poll_interval_ms": 300, "timeout_ms": 300}}}}"#
+    );
+    let mut opts = EnvoyOptions::new(Some(&config), upstream.port());
+    opts.keyset_port = Some(serve.port);
+    let envoy = Envoy::start(&opts);
+    wait_for_status(&envoy, &key, 200, Duration::from_secs(10));
+    assert_eq!(upstream.requests().last().unwrap().header("x-api-key-id").as_deref(), Some(id_of(&key)));
+
+    ok(&s, &["revoke", id_of(&key), "--keys", "keys.json"]);
+    ok(&s, &["config", "--keys", "keys.json", "--shards", "out", "--manifest-version", "2"]);
+    wait_for_status(&envoy, &key, 401, Duration::from_secs(10));
+    wait_for_status(&envoy, &other, 200, Duration::from_secs(1));
+    // A few more polls of the unchanged manifest.
+    std::thread::sleep(Duration::from_millis(1000));
+    drop(envoy);
+    let (_, log) = serve.stop();
+    // The filter polls conditionally: an unchanged manifest is answered 304.
+    assert!(log.iter().any(|l| l.contains(" GET /manifest.json 304 ")), "{log:#?}");
+    assert!(log.iter().any(|l| l.contains(" GET /shards/")), "{log:#?}");
 }

@@ -90,7 +90,46 @@ pub fn try_send(
             req.extend_from_slice(body);
             try_raw_http1(port, &req)
         }
-        Proto::Http2 => h2_send(port, method, path, headers, body),
+        Proto::Http2 => h2_send(port, method, path, headers, body, &[]),
+    }
+}
+
+/// Sends one request with a body and then `trailers`, on a fresh connection, as [`try_send`]
+/// does otherwise. HTTP/1.1: the body is one chunk (none when empty) of a chunked message, the
+/// trailers in its trailer section. HTTP/2: a HEADERS frame, the body's DATA frame (none when
+/// empty), and the trailers in a second HEADERS frame that ends the stream (names lowercased).
+pub fn try_send_with_trailers(
+    port: u16,
+    proto: Proto,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    trailers: &[(&str, &str)],
+) -> Result<Response, String> {
+    match proto {
+        Proto::Http1 => {
+            let mut req = format!("{method} {path} HTTP/1.1\r\n").into_bytes();
+            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+                req.extend_from_slice(format!("host: 127.0.0.1:{port}\r\n").as_bytes());
+            }
+            for (n, v) in headers {
+                req.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+            }
+            req.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+            if !body.is_empty() {
+                req.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+                req.extend_from_slice(body);
+                req.extend_from_slice(b"\r\n");
+            }
+            req.extend_from_slice(b"0\r\n");
+            for (n, v) in trailers {
+                req.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+            }
+            req.extend_from_slice(b"\r\n");
+            try_raw_http1(port, &req)
+        }
+        Proto::Http2 => h2_send(port, method, path, headers, body, trailers),
     }
 }
 
@@ -130,7 +169,14 @@ pub fn try_raw_http1(port: u16, request: &[u8]) -> Result<Response, String> {
     }
 }
 
-fn h2_send(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Response, String> {
+fn h2_send(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    trailers: &[(&str, &str)],
+) -> Result<Response, String> {
     let mut authority = format!("127.0.0.1:{port}");
     let mut builder = http::Request::builder()
         .method(http::Method::from_bytes(method.as_bytes()).map_err(|e| format!("method {method:?}: {e}"))?)
@@ -157,6 +203,12 @@ fn h2_send(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: 
     }
     let request = builder.uri(uri).body(()).map_err(|e| e.to_string())?;
     let body = bytes::Bytes::copy_from_slice(body);
+    let mut trailer_map = http::HeaderMap::new();
+    for (n, v) in trailers {
+        let name = http::HeaderName::from_bytes(n.as_bytes()).map_err(|e| format!("trailer name {n:?}: {e}"))?;
+        let value = http::HeaderValue::from_bytes(v.as_bytes()).map_err(|e| format!("trailer value {v:?}: {e}"))?;
+        trailer_map.append(name, value);
+    }
 
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build().map_err(|e| e.to_string())?;
@@ -170,10 +222,14 @@ fn h2_send(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: 
                 let _ = connection.await;
             });
             let mut client = client.ready().await.map_err(|e| format!("h2 ready: {e}"))?;
+            let end_with_headers = body.is_empty() && trailer_map.is_empty();
             let (reply, mut stream) =
-                client.send_request(request, body.is_empty()).map_err(|e| format!("h2 send_request: {e}"))?;
+                client.send_request(request, end_with_headers).map_err(|e| format!("h2 send_request: {e}"))?;
             if !body.is_empty() {
-                stream.send_data(body, true).map_err(|e| format!("h2 send_data: {e}"))?;
+                stream.send_data(body, trailer_map.is_empty()).map_err(|e| format!("h2 send_data: {e}"))?;
+            }
+            if !trailer_map.is_empty() {
+                stream.send_trailers(trailer_map).map_err(|e| format!("h2 send_trailers: {e}"))?;
             }
             let reply = reply.await.map_err(|e| format!("h2 reply: {e}"))?;
             let (parts, mut recv) = reply.into_parts();

@@ -1,9 +1,12 @@
 //! A small HTTP/1.1 message reader shared by the recording upstream (requests) and the clients
 //! (responses). It keeps what was received as received: header names are lowercased, values are
 //! trimmed of surrounding blanks and converted lossily to UTF-8, duplicates stay separate entries in
-//! arrival order.
+//! arrival order. A chunked body's trailer fields are read the same way.
 
 use std::io::{self, BufRead};
+
+/// Trailer fields: (name lowercased, value), in arrival order, as `Head::headers`.
+pub type Fields = Vec<(String, String)>;
 
 /// The start line and the header fields of one message.
 pub struct Head {
@@ -67,16 +70,20 @@ pub fn read_head(r: &mut impl BufRead) -> io::Result<Option<Head>> {
         if line.is_empty() {
             break;
         }
-        let colon = line
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or_else(|| invalid(format!("header line without colon: {:?}", String::from_utf8_lossy(&line))))?;
-        let (name, value) = line.split_at(colon);
-        let value = value.get(1..).unwrap_or_default();
-        let value = trim_blanks(value);
-        headers.push((String::from_utf8_lossy(name).to_ascii_lowercase(), String::from_utf8_lossy(value).into_owned()));
+        headers.push(field(&line)?);
     }
     Ok(Some(Head { start_line: String::from_utf8_lossy(&start).into_owned(), headers }))
+}
+
+/// One header (or trailer) field line: the name lowercased, the value trimmed of blanks.
+fn field(line: &[u8]) -> io::Result<(String, String)> {
+    let colon = line
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or_else(|| invalid(format!("header line without colon: {:?}", String::from_utf8_lossy(line))))?;
+    let (name, value) = line.split_at(colon);
+    let value = trim_blanks(value.get(1..).unwrap_or_default());
+    Ok((String::from_utf8_lossy(name).to_ascii_lowercase(), String::from_utf8_lossy(value).into_owned()))
 }
 
 fn trim_blanks(mut v: &[u8]) -> &[u8] {
@@ -89,8 +96,8 @@ fn trim_blanks(mut v: &[u8]) -> &[u8] {
     v
 }
 
-/// Reads a chunked body, trailers included (the trailers are discarded).
-fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
+/// Reads a chunked body and its trailer fields (names lowercased, as [`read_head`] reads headers).
+fn read_chunked(r: &mut impl BufRead) -> io::Result<(Vec<u8>, Fields)> {
     let mut body = Vec::new();
     loop {
         let line = read_line(r)?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "eof in chunked body"))?;
@@ -99,12 +106,14 @@ fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
         let size = usize::from_str_radix(size, 16).map_err(|_| invalid(format!("bad chunk size {size:?}")))?;
         if size == 0 {
             // Trailer section, ended by an empty line.
+            let mut trailers = Vec::new();
             while let Some(l) = read_line(r)? {
                 if l.is_empty() {
                     break;
                 }
+                trailers.push(field(&l)?);
             }
-            return Ok(body);
+            return Ok((body, trailers));
         }
         let start = body.len();
         body.resize(start + size, 0);
@@ -115,13 +124,18 @@ fn read_chunked(r: &mut impl BufRead) -> io::Result<Vec<u8>> {
 
 /// Reads a request body: chunked, Content-Length, or none.
 pub fn read_request_body(r: &mut impl BufRead, head: &Head) -> io::Result<Vec<u8>> {
+    read_request_body_and_trailers(r, head).map(|(body, _)| body)
+}
+
+/// Reads a request body and, when it is chunked, its trailer fields (none otherwise).
+pub fn read_request_body_and_trailers(r: &mut impl BufRead, head: &Head) -> io::Result<(Vec<u8>, Fields)> {
     if head.chunked() {
         return read_chunked(r);
     }
     let len = head.content_length()?.unwrap_or(0);
     let mut body = vec![0; len];
     r.read_exact(&mut body)?;
-    Ok(body)
+    Ok((body, Vec::new()))
 }
 
 /// Reads a response body: none for HEAD / 1xx / 204 / 304, else chunked, Content-Length, or
@@ -131,7 +145,7 @@ pub fn read_response_body(r: &mut impl BufRead, head: &Head, status: u16, head_r
         return Ok(Vec::new());
     }
     if head.chunked() {
-        return read_chunked(r);
+        return read_chunked(r).map(|(body, _)| body);
     }
     match head.content_length()? {
         Some(len) => {

@@ -42,6 +42,9 @@
 //! bytes. HTTP/2 is h2c with prior knowledge through the `h2` crate: header names are lowercased,
 //! `host` becomes `:authority`, and a path the `http` crate would alter or refuses (a `#`, a
 //! space, no leading `/`) makes `try_send` return `Err` instead of sending something else.
+//! [`try_send_with_trailers`] ends a request with trailers (a chunked HTTP/1.1 message, or a last
+//! HEADERS frame); the upstream records a chunked request's trailers ([`Recorded::trailers`]),
+//! which Envoy forwards only to a cluster with `enable_trailers` (tests/trailers.rs sets it).
 //!
 //! # Envoy's own behaviour, as observed (1.40, no filter, `normalize_path: false`)
 //!
@@ -98,7 +101,7 @@ pub mod http1;
 pub mod keyset;
 pub mod upstream;
 
-pub use client::{get, raw_http1, send, send_body, try_raw_http1, try_send, Proto, Response};
+pub use client::{get, raw_http1, send, send_body, try_raw_http1, try_send, try_send_with_trailers, Proto, Response};
 pub use envoy::{envoy_binary, keygate_binary, repo_root, wasm_path, Envoy, EnvoyOptions, KEYSET_CLUSTER};
 pub use keyset::{Fault, KeySetRequest, KeySetServer, Publication, MANIFEST_PATH};
 pub use upstream::{Recorded, Upstream, UPSTREAM_BODY};

@@ -1,5 +1,6 @@
 //! The recording upstream: a plain-thread HTTP/1.1 server on 127.0.0.1 (OS-picked port) that
-//! answers every request `200 {"upstream":"ok"}` and records what it received.
+//! answers every request `200 {"upstream":"ok"}` and records what it received, a chunked request's
+//! trailers included.
 
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -23,6 +24,8 @@ pub struct Recorded {
     /// Header fields in arrival order, names lowercased, duplicates as separate entries.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Trailer fields of a chunked request, as `headers`; empty for any other request.
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Recorded {
@@ -141,7 +144,7 @@ fn serve(stream: TcpStream, state: Arc<State>) {
         let method = parts.next().unwrap_or_default().to_string();
         let path = parts.next().unwrap_or_default().to_string();
         let version = parts.next().unwrap_or_default().to_string();
-        let Ok(body) = http1::read_request_body(&mut reader, &head) else {
+        let Ok((body, trailers)) = http1::read_request_body_and_trailers(&mut reader, &head) else {
             return;
         };
         let head_request = method == "HEAD";
@@ -152,6 +155,7 @@ fn serve(stream: TcpStream, state: Arc<State>) {
             version,
             headers: head.headers,
             body,
+            trailers,
         });
         let reply = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n{}",

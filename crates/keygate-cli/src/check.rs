@@ -258,7 +258,7 @@ mod tests {
             "credential.headers[1]: \"bad header\" is not a valid header name",
             "keys[1].hash: expected 64 hex characters (a SHA-256), got 3",
             "keys[1].org: must be non-empty, without control characters or surrounding spaces",
-            "keys[1].colour: unknown field `colour`, expected one of `id`, `hash`, `org`, `name`, `scopes`, `attributes`, `expires_at`, `revoked`",
+            "keys[1].colour: unknown field `colour`, expected one of `id`, `hash`, `org`, `name`, `scopes`, `attributes`, `expires_at`, `revoked`, `created_at`, `preview`",
             "keys[2].id: duplicate id \"a\" (also keys[0])",
             "keys[2].scopes[1]: \"bad scope\" is not a scope (visible ASCII, no spaces)",
             "keys[3]: missing field `org`",

@@ -1,10 +1,11 @@
-//! The commands: new, revoke, list, hash, check, config. This module parses the command line
-//! and reports failures; each family of commands has its own file: [`edit`] (new, revoke),
-//! [`inspect`] (list, hash, check), [`config`] (config).
+//! The commands: new, rotate, revoke, list, hash, check, config, serve. This module parses the
+//! command line and reports failures; each family of commands has its own file: [`edit`] (new,
+//! rotate, revoke), [`inspect`] (list, hash, check), [`config`] (config), [`serve`] (serve).
 
 mod config;
 mod edit;
 mod inspect;
+mod serve;
 
 use crate::args::{flag, repeated, value, Opt, Parsed};
 use crate::{help, keyset};
@@ -75,8 +76,19 @@ const COMMANDS: &[Command] = &[
         ],
         run: edit::new,
     },
+    Command {
+        name: "rotate",
+        help: help::ROTATE,
+        opts: &[value("--keys"), value("--expires"), value("--prefix")],
+        run: edit::rotate,
+    },
     Command { name: "revoke", help: help::REVOKE, opts: &[value("--keys")], run: edit::revoke },
-    Command { name: "list", help: help::LIST, opts: &[value("--keys"), value("--prefix")], run: inspect::list },
+    Command {
+        name: "list",
+        help: help::LIST,
+        opts: &[value("--keys"), value("--prefix"), value("--usage")],
+        run: inspect::list,
+    },
     Command { name: "hash", help: help::HASH, opts: &[], run: inspect::hash },
     Command { name: "check", help: help::CHECK, opts: &[flag("--envoy")], run: inspect::check },
     Command {
@@ -91,6 +103,12 @@ const COMMANDS: &[Command] = &[
             value("--manifest-version"),
         ],
         run: config::config,
+    },
+    Command {
+        name: "serve",
+        help: help::SERVE,
+        opts: &[value("--keys"), value("--usage-dir"), value("--listen")],
+        run: serve::serve,
     },
 ];
 
@@ -117,7 +135,9 @@ pub fn run(args: &[OsString]) -> Result<(), Fail> {
         _ => {}
     }
     let Some(command) = COMMANDS.iter().find(|c| c.name == first) else {
-        return Err(usage(format!("no command {first:?}; the commands are new, revoke, list, hash, check, config")));
+        return Err(usage(format!(
+            "no command {first:?}; the commands are new, rotate, revoke, list, hash, check, config, serve"
+        )));
     };
     let rest = args.get(1..).unwrap_or_default();
     let parsed = Parsed::parse(rest, command.opts).map_err(|message| Fail::Usage { command: command.name, message })?;

@@ -97,6 +97,38 @@ pub fn lock(path: &Path) -> Result<Lock, String> {
     Ok(Lock { _file: file })
 }
 
+/// The lock of [`lock`] if no one else holds it, else `Ok(None)` at once.
+pub fn try_lock(path: &Path) -> Result<Option<Lock>, String> {
+    let lock_path = sibling(path, ".lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| format!("{}: cannot create the lock file: {}", lock_path.display(), io_reason(&e)))?;
+    Ok(try_flock(&file, &lock_path)?.then_some(Lock { _file: file }))
+}
+
+#[cfg(unix)]
+fn try_flock(file: &File, lock_path: &Path) -> Result<bool, String> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock takes a file descriptor and flags; `fd` is open for as long as `file` lives.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(format!("{}: cannot lock: {}", lock_path.display(), io_reason(&e))),
+    }
+}
+
+#[cfg(not(unix))]
+fn try_flock(_file: &File, lock_path: &Path) -> Result<bool, String> {
+    Err(format!("{}: file locking is only implemented on Unix", lock_path.display()))
+}
+
 #[cfg(unix)]
 fn flock(file: &File, lock_path: &Path) -> Result<(), String> {
     use std::os::unix::io::AsRawFd;

@@ -2,7 +2,9 @@
 //!
 //! It shares the filter's code for key records, configuration and the live key-set layout
 //! (`keygate-core`), so what it accepts is exactly what the filter accepts. It never stores a key,
-//! only its SHA-256, and prints a key exactly once: on standard output, when `keygate new` makes it.
+//! only its SHA-256, and prints a key exactly once: on standard output, when `keygate new` or
+//! `keygate rotate` makes it. `keygate serve` serves a published key set and keeps the usage
+//! reports filters send.
 //!
 //! Output goes to standard output; errors are one line on standard error, `keygate: …`. Exit
 //! status: 0 success, 1 failure (or problems found by `check`), 2 wrong usage.
@@ -23,6 +25,10 @@ mod help;
 mod json;
 #[cfg(not(target_arch = "wasm32"))]
 mod keyset;
+#[cfg(not(target_arch = "wasm32"))]
+mod report;
+#[cfg(not(target_arch = "wasm32"))]
+mod serve;
 #[cfg(not(target_arch = "wasm32"))]
 mod shards;
 

@@ -124,6 +124,14 @@ fn rejections_name_the_field() {
             "keys[0].expires_at: expected an RFC 3339",
         ),
         (json!({"keys": [{"id": "a", "hash": HASH, "org": "o", "scopes": ["a b"]}]}), "keys[0].scopes[0]:"),
+        (
+            json!({"keys": [{"id": "a", "hash": HASH, "org": "o", "created_at": 1_798_761_600}]}),
+            "keys[0].created_at: invalid type: integer",
+        ),
+        (
+            json!({"keys": [{"id": "a", "hash": HASH, "org": "o", "preview": "sk_live_a_0123456789abcdef"}]}),
+            "keys[0].preview: expected the key's public part",
+        ),
         (json!({"keys": [{"id": "a", "hash": HASH, "org": "o\n"}]}), "keys[0].org:"),
         (json!({"credential": {"header": ["x"]}}), "credential.header: unknown field `header`"),
         (json!({"credential": {"headers": []}}), "credential.headers: must list at least one header"),
@@ -350,7 +358,10 @@ fn reading_errors_have_a_kind_and_a_position() {
     let e = policy_of(br#"{"keys": [{"id": "a", "hash": "x", "org": "o", "secret": 1}]}"#).unwrap_err().into_first();
     assert_eq!(e.field, "keys[0].secret");
     let ErrorKind::Unknown { allowed } = e.kind else { panic!("{e:?}") };
-    assert_eq!(allowed, ["id", "hash", "org", "name", "scopes", "attributes", "expires_at", "revoked"]);
+    assert_eq!(
+        allowed,
+        ["id", "hash", "org", "name", "scopes", "attributes", "expires_at", "revoked", "created_at", "preview"]
+    );
 
     let e = policy_of(br#"{"unmatched": "allow"}"#).unwrap_err().into_first();
     assert_eq!((e.field.as_str(), e.kind), ("unmatched", ErrorKind::Unknown { allowed: &["authenticate", "deny"] }));

@@ -212,6 +212,33 @@ impl Policy {
         Decision::Allow { edits: self.edits(request, Some(&key)), key_id: Some(key.id.clone()) }
     }
 
+    /// The trailers to remove from a request before it goes upstream, named as the trailers
+    /// spell them, each once: every trailer that is, in any case or spelling a CGI-style server
+    /// reads as it (`x_org_id`, `X.Org.Id`), a header keygate reads or sets on the request. That
+    /// is a credential header, whatever its value and whatever `strip_credentials` says (keygate
+    /// never checked it); an identity header; and a method- or URL-override header. keygate
+    /// decides on the headers alone, so an upstream that merges trailers into them must find
+    /// there nothing keygate did not check or set. Every other trailer goes through.
+    pub fn trailers_to_remove<'t>(&self, trailers: &'t [(String, Vec<u8>)]) -> Vec<&'t str> {
+        let mut remove: Vec<&'t str> = Vec::new();
+        for (name, _) in trailers {
+            if self.reads_or_sets(name) && !remove.iter().any(|r| r.eq_ignore_ascii_case(name)) {
+                remove.push(name);
+            }
+        }
+        remove
+    }
+
+    /// True if a header of this name (in any CGI spelling) is one keygate reads or sets on a
+    /// request: a credential, identity or override header.
+    fn reads_or_sets(&self, name: &str) -> bool {
+        let twin = |managed: &str| same_to_cgi(name, managed);
+        self.credential_headers.iter().any(|h| twin(&h.name))
+            || self.upstream.identity_headers.iter().any(|h| twin(h))
+            || URL_OVERRIDE_HEADERS.iter().any(|h| twin(h))
+            || METHOD_OVERRIDE_HEADERS.iter().any(|h| twin(h))
+    }
+
     fn rule_for<'p, 'r>(&'p self, method: &[u8], segments: &'r [Cow<'r, [u8]>], case: Case) -> Rule<'p, 'r> {
         for route in &self.routes {
             let method_ok = route.methods.as_ref().is_none_or(|ms| ms.iter().any(|m| m.as_bytes() == method));

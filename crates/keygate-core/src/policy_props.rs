@@ -587,3 +587,34 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    // A thousand lists of names are plenty (about a second, unoptimised).
+    #![proptest_config(ProptestConfig { cases: 1_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_trailer_keygate_reads_or_sets_survives_and_every_other_one_does(
+        trailers in prop::collection::vec(prop_oneof![
+            noise_header(),
+            (prop::sample::select(vec![
+                "authorization", "Authorization", "x-api-key", "x_api_key", "X.API.KEY", "x-http-method-override",
+                "x_http_method", "x-original-url", "X_Rewrite_Url", "x-method-override", "grpc-status", "x-api-key-",
+            ]), prop::collection::vec(any::<u8>(), 0..24)).prop_map(|(n, v)| (n.to_string(), v)),
+        ], 0..10),
+    ) {
+        let p = policy();
+        let remove = p.trailers_to_remove(&trailers);
+        let mut managed: Vec<&str> = vec!["authorization", "x-api-key"];
+        managed.extend(p.upstream.identity_headers.iter().map(String::as_str));
+        managed.extend(["x-original-url", "x-rewrite-url", "x-http-method-override", "x-http-method", "x-method-override"]);
+        let kept: Vec<&(String, Vec<u8>)> =
+            trailers.iter().filter(|(n, _)| !remove.iter().any(|r| r.eq_ignore_ascii_case(n))).collect();
+        for (name, _) in &trailers {
+            let theirs = managed.iter().any(|m| cgi(m) == cgi(name));
+            prop_assert_eq!(kept.iter().any(|(n, _)| n == name), !theirs, "{}", name);
+        }
+        for (i, name) in remove.iter().enumerate() {
+            prop_assert!(!remove[..i].iter().any(|r| r.eq_ignore_ascii_case(name)), "{} named twice", name);
+        }
+    }
+}

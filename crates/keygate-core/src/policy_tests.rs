@@ -508,6 +508,49 @@ fn underscore_spellings_of_identity_and_credential_headers_are_removed() {
 }
 
 #[test]
+fn trailers_named_like_a_credential_identity_or_override_header_are_removed_in_any_spelling() {
+    let p = policy_from(config());
+    let trailers = headers(&[
+        ("authorization", "Basic eA=="),
+        ("x-checksum", "1"),
+        ("X_Org_Id", "org_evil"),
+        ("x-org-id", "org_evil"),
+        ("x-org-id", "again"),
+        ("x.venue.id", "v_8"),
+        ("x-api-key-scopes", "*"),
+        ("x_api_key", "sk_live_other"),
+        ("x-http-method-override", "DELETE"),
+        ("x-rewrite-url", "/v1/reports/x"),
+        ("grpc-status", "0"),
+        ("x-org-ids", "near, but another name"),
+    ]);
+    assert_eq!(
+        p.trailers_to_remove(&trailers),
+        [
+            "authorization",
+            "X_Org_Id",
+            "x-org-id",
+            "x.venue.id",
+            "x-api-key-scopes",
+            "x_api_key",
+            "x-http-method-override",
+            "x-rewrite-url"
+        ]
+    );
+    assert!(p.trailers_to_remove(&headers(&[("x-checksum", "1"), ("te", "trailers")])).is_empty());
+}
+
+#[test]
+fn a_credential_trailer_is_removed_even_where_credentials_are_forwarded() {
+    let mut c = config();
+    c["upstream"] = json!({"org_header": null, "strip_credentials": false});
+    let p = policy_from(c);
+    let trailers = headers(&[("authorization", &bearer(READER)), ("x-org-id", "org_1"), ("x-api-key-id", "x")]);
+    // keygate checked the key in the headers, never one in a trailer; `x-org-id` is no longer its.
+    assert_eq!(p.trailers_to_remove(&trailers), ["authorization", "x-api-key-id"]);
+}
+
+#[test]
 fn a_method_override_needs_what_the_method_it_names_needs() {
     let p = policy_from(config());
     // PLATFORM may POST nowhere that needs write:bookings; an override to GET on a GET-only route

@@ -35,21 +35,29 @@
 //!   `on_http_filter_config_destroy`, which runs when the last reference goes.
 //! - **R6 threads**: the configuration hooks run on the main thread, a stream's hooks on its
 //!   worker thread; several workers run hooks of one configuration at once.
+//! - **R8 stream pointer**: the pointer `on_http_filter_new` returns is handed back unchanged to
+//!   every later hook of that stream, one at a time on its worker thread (R6), and to
+//!   `on_http_filter_destroy` once, after which Envoy no longer uses it (its
+//!   `DynamicModuleHttpFilter` forgets it then; a null one is never destroyed). The stream holds
+//!   a reference to its configuration meanwhile (R4).
+//! - **R9 trailers**: during `on_http_filter_request_trailers`, `http_get_headers_size`,
+//!   `http_get_headers` and `http_set_header` with the `RequestTrailer` type act on that
+//!   stream's request trailers as R3 and R2 say for headers.
 //!
 //! No panic crosses the boundary. Every hook that does more than return a constant runs its body
-//! in [`guarded`] (`catch_unwind`), whose fallback fails closed: a refused request (500) or a
-//! refused configuration. The workspace's release profile unwinds (the wasm filter has a profile of
+//! in [`guarded`] (`catch_unwind`), or for a stream hook through [`Request`], whose fallback fails
+//! closed: a refused request (500) or a refused configuration. The workspace's release profile unwinds (the wasm filter has a profile of
 //! its own that aborts, as wasm32-wasip1 must), so in the `libkeygate.so` Envoy loads a defect that
 //! panics costs one refused request, not the Envoy process. The code is still written never to
 //! panic: the workspace's clippy lints deny `unwrap`, `expect`, `panic!` and indexing outside
-//! tests, and the request path is property-tested on the host (filter_tests.rs, which also proves
-//! `guarded`'s fallback). No unwinding can leave an `extern "C"` function either way: Rust aborts
-//! there.
+//! tests, and every hook's safe half is tested on the host (filter_tests.rs, which also proves the
+//! panic fallbacks; filter_props.rs and fuzz/'s `native` target, with arbitrary input). No
+//! unwinding can leave an `extern "C"` function either way: Rust aborts there.
 
 // Every unsafe operation sits in its own block with its reason, unsafe functions included.
 #![deny(unsafe_op_in_unsafe_fn)]
 
-use crate::filter::{self, guarded, ConfigHost, Filter, Level, Log, Stream, Unreadable, Verdict};
+use crate::filter::{self, guarded, ConfigHost, Filter, Level, Log, Request, Stream, Unreadable, Verdict};
 use crate::live::{self, CalloutAnswer, Ticker};
 use keygate_core::live::Fetch;
 use std::ffi::{c_char, c_void};
@@ -127,6 +135,8 @@ pub struct ModuleHttpHeader {
 type HeaderType = u32;
 /// `envoy_dynamic_module_type_http_header_type_RequestHeader`.
 const REQUEST_HEADER: HeaderType = 0;
+/// `envoy_dynamic_module_type_http_header_type_RequestTrailer`.
+const REQUEST_TRAILER: HeaderType = 1;
 
 /// `envoy_dynamic_module_type_log_level`: Trace 0, Debug 1, Info 2, Warn 3, Error 4, Critical 5, Off 6.
 type LogLevel = u32;
@@ -145,7 +155,8 @@ type MetricsResult = u32;
 const METRICS_SUCCESS: MetricsResult = 0;
 
 /// `envoy_dynamic_module_type_on_http_filter_request_headers_status` and the other status
-/// enums of the stream hooks: 0 is `Continue` in each, 1 `StopIteration` in the headers ones.
+/// enums of the stream hooks: 0 is `Continue` in each, 1 `StopIteration` in the headers and
+/// trailers ones.
 type Status = u32;
 const CONTINUE: Status = 0;
 const STOP_ITERATION: Status = 1;
@@ -402,34 +413,55 @@ unsafe fn envoy_bytes<'a>(ptr: *const c_char, length: usize) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), length) }
 }
 
-impl Stream for StreamHandle {
-    fn request_headers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable> {
+impl StreamHandle {
+    /// Every entry of one of the stream's maps (request headers or, R9, trailers), copied.
+    fn map(&mut self, kind: HeaderType) -> Result<Vec<(String, Vec<u8>)>, Unreadable> {
         // SAFETY: R5, the stream pointer of the running hook.
-        let size = unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.0, REQUEST_HEADER) };
+        let size = unsafe { envoy_dynamic_module_callback_http_get_headers_size(self.0, kind) };
         let empty = EnvoyHttpHeader { key_ptr: ptr::null(), key_length: 0, value_ptr: ptr::null(), value_length: 0 };
         let mut array = vec![empty; size];
-        // SAFETY: R3, the array has exactly the `size` entries Envoy reported, and nothing changed
-        // the map in between (same hook, same thread).
-        if !unsafe { envoy_dynamic_module_callback_http_get_headers(self.0, REQUEST_HEADER, array.as_mut_ptr()) } {
+        // SAFETY: R3 (R9), the array has exactly the `size` entries Envoy reported, and nothing
+        // changed the map in between (same hook, same thread).
+        if !unsafe { envoy_dynamic_module_callback_http_get_headers(self.0, kind, array.as_mut_ptr()) } {
             return Err(Unreadable::Host);
         }
         filter::owned_headers(array.iter().map(|h| {
             // SAFETY: R3, each entry points into Envoy's map, unchanged until the copies below are
-            // made (owned_headers copies before any header is set).
+            // made (owned_headers copies before any entry is set).
             unsafe { (envoy_bytes(h.key_ptr, h.key_length), envoy_bytes(h.value_ptr, h.value_length)) }
         }))
     }
 
-    fn remove_request_header(&mut self, name: &str) -> bool {
-        // SAFETY: R5; R2, the key is only read during the call; a null value removes the header.
+    /// Removes every value of `name` from one of the stream's maps.
+    fn remove(&mut self, kind: HeaderType, name: &str) -> bool {
+        // SAFETY: R5; R2, the key is only read during the call; a null value removes the entry
+        // (R9 for trailers).
         unsafe {
             envoy_dynamic_module_callback_http_set_header(
                 self.0,
-                REQUEST_HEADER,
+                kind,
                 ModuleBuffer::of(name.as_bytes()),
                 ModuleBuffer::NULL,
             )
         }
+    }
+}
+
+impl Stream for StreamHandle {
+    fn request_headers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable> {
+        self.map(REQUEST_HEADER)
+    }
+
+    fn remove_request_header(&mut self, name: &str) -> bool {
+        self.remove(REQUEST_HEADER, name)
+    }
+
+    fn request_trailers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable> {
+        self.map(REQUEST_TRAILER)
+    }
+
+    fn remove_request_trailer(&mut self, name: &str) -> bool {
+        self.remove(REQUEST_TRAILER, name)
     }
 
     fn set_request_header(&mut self, name: &str, value: &str) -> bool {
@@ -526,13 +558,37 @@ unsafe fn configured<'a>(ptr: *const c_void) -> Option<&'a Configured> {
     unsafe { ptr.cast::<Configured>().as_ref() }
 }
 
-/// The filter behind a stream's module pointer (the configuration's, see `on_http_filter_new`).
+/// What a stream's module pointer points at: its configuration, and what the stream keeps between
+/// its hooks (the verdict on its headers, for its trailers). Made by `on_http_filter_new`, freed
+/// by `on_http_filter_destroy`; used by the stream's hooks, one at a time on its worker thread (R8).
+struct StreamState {
+    config: ConfigModulePtr,
+    request: Request,
+}
+
+/// Runs a stream hook: `hook` gets the stream's [`Request`] (a fresh one for a null module
+/// pointer, which refuses the request as not configured) and its filter.
 ///
 /// # Safety
-/// As for [`configured`].
-unsafe fn filter_of<'a>(ptr: *const c_void) -> Option<&'a Filter> {
-    // SAFETY: the caller's contract.
-    unsafe { configured(ptr) }.map(|c| &c.filter)
+/// `ptr` is null or a pointer [`envoy_dynamic_module_on_http_filter_new`] returned for a stream
+/// that is not destroyed yet (R8), and `filter_envoy_ptr` is that stream's (R5).
+unsafe fn on_stream(
+    filter_envoy_ptr: FilterEnvoyPtr,
+    ptr: FilterModulePtr,
+    hook: impl FnOnce(&Request, Option<&Filter>, &mut dyn Stream) -> Verdict,
+) -> Status {
+    // SAFETY: the caller's contract: such a pointer is a live `Box<StreamState>`, only read here
+    // (its `Request` keeps its own `Cell`).
+    let state = unsafe { ptr.cast::<StreamState>().as_ref() };
+    // SAFETY: R4, the configuration of a live stream is alive; `config` is the pointer config_new
+    // returned for it.
+    let filter = state.and_then(|s| unsafe { configured(s.config) }).map(|c| &c.filter);
+    let fresh = Request::default();
+    let request = state.map_or(&fresh, |s| &s.request);
+    match hook(request, filter, &mut StreamHandle(filter_envoy_ptr)) {
+        Verdict::Continue => CONTINUE,
+        Verdict::Stop => STOP_ITERATION,
+    }
 }
 
 /// Starts the ticks of a configuration with a live key set: a scheduler, and a thread that commits
@@ -613,15 +669,19 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(filt
     );
 }
 
-/// `envoy_dynamic_module_on_http_filter_new`: a stream needs no state of its own, so its module
-/// pointer is the configuration's (no allocation per request); `on_http_filter_destroy` frees
-/// nothing.
+/// `envoy_dynamic_module_on_http_filter_new`: a stream's state, which remembers the verdict on
+/// its headers for its trailers (one small allocation per request, freed by
+/// `on_http_filter_destroy`). Null (only if this panicked) makes every hook of the stream refuse
+/// it.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     filter_config_ptr: ConfigModulePtr,
     _filter_envoy_ptr: FilterEnvoyPtr,
 ) -> FilterModulePtr {
-    filter_config_ptr
+    guarded(ptr::null, || {
+        let state = StreamState { config: filter_config_ptr, request: Request::default() };
+        Box::into_raw(Box::new(state)).cast_const().cast()
+    })
 }
 
 /// `envoy_dynamic_module_on_http_filter_request_headers`: the request path.
@@ -634,25 +694,25 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     filter_module_ptr: FilterModulePtr,
     _end_of_stream: bool,
 ) -> Status {
-    let mut stream = StreamHandle(filter_envoy_ptr);
-    let verdict = guarded(
-        || {
-            StreamHandle(filter_envoy_ptr).log(Level::Error, "keygate: internal error on the request path");
-            filter::refuse(&mut StreamHandle(filter_envoy_ptr), "internal error")
-        },
-        || {
-            // SAFETY: R4, the module pointer of a stream is the pointer config_new returned for
-            // its configuration, alive while the stream is.
-            match unsafe { filter_of(filter_module_ptr) } {
-                Some(filter) => filter.on_request_headers(&mut stream),
-                // Never configured: refuse rather than let anything through.
-                None => filter::refuse(&mut stream, "keygate is not configured"),
-            }
-        },
-    );
-    match verdict {
-        Verdict::Continue => CONTINUE,
-        Verdict::Stop => STOP_ITERATION,
+    // SAFETY: R8 and R5, the pointers of the running stream hook.
+    unsafe {
+        on_stream(filter_envoy_ptr, filter_module_ptr, |request, filter, stream| request.on_headers(filter, stream))
+    }
+}
+
+/// `envoy_dynamic_module_on_http_filter_request_trailers`: an allowed request's trailers lose
+/// every trailer named like a header keygate reads or sets; a refused request's stay stopped.
+///
+/// # Safety
+/// Called by Envoy only, under the ABI's rules above.
+#[no_mangle]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    filter_envoy_ptr: FilterEnvoyPtr,
+    filter_module_ptr: FilterModulePtr,
+) -> Status {
+    // SAFETY: R8 and R5, the pointers of the running stream hook.
+    unsafe {
+        on_stream(filter_envoy_ptr, filter_module_ptr, |request, filter, stream| request.on_trailers(filter, stream))
     }
 }
 
@@ -738,8 +798,8 @@ unsafe fn envoy_slice<'a, T>(ptr: *const T, length: usize) -> &'a [T] {
 }
 
 // The hooks below are required by Envoy 1.40.0 (a module that lacks one is refused) and do
-// nothing for keygate: the body, trailers and response pass unchanged, and keygate starts no
-// callout, stream or scheduled event from a stream, so those never fire.
+// nothing for keygate: the body and the response pass unchanged, and keygate starts no callout,
+// stream or scheduled event from a stream, so those never fire.
 
 /// `envoy_dynamic_module_on_http_filter_request_body`.
 #[no_mangle]
@@ -747,15 +807,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
     _: FilterEnvoyPtr,
     _: FilterModulePtr,
     _: bool,
-) -> Status {
-    CONTINUE
-}
-
-/// `envoy_dynamic_module_on_http_filter_request_trailers`.
-#[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _: FilterEnvoyPtr,
-    _: FilterModulePtr,
 ) -> Status {
     CONTINUE
 }
@@ -793,10 +844,24 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(_: FilterEnvoyPtr, _: FilterModulePtr) {}
 
-/// `envoy_dynamic_module_on_http_filter_destroy`: the stream's module pointer is its
-/// configuration's, which `on_http_filter_config_destroy` frees.
+/// `envoy_dynamic_module_on_http_filter_destroy`: frees the stream's state (its configuration is
+/// `on_http_filter_config_destroy`'s to free).
+///
+/// # Safety
+/// Called by Envoy only, under the ABI's rules above.
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(_: FilterModulePtr) {}
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module_ptr: FilterModulePtr) {
+    guarded(
+        || (),
+        || {
+            if !filter_module_ptr.is_null() {
+                // SAFETY: R8, the pointer came from Box::into_raw in on_http_filter_new, and Envoy
+                // destroys it once, after the stream's last hook: nothing reads it afterwards.
+                drop(unsafe { Box::from_raw(filter_module_ptr.cast_mut().cast::<StreamState>()) });
+            }
+        },
+    );
+}
 
 /// `envoy_dynamic_module_on_http_filter_http_callout_done`.
 #[no_mangle]

@@ -1,8 +1,9 @@
-//! The module's safe half: what the configuration hook and the request-headers hook do, written
+//! The module's safe half: what the configuration hook and the request hooks do, written
 //! against two small traits ([`ConfigHost`], [`Stream`]) that [`crate::ffi`] implements with Envoy's
 //! callbacks and the tests implement with a recording fake. It mirrors `keygate-wasm`'s
 //! `filter.rs` on the request path: gather every header at once, ask [`Policy::decide`], apply the
-//! edits or send the rendered reply, bump one counter.
+//! edits or send the rendered reply, bump one counter; then remove from an allowed request's
+//! trailers what [`Policy::trailers_to_remove`] names.
 
 use crate::live::Live;
 use keygate_core::keys::{KeyHash, KeySource, Lookup};
@@ -10,6 +11,7 @@ use keygate_core::live::{Answer, Fetch};
 use keygate_core::plugin::Plugin;
 use keygate_core::policy::{Decision, Policy, RequestView};
 use keygate_core::reply::{internal_error_body, DenyKind};
+use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The only filter this module serves (`filter_name` in Envoy's `DynamicModuleFilter`).
@@ -52,13 +54,17 @@ pub enum Unreadable {
     NameNotUtf8,
 }
 
-/// What the request-headers hook needs from Envoy for one stream. Every mutating call reports
-/// whether Envoy carried it out.
+/// What the request hooks (headers, trailers) need from Envoy for one stream. Every mutating call
+/// reports whether Envoy carried it out.
 pub trait Stream: Log {
     /// Every request header, pseudo-headers included, in Envoy's order.
     fn request_headers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable>;
     /// Removes every value of a request header.
     fn remove_request_header(&mut self, name: &str) -> bool;
+    /// Every request trailer, in Envoy's order (during the trailers hook).
+    fn request_trailers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable>;
+    /// Removes every value of a request trailer.
+    fn remove_request_trailer(&mut self, name: &str) -> bool;
     /// Replaces every value of a request header with one value, which is not empty.
     fn set_request_header(&mut self, name: &str, value: &str) -> bool;
     /// Answers the request locally; nothing goes upstream.
@@ -167,6 +173,11 @@ fn now_ms() -> Option<i64> {
 }
 
 impl Filter {
+    /// The compiled policy (for the fuzz target's checks).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
     /// How often the live key set's sync wants a tick; `None` without one.
     pub fn tick(&self) -> Option<std::time::Duration> {
         self.live.as_ref().map(Live::tick)
@@ -260,6 +271,86 @@ impl Filter {
             }
         }
     }
+
+    /// The request trailers of a stream whose request headers got `headers` (`None`: no verdict
+    /// yet). Only an allowed request's trailers go on, without every trailer
+    /// [`Policy::trailers_to_remove`] names. A refused request stays stopped (its reply is sent);
+    /// trailers before any verdict, or that cannot be read or edited, refuse the request with a
+    /// 500: trailers never resume a request keygate did not allow.
+    pub fn on_request_trailers(&self, stream: &mut dyn Stream, headers: Option<Verdict>) -> Verdict {
+        match headers {
+            Some(Verdict::Continue) => {}
+            Some(Verdict::Stop) => return Verdict::Stop,
+            None => {
+                stream.log(Level::Error, "keygate: request trailers before the request headers were decided");
+                return refuse(stream, "request trailers before a decision");
+            }
+        }
+        let trailers = match stream.request_trailers() {
+            Ok(trailers) => trailers,
+            Err(why) => {
+                stream.log(Level::Error, &format!("keygate: cannot read request trailers: {why:?}"));
+                return refuse(stream, "request trailers unreadable");
+            }
+        };
+        for name in self.policy.trailers_to_remove(&trailers) {
+            if !stream.remove_request_trailer(name) {
+                stream.log(Level::Error, &format!("keygate: cannot remove trailer {name}"));
+                return refuse(stream, "trailer edit failed");
+            }
+        }
+        Verdict::Continue
+    }
+}
+
+/// One stream between its hooks: its verdict so far, which its trailers hook needs (trailers go
+/// on only after allowed headers). `None` before the headers hook; once a hook refused the
+/// request, it stays refused and no hook sends a second reply. [`crate::ffi`] keeps one per
+/// stream, used by one hook at a time on the stream's worker thread, hence the `Cell`. Each hook
+/// runs its body so that a panic in it refuses the request (500) instead of crossing into Envoy.
+#[derive(Debug, Default)]
+pub struct Request {
+    verdict: Cell<Option<Verdict>>,
+}
+
+impl Request {
+    /// The request-headers hook; `filter` is `None` for a stream without a configuration.
+    pub fn on_headers(&self, filter: Option<&Filter>, stream: &mut dyn Stream) -> Verdict {
+        if self.verdict.get() == Some(Verdict::Stop) {
+            return Verdict::Stop;
+        }
+        let verdict = refusing_on_panic(stream, "the request path", |stream| match filter {
+            Some(filter) => filter.on_request_headers(stream),
+            // Never configured: refuse rather than let anything through.
+            None => refuse(stream, "keygate is not configured"),
+        });
+        self.verdict.set(Some(verdict));
+        verdict
+    }
+
+    /// The request-trailers hook ([`Filter::on_request_trailers`] with this stream's verdict).
+    pub fn on_trailers(&self, filter: Option<&Filter>, stream: &mut dyn Stream) -> Verdict {
+        let verdict = refusing_on_panic(stream, "the request trailers", |stream| match filter {
+            Some(filter) => filter.on_request_trailers(stream, self.verdict.get()),
+            None => refuse(stream, "keygate is not configured"),
+        });
+        if verdict == Verdict::Stop {
+            self.verdict.set(Some(Verdict::Stop));
+        }
+        verdict
+    }
+}
+
+/// Runs a stream hook's body; a panic in it (every native build unwinds, see [`crate::ffi`]) is
+/// logged and refuses the request.
+fn refusing_on_panic(stream: &mut dyn Stream, what: &str, body: impl FnOnce(&mut dyn Stream) -> Verdict) -> Verdict {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mut *stream))) {
+        Ok(verdict) => verdict,
+        Err(_) => {
+            stream.log(Level::Error, &format!("keygate: internal error on {what}"));
+            refuse(stream, "internal error")
+        }
+    }
 }
 
 /// Refuses the request with a 500 when keygate cannot do its job: failing closed, with the wasm
@@ -284,8 +375,9 @@ pub fn owned_headers<'a>(
     Ok(out)
 }
 
-/// Runs a hook's body, turning a panic into `fallback` (every native build unwinds, see
-/// [`crate::ffi`]); the code is still written not to panic.
+/// Runs a configuration hook's body, turning a panic into `fallback` (every native build unwinds,
+/// see [`crate::ffi`]; the stream hooks' bodies run in [`Request`]); the code is still written not
+/// to panic.
 pub fn guarded<R>(fallback: impl FnOnce() -> R, body: impl FnOnce() -> R) -> R {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|_| fallback())
 }

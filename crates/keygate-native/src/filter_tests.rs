@@ -94,6 +94,11 @@ struct FakeStream {
     unreadable: Option<Unreadable>,
     fail_remove: bool,
     fail_set: bool,
+    trailers: Vec<(String, Vec<u8>)>,
+    trailers_unreadable: Option<Unreadable>,
+    fail_remove_trailer: bool,
+    /// A defect in a host call: removing a header panics.
+    panic_in_remove: bool,
     sent: Vec<Sent>,
     counted: Vec<usize>,
     log: Lines,
@@ -129,9 +134,24 @@ impl Stream for FakeStream {
         }
     }
     fn remove_request_header(&mut self, name: &str) -> bool {
+        assert!(!self.panic_in_remove, "a defect in a host call");
         let name = name.to_ascii_lowercase();
         self.headers.retain(|(n, _)| *n != name);
         !self.fail_remove
+    }
+    fn request_trailers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable> {
+        match self.trailers_unreadable {
+            Some(why) => Err(why),
+            None => Ok(self.trailers.clone()),
+        }
+    }
+    fn remove_request_trailer(&mut self, name: &str) -> bool {
+        if self.fail_remove_trailer {
+            return false;
+        }
+        let name = name.to_ascii_lowercase();
+        self.trailers.retain(|(n, _)| *n != name);
+        true
     }
     fn set_request_header(&mut self, name: &str, value: &str) -> bool {
         assert!(!value.is_empty(), "set {name} to an empty value, which Envoy 1.40 turns into a removal");
@@ -273,6 +293,74 @@ fn an_empty_identity_value_removes_the_header() {
     assert_eq!(filter.on_request_headers(&mut stream), Verdict::Continue);
     assert!(stream.values("x-api-key-scopes").is_empty());
     assert_eq!(stream.values("x-api-key-id"), ["0000eeee"]);
+}
+
+fn trailers(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+    pairs.iter().map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())).collect()
+}
+
+#[test]
+fn an_allowed_requests_trailers_lose_every_key_and_identity_and_keep_the_rest() {
+    let (filter, _) = filter();
+    let auth = format!("Bearer {KEY}");
+    let mut stream = request("POST", "/v1/venues/v_7", &[("authorization", &auth)]);
+    stream.trailers = trailers(&[
+        ("authorization", &auth),
+        ("x-checksum", "abc"),
+        ("x_org_id", "org_evil"),
+        ("x-api-key", UNSCOPED),
+        ("x.venue.id", "v_8"),
+        ("x-original-url", "/v1/venues/v_8"),
+    ]);
+    let verdict = filter.on_request_headers(&mut stream);
+    assert_eq!(filter.on_request_trailers(&mut stream, Some(verdict)), Verdict::Continue);
+    assert_eq!(stream.trailers, trailers(&[("x-checksum", "abc")]));
+    assert!(stream.sent.is_empty());
+}
+
+#[test]
+fn a_refused_requests_trailers_stay_stopped_with_no_second_reply() {
+    let (filter, _) = filter();
+    let mut stream = request("POST", "/v1/venues/v_7", &[]);
+    stream.trailers = trailers(&[("authorization", &format!("Bearer {KEY}"))]);
+    let verdict = filter.on_request_headers(&mut stream);
+    assert_eq!(verdict, Verdict::Stop);
+    assert_eq!(filter.on_request_trailers(&mut stream, Some(verdict)), Verdict::Stop);
+    assert_eq!(stream.sent.len(), 1, "the 401 alone: {:?}", stream.sent);
+    assert_eq!(stream.sent[0].0, 401);
+}
+
+#[test]
+fn trailers_before_a_verdict_refuse_the_request() {
+    let (filter, _) = filter();
+    let mut stream = request("POST", "/healthz", &[]);
+    stream.trailers = trailers(&[("x-checksum", "abc")]);
+    assert_eq!(filter.on_request_trailers(&mut stream, None), Verdict::Stop);
+    assert_internal_error(&stream, "request trailers before a decision");
+}
+
+#[test]
+fn unreadable_or_unedited_trailers_refuse_the_request() {
+    let (filter, _) = filter();
+    let mut stream = request("POST", "/healthz", &[]);
+    stream.trailers_unreadable = Some(Unreadable::Host);
+    assert_eq!(filter.on_request_trailers(&mut stream, Some(Verdict::Continue)), Verdict::Stop);
+    assert_internal_error(&stream, "request trailers unreadable");
+    assert_eq!(stream.log.at(Level::Error), ["keygate: cannot read request trailers: Host"]);
+
+    let mut stream = request("POST", "/healthz", &[]);
+    stream.trailers = trailers(&[("x-checksum", "abc"), ("x-org-id", "org_evil")]);
+    stream.fail_remove_trailer = true;
+    assert_eq!(filter.on_request_trailers(&mut stream, Some(Verdict::Continue)), Verdict::Stop);
+    assert_internal_error(&stream, "trailer edit failed");
+    assert_eq!(stream.log.at(Level::Error), ["keygate: cannot remove trailer x-org-id"]);
+
+    // Nothing to remove: no edit is asked, so none can fail.
+    let mut stream = request("POST", "/healthz", &[]);
+    stream.trailers = trailers(&[("x-checksum", "abc")]);
+    stream.fail_remove_trailer = true;
+    assert_eq!(filter.on_request_trailers(&mut stream, Some(Verdict::Continue)), Verdict::Continue);
+    assert!(stream.sent.is_empty());
 }
 
 fn assert_internal_error(stream: &FakeStream, message: &str) {
@@ -418,6 +506,31 @@ proptest! {
 }
 
 #[test]
+fn a_panic_under_a_stream_hook_refuses_the_request_for_good() {
+    let (filter, _) = filter();
+    let auth = format!("Bearer {KEY}");
+    let mut stream = request("POST", "/v1/venues/v_7", &[("authorization", &auth)]);
+    stream.panic_in_remove = true;
+    let hooks = Request::default();
+    assert_eq!(hooks.on_headers(Some(&filter), &mut stream), Verdict::Stop);
+    assert_internal_error(&stream, "internal error");
+    assert_eq!(stream.log.at(Level::Error), ["keygate: internal error on the request path"]);
+    stream.trailers = trailers(&[("x-checksum", "abc")]);
+    assert_eq!(hooks.on_trailers(Some(&filter), &mut stream), Verdict::Stop, "trailers do not resume it");
+    assert_eq!(stream.sent.len(), 1, "and no second reply");
+}
+
+#[test]
+fn a_stream_without_a_configuration_is_refused() {
+    let mut stream = request("GET", "/healthz", &[]);
+    assert_eq!(Request::default().on_headers(None, &mut stream), Verdict::Stop);
+    assert_internal_error(&stream, "keygate is not configured");
+    let mut stream = request("GET", "/healthz", &[]);
+    assert_eq!(Request::default().on_trailers(None, &mut stream), Verdict::Stop);
+    assert_internal_error(&stream, "keygate is not configured");
+}
+
+#[test]
 fn a_panic_in_a_hook_becomes_its_fail_closed_answer() {
     let mut stream = request("GET", "/healthz", &[]);
     let verdict = guarded(|| refuse(&mut stream, "internal error"), || -> Verdict { panic!("a defect") });
@@ -425,3 +538,6 @@ fn a_panic_in_a_hook_becomes_its_fail_closed_answer() {
     assert_internal_error(&stream, "internal error");
     assert_eq!(guarded(|| 0, || 7), 7);
 }
+
+#[path = "filter_props.rs"]
+mod props;

@@ -14,4 +14,8 @@
 #[cfg(not(test))]
 pub mod ffi;
 pub mod filter;
+/// The fuzz target's entry point (fuzz/fuzz_targets/native.rs compiles it on its own); here only
+/// for replaying the inputs it saved.
+#[cfg(test)]
+mod fuzzing;
 pub mod live;

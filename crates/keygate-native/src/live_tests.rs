@@ -143,6 +143,12 @@ impl Stream for Request {
     fn remove_request_header(&mut self, _: &str) -> bool {
         true
     }
+    fn request_trailers(&mut self) -> Result<Vec<(String, Vec<u8>)>, Unreadable> {
+        Ok(Vec::new())
+    }
+    fn remove_request_trailer(&mut self, _: &str) -> bool {
+        true
+    }
     fn set_request_header(&mut self, _: &str, _: &str) -> bool {
         true
     }

@@ -1,6 +1,7 @@
 //! The proxy-wasm glue: the root context reads the configuration and forwards its ticks and the
 //! key-set endpoint's answers to keygate-core's sync; each request gathers its headers in one host
-//! call, asks [`Policy::decide`], and carries the decision out.
+//! call, asks [`Policy::decide`], and carries the decision out; an allowed request's trailers lose
+//! what [`Policy::trailers_to_remove`] names.
 //!
 //! Host calls are made through `proxy_wasm::hostcalls` (here, in [`crate::host`] and
 //! [`crate::metrics`]), whose results are handled, rather than through the SDK's trait defaults,
@@ -142,7 +143,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Request { shared: self.shared.clone() }))
+        Some(Box::new(Request { shared: self.shared.clone(), allowed: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -153,6 +154,8 @@ impl RootContext for Root {
 /// One request.
 struct Request {
     shared: Option<Rc<Shared>>,
+    /// Whether the request headers were allowed (and edited): only then may the trailers go on.
+    allowed: bool,
 }
 
 impl Context for Request {}
@@ -206,6 +209,7 @@ impl HttpContext for Request {
                     debug!("keygate: allowed key {id}");
                 }
                 Metrics::bump(shared.metrics.allowed);
+                self.allowed = true;
                 Action::Continue
             }
             Decision::Deny(denial) => {
@@ -221,6 +225,29 @@ impl HttpContext for Request {
                 Action::Pause
             }
         }
+    }
+
+    /// Trailers arrive after the decision: every one named like a header keygate reads or sets is
+    /// removed ([`Policy::trailers_to_remove`]), so that an upstream that merges trailers into the
+    /// headers finds no key and no identity keygate did not check or set.
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // A refused request was answered already and Envoy forwards nothing more of it; never
+        // let trailers resume a request keygate did not allow.
+        let Some(shared) = self.shared.clone().filter(|_| self.allowed) else { return Action::Pause };
+        let trailers = match hostcalls::get_map_bytes(MapType::HttpRequestTrailers) {
+            Ok(t) => t,
+            Err(status) => {
+                error!("keygate: cannot read request trailers: {status:?}");
+                return send_internal_error("request trailers unreadable");
+            }
+        };
+        for name in shared.policy.trailers_to_remove(&trailers) {
+            if let Err(status) = hostcalls::remove_map_value(MapType::HttpRequestTrailers, name) {
+                error!("keygate: cannot remove trailer {name}: {status:?}");
+                return send_internal_error("trailer edit failed");
+            }
+        }
+        Action::Continue
     }
 }
 

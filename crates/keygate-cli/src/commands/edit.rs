@@ -1,4 +1,4 @@
-//! `keygate new` and `keygate revoke`: the commands that change a key-set file, in place and under
+//! `keygate new`, `keygate rotate` and `keygate revoke`: the commands that change a key-set file, in place and under
 //! its lock, after reading the change back with the filter's rules.
 
 use super::{check_prefix, emit, no_positionals, note, usage, Fail, DEFAULT_PREFIX};
@@ -6,7 +6,7 @@ use crate::args::Parsed;
 use crate::{clock, keyset};
 use keygate_core::error::ConfigError;
 use keygate_core::keys::hash_key;
-use keygate_core::keys::record::{compile_key, Expiry, RawKey};
+use keygate_core::keys::record::{compile_key, preview, Expiry, RawKey, PREVIEW_ELLIPSIS};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -31,12 +31,67 @@ fn option_of(e: &ConfigError) -> String {
     format!("{option}: {}", e.message())
 }
 
+/// The environment variable that gives `new` and `rotate` an `--expires` when none is given
+/// (`KEYGATE_EXPIRES=365d`); `--expires never` overrides it.
+pub(super) const DEFAULT_EXPIRES_VAR: &str = "KEYGATE_EXPIRES";
+
+/// The `expires_at` of a key made now: `--expires`, else `$KEYGATE_EXPIRES`, else none; `never`
+/// is none.
+fn expiry_of(p: &Parsed, now_ms: i64) -> Result<Option<Expiry>, String> {
+    let (text, from_env) = match p.text("--expires")? {
+        Some(text) => (text, false),
+        None => match std::env::var(DEFAULT_EXPIRES_VAR) {
+            Ok(text) if !text.is_empty() => (text, true),
+            _ => return Ok(None),
+        },
+    };
+    if text == "never" {
+        return Ok(None);
+    }
+    clock::expires_at(&text, now_ms).map(|at| Some(Expiry::Text(at))).map_err(|e| {
+        if from_env {
+            format!("{e} (from {DEFAULT_EXPIRES_VAR})")
+        } else {
+            e
+        }
+    })
+}
+
+/// Makes a key `{prefix}{id}_{secret}` for `record`: sets its id, hash, `created_at` (`now_ms`)
+/// and `preview`, and returns the key, which nothing else keeps.
+fn issue(record: &mut RawKey, prefix: &str, id: String, now_ms: i64) -> Result<String, Fail> {
+    let secret = random_hex(32)?;
+    let key = format!("{prefix}{id}_{secret}");
+    record.hash = hex::encode(hash_key(key.as_bytes()));
+    record.preview = Some(preview(prefix, &id, &secret));
+    record.created_at = Some(clock::format_rfc3339(now_ms));
+    record.id = id;
+    Ok(key)
+}
+
+/// A random id that `taken` does not hold. 2^32 ids: a clash is rare, and then another id does.
+fn fresh_id(taken: &HashSet<&str>) -> Result<String, Fail> {
+    loop {
+        let id = random_hex(4)?;
+        if !taken.contains(id.as_str()) {
+            return Ok(id);
+        }
+    }
+}
+
+fn prefix_option(p: &Parsed) -> Result<Option<String>, String> {
+    let prefix = p.text("--prefix")?;
+    if let Some(prefix) = &prefix {
+        check_prefix(prefix)?;
+    }
+    Ok(prefix)
+}
+
 pub(super) fn new(p: &Parsed) -> Result<(), Fail> {
     let usage = usage("new");
     no_positionals(p, "; new takes only options").map_err(&usage)?;
     let org = p.required_text("--org").map_err(&usage)?;
-    let prefix = p.text("--prefix").map_err(&usage)?.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
-    check_prefix(&prefix).map_err(&usage)?;
+    let prefix = prefix_option(p).map_err(&usage)?.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
     let given_id = p.text("--id").map_err(&usage)?;
     if let Some(id) = &given_id {
         if id.len() != 8 || !id.bytes().all(|c| c.is_ascii_hexdigit()) {
@@ -54,10 +109,6 @@ pub(super) fn new(p: &Parsed) -> Result<(), Fail> {
         }
     }
     let now = clock::now_ms().map_err(Fail::Error)?;
-    let expires_at = match p.text("--expires").map_err(&usage)? {
-        Some(text) => Some(Expiry::Text(clock::expires_at(&text, now).map_err(&usage)?)),
-        None => None,
-    };
     let mut record = RawKey {
         id: String::new(),
         hash: String::new(),
@@ -65,21 +116,18 @@ pub(super) fn new(p: &Parsed) -> Result<(), Fail> {
         name: p.text("--name").map_err(&usage)?,
         scopes: p.texts("--scope").map_err(&usage)?,
         attributes,
-        expires_at,
+        expires_at: expiry_of(p, now).map_err(&usage)?,
         revoked: false,
-    };
-    let mut make_key = |id: String| -> Result<String, Fail> {
-        let key = format!("{prefix}{id}_{}", random_hex(32)?);
-        record.id = id;
-        record.hash = hex::encode(hash_key(key.as_bytes()));
-        Ok(key)
+        created_at: None,
+        preview: None,
     };
 
     let Some(path) = p.os("--keys").map(PathBuf::from) else {
-        let key = make_key(match &given_id {
+        let id = match &given_id {
             Some(id) => id.clone(),
             None => random_hex(4)?,
-        })?;
+        };
+        let key = issue(&mut record, &prefix, id, now)?;
         compile_key(&record, "record").map_err(|e| usage(option_of(&e)))?;
         let line = keyset::record_line(&record).map_err(Fail::Error)?;
         emit(&format!("{key}\n")).map_err(|_| Fail::Error("cannot write the key to standard output".into()))?;
@@ -97,15 +145,9 @@ pub(super) fn new(p: &Parsed) -> Result<(), Fail> {
             return Err(Fail::Error(format!("{}: already has a key with id {id}", path.display())));
         }
         Some(id) => id.clone(),
-        // 2^32 ids: a clash is rare, and then another id does.
-        None => loop {
-            let id = random_hex(4)?;
-            if !taken.contains(id.as_str()) {
-                break id;
-            }
-        },
+        None => fresh_id(&taken)?,
     };
-    let key = make_key(id)?;
+    let key = issue(&mut record, &prefix, id, now)?;
     compile_key(&record, "record").map_err(|e| usage(option_of(&e)))?;
     let line = keyset::record_line(&record).map_err(Fail::Error)?;
     let text = match &existing {
@@ -125,6 +167,87 @@ pub(super) fn new(p: &Parsed) -> Result<(), Fail> {
         ))
     })?;
     note(&format!("keygate: added key {} (org {}) to {}", record.id, record.org, path.display()));
+    Ok(())
+}
+
+/// The prefix a record's key has, as its `preview` shows it (`sk_live_` of `sk_live_{id}_…9f3a`).
+fn prefix_of(record: &RawKey) -> Option<&str> {
+    let head = record.preview.as_deref()?.split_once(PREVIEW_ELLIPSIS)?.0;
+    head.strip_suffix('_')?.strip_suffix(record.id.as_str())
+}
+
+pub(super) fn rotate(p: &Parsed) -> Result<(), Fail> {
+    let usage = usage("rotate");
+    let path = PathBuf::from(p.required_os("--keys").map_err(&usage)?);
+    let old_id = match p.positionals.as_slice() {
+        [id] => id.to_str().map(str::to_string).ok_or_else(|| usage("the ID is not valid UTF-8".into()))?,
+        [] => return Err(usage("name the ID of the key to rotate".into())),
+        _ => return Err(usage("rotate takes one ID".into())),
+    };
+    let given_prefix = prefix_option(p).map_err(&usage)?;
+    let now = clock::now_ms().map_err(Fail::Error)?;
+    let expires_at = expiry_of(p, now).map_err(&usage)?;
+
+    let target = keyset::target(&path);
+    let lock = keyset::lock(&target).map_err(Fail::Error)?;
+    let set = keyset::read_existing(&target).map_err(Fail::Error)?;
+    let unchanged = |why: String| Fail::Error(format!("{}: {why}; nothing was changed", path.display()));
+    let index =
+        set.keys.iter().position(|k| k.id == old_id).ok_or_else(|| unchanged(format!("no key with id {old_id:?}")))?;
+    let old = set.keys.get(index).ok_or_else(|| unchanged(format!("no key with id {old_id:?}")))?;
+    if old.revoked {
+        return Err(unchanged(format!(
+            "key {old_id} is already revoked (rotated before?); `keygate new` makes a key with its settings"
+        )));
+    }
+    let prefix =
+        given_prefix.or_else(|| prefix_of(old).map(str::to_string)).unwrap_or_else(|| DEFAULT_PREFIX.to_string());
+    let mut successor = RawKey {
+        id: String::new(),
+        hash: String::new(),
+        org: old.org.clone(),
+        name: old.name.clone(),
+        scopes: old.scopes.clone(),
+        attributes: old.attributes.clone(),
+        expires_at,
+        revoked: false,
+        created_at: None,
+        preview: None,
+    };
+    let taken: HashSet<&str> = set.keys.iter().map(|k| k.id.as_str()).collect();
+    let key = issue(&mut successor, &prefix, fresh_id(&taken)?, now)?;
+    compile_key(&successor, "record").map_err(|e| usage(option_of(&e)))?;
+    let line = keyset::record_line(&successor).map_err(Fail::Error)?;
+    let text = keyset::with_record_revoked(&set.text, index).map_err(|e| edit_failed(&path, &e))?;
+    let text = keyset::with_record_added(&text, &line).map_err(|e| edit_failed(&path, &e))?;
+    let mut want = keyset::as_values(&set.keys);
+    if let Some(serde_json::Value::Object(v)) = want.get_mut(index) {
+        v.insert("revoked".into(), serde_json::Value::Bool(true));
+    }
+    want.extend(keyset::as_values(std::slice::from_ref(&successor)));
+    verify(&path, &text, &want)?;
+    keyset::write_atomic(&target, &text, &lock).map_err(Fail::Error)?;
+    drop(lock);
+    emit(&format!("{key}\n")).map_err(|_| {
+        Fail::Error(format!(
+            "cannot write the new key to standard output; it is lost, and key {old_id} is revoked: \
+             run `keygate rotate {} --keys {}` for another",
+            successor.id,
+            path.display()
+        ))
+    })?;
+    note(&format!(
+        "keygate: revoked key {old_id} and added its successor {} (org {}) to {}",
+        successor.id,
+        successor.org,
+        path.display()
+    ));
+    if old.expires_at.is_some() && successor.expires_at.is_none() {
+        note(&format!(
+            "keygate: key {old_id} had an expiry and {} has none (give --expires, or set {DEFAULT_EXPIRES_VAR})",
+            successor.id
+        ));
+    }
     Ok(())
 }
 

@@ -3,11 +3,24 @@
 
 use super::{check_prefix, emit, no_positionals, note, usage, Fail, DEFAULT_PREFIX};
 use crate::args::Parsed;
-use crate::{check, clock, keyset};
+use crate::report::Usage;
+use crate::{check, clock, keyset, serve};
 use keygate_core::keys::hash_key;
 use keygate_core::keys::record::compile_key;
 use std::io::{BufRead, IsTerminal, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// The usage reports `--usage` names: a file of reports, or the directory `keygate serve` keeps.
+fn read_usage(path: &Path) -> Result<Usage, Fail> {
+    let file = if path.is_dir() { path.join(serve::USAGE_FILE) } else { path.to_path_buf() };
+    let text = match std::fs::read(&file) {
+        Ok(text) => text,
+        // A directory serve has not written a report into yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.is_dir() => Vec::new(),
+        Err(e) => return Err(Fail::Error(format!("{}: cannot read: {}", file.display(), keyset::io_reason(&e)))),
+    };
+    Usage::read(&text).map_err(|(line, e)| Fail::Error(format!("{}:{line}: not a usage report: {e}", file.display())))
+}
 
 pub(super) fn list(p: &Parsed) -> Result<(), Fail> {
     let usage = usage("list");
@@ -16,9 +29,12 @@ pub(super) fn list(p: &Parsed) -> Result<(), Fail> {
     let prefix = p.text("--prefix").map_err(&usage)?.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
     check_prefix(&prefix).map_err(&usage)?;
     let set = keyset::read_existing(&path).map_err(Fail::Error)?;
+    let used = p.os("--usage").map(|u| read_usage(Path::new(u))).transpose()?;
     let now = clock::now_ms().map_err(Fail::Error)?;
-    let mut rows: Vec<[String; 7]> =
-        vec![["ID", "KEY", "ORG", "NAME", "SCOPES", "EXPIRES", "STATUS"].map(String::from)];
+    const COLUMNS: usize = 10;
+    let mut rows: Vec<[String; COLUMNS]> =
+        vec![["ID", "NAME", "PREVIEW", "ORG", "SCOPES", "CREATED", "EXPIRES", "LAST USED", "REQUESTS", "STATUS"]
+            .map(String::from)];
     for (i, record) in set.keys.iter().enumerate() {
         let (_, key) = compile_key(record, &format!("keys[{i}]")).map_err(|e| Fail::Error(e.to_string()))?;
         let status = if key.revoked {
@@ -29,17 +45,32 @@ pub(super) fn list(p: &Parsed) -> Result<(), Fail> {
             "active"
         };
         let or_dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
+        // Checked by compile_key.
+        let created = record.created_at.as_deref().and_then(|t| keygate_core::time::parse_rfc3339(t).ok());
+        let (last_used, requests) = match &used {
+            None => ("-".to_string(), "-".to_string()),
+            Some(used) => {
+                let totals = used.keys.get(&key.id).cloned().unwrap_or_default();
+                (
+                    totals.last_used_ms.map_or_else(|| "never".to_string(), clock::format_rfc3339),
+                    totals.requests.to_string(),
+                )
+            }
+        };
         rows.push([
             key.id.clone(),
-            format!("{prefix}{}_…", key.id),
-            key.org.clone(),
             or_dash(key.name.clone().unwrap_or_default()),
+            record.preview.clone().unwrap_or_else(|| format!("{prefix}{}_…", key.id)),
+            key.org.clone(),
             or_dash(key.scopes.join(" ")),
+            created.map_or_else(|| "-".to_string(), clock::format_rfc3339),
             key.expires_at_ms.map_or_else(|| "never".to_string(), clock::format_rfc3339),
+            last_used,
+            requests,
             status.to_string(),
         ]);
     }
-    let mut widths = [0usize; 7];
+    let mut widths = [0usize; COLUMNS];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());

@@ -28,6 +28,49 @@ pub struct RawKey {
     pub expires_at: Option<Expiry>,
     #[serde(default)]
     pub revoked: bool,
+    /// When the key was made (RFC 3339); for people and tools, never read by the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    /// The key as it may be shown once it is gone: its public part and at most the last
+    /// [`PREVIEW_SECRET_CHARS`] characters of its secret ([`preview`]); never read by the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preview: Option<String>,
+}
+
+/// How much of a key's secret a `preview` may show: its last four characters.
+pub const PREVIEW_SECRET_CHARS: usize = 4;
+/// The longest prefix (`sk_live_`) a `preview` may show before the key's id.
+pub const PREVIEW_MAX_PREFIX: usize = 64;
+/// What stands in a `preview` for the rest of the secret.
+pub const PREVIEW_ELLIPSIS: char = '…';
+
+/// The `preview` of the key `{prefix}{id}_{secret}`: `{prefix}{id}_…` and the secret's last
+/// [`PREVIEW_SECRET_CHARS`] characters (`sk_live_ab12cd34_…9f3a`). Nothing else of the secret.
+pub fn preview(prefix: &str, id: &str, secret: &str) -> String {
+    let skip = secret.chars().count().saturating_sub(PREVIEW_SECRET_CHARS);
+    let tail: String = secret.chars().skip(skip).collect();
+    format!("{prefix}{id}_{PREVIEW_ELLIPSIS}{tail}")
+}
+
+/// Checks a record's `preview` against its `id`: a prefix of at most [`PREVIEW_MAX_PREFIX`]
+/// visible ASCII characters, the id, `_`, one `…`, then at most [`PREVIEW_SECRET_CHARS`] visible
+/// ASCII characters. Whatever the key looked like, such a preview cannot hold more of a secret
+/// than its last four characters: everything before the `…` is the public part.
+fn check_preview(preview: &str, id: &str) -> Result<(), String> {
+    // The value itself is never echoed: a refused preview may be a whole key.
+    let shape = || {
+        format!(
+            "expected the key's public part, \"{PREVIEW_ELLIPSIS}\" and at most the last {PREVIEW_SECRET_CHARS} characters of \
+             its secret, such as \"sk_live_{id}_{PREVIEW_ELLIPSIS}9f3a\" (the value is not repeated: it may hold a secret)"
+        )
+    };
+    let visible = |s: &str| s.bytes().all(|c| c.is_ascii_graphic());
+    let (head, tail) = preview.split_once(PREVIEW_ELLIPSIS).ok_or_else(shape)?;
+    let prefix = head.strip_suffix('_').and_then(|h| h.strip_suffix(id)).ok_or_else(shape)?;
+    if prefix.len() > PREVIEW_MAX_PREFIX || !visible(prefix) || tail.len() > PREVIEW_SECRET_CHARS || !visible(tail) {
+        return Err(shape());
+    }
+    Ok(())
 }
 
 /// `expires_at`: RFC 3339 text or integer Unix seconds.
@@ -233,6 +276,12 @@ pub fn compile_key_all(raw: &RawKey, field: &str) -> Result<(KeyHash, Key), Conf
             .take(s.checked_mul(1_000).ok_or_else(|| ConfigError::new(at("expires_at"), "Unix seconds out of range"))),
         Some(Expiry::Text(t)) => problems.take(parse_rfc3339(t).map_err(|m| ConfigError::new(at("expires_at"), m))),
     };
+    if let Some(t) = &raw.created_at {
+        problems.take(parse_rfc3339(t).map_err(|m| ConfigError::new(at("created_at"), m)));
+    }
+    if let Some(p) = &raw.preview {
+        problems.take(check_preview(p, &raw.id).map_err(|m| ConfigError::new(at("preview"), m)));
+    }
     if let Some(errors) = problems.into_errors() {
         return Err(errors);
     }
@@ -257,4 +306,70 @@ pub fn parse_hash(text: &str) -> Result<KeyHash, String> {
     }
     hex::decode_to_slice(text, &mut hash).map_err(|_| "expected 64 hex characters (a SHA-256)".to_string())?;
     Ok(hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(extra: serde_json::Value) -> RawKey {
+        let mut v = serde_json::json!({"id": "ab12cd34", "hash": "0".repeat(64), "org": "o"});
+        if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            v.extend(extra);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn problem(extra: serde_json::Value) -> String {
+        compile_key(&record(extra), "keys[0]").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn preview_shows_the_public_part_and_the_last_four_characters_of_the_secret() {
+        let secret = "9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c29f3a";
+        assert_eq!(preview("sk_live_", "ab12cd34", secret), "sk_live_ab12cd34_…9f3a");
+        assert_eq!(preview("sk_live_", "ab12cd34", "ab"), "sk_live_ab12cd34_…ab");
+    }
+
+    #[test]
+    fn created_at_and_preview_are_accepted_and_leave_the_key_as_it_was() {
+        let plain = compile_key(&record(serde_json::json!({})), "k").unwrap();
+        let with = compile_key(
+            &record(serde_json::json!({"created_at": "2026-12-03T14:00:00Z", "preview": "sk_live_ab12cd34_…9f3a"})),
+            "k",
+        )
+        .unwrap();
+        assert_eq!(plain, with);
+        for ok in ["sk_live_ab12cd34_…", "ab12cd34_…9f3a", "pk_test_ab12cd34_…a"] {
+            assert!(compile_key(&record(serde_json::json!({"preview": ok})), "k").is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn a_preview_that_could_hold_more_of_the_secret_is_refused() {
+        let whole = "sk_live_ab12cd34_9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c29f3a";
+        for bad in [
+            whole.to_string(),
+            "sk_live_ab12cd34_…9f3a0".to_string(),
+            "sk_live_ab12cd34_9f8e…9f3a".to_string(),
+            "sk_live_ab12cd34…9f3a".to_string(),
+            "sk_live_ffffffff_…9f3a".to_string(),
+            "sk_live_ab12cd34_…9f…3a".to_string(),
+            format!("{}ab12cd34_…9f3a", "x".repeat(65)),
+            "sk live_ab12cd34_…9f3a".to_string(),
+            String::new(),
+        ] {
+            let e = problem(serde_json::json!({"preview": bad}));
+            assert!(e.starts_with("keys[0].preview: expected the key's public part"), "{bad:?}: {e}");
+            assert!(!e.contains("9f8e7d6c5b4a"), "the refused secret is echoed: {e}");
+        }
+    }
+
+    #[test]
+    fn created_at_must_be_rfc3339() {
+        assert_eq!(
+            problem(serde_json::json!({"created_at": "yesterday"})),
+            "keys[0].created_at: expected an RFC 3339 timestamp such as 2027-01-01T00:00:00Z, got \"yesterday\""
+        );
+    }
 }
