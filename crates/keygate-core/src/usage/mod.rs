@@ -27,7 +27,7 @@ pub mod tally;
 
 pub use encoding::{decode, encode, DecodeError};
 pub use report::{batch_id, Report, ReportError, ReportLimits, KIND_NAMES, MAX_BATCH_ID_BYTES, MAX_NODE_BYTES};
-pub use reporter::{Event, Post, Reporter, Stats};
+pub use reporter::{refused_for_good, Event, Post, Reporter, Stats};
 pub use settings::{RawUsage, UsageConfig};
 pub use tally::{attributable, DenyCounts, KeyUsage, Outcome, Tally};
 

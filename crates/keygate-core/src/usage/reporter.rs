@@ -4,9 +4,11 @@
 //! and tells it what happened through a [`Sink`] of [`Event`]s.
 //!
 //! Once a flush interval, the counts gathered become one report ([`Report`]), sent as one POST. A
-//! POST that fails (a status other than 2xx, no answer, no answer in time) is sent again, the very
-//! same body under the same `batch_id`, after a wait doubling from 1 s up to the flush interval,
-//! until the receiver takes it; the counts that arrive meanwhile wait in the next report. One
+//! POST that fails (a 5xx, 408 or 429, another status that is not 2xx or 4xx, no answer, no answer
+//! in time) is sent again, the very same body under the same `batch_id`, after a wait doubling from
+//! 1 s up to the flush interval, until the receiver takes it; the counts that arrive meanwhile wait
+//! in the next report. A report the receiver refuses for good (any other 4xx: it will never take
+//! that body) is dropped, its requests counted as dropped, so that it cannot hold up reporting. One
 //! report is in flight at a time, so a receiver that is down costs one POST per retry, and at most
 //! two tallies of `max_pending_keys` ids are held: the report waiting and the counts after it.
 //! An interval in which nothing was counted sends nothing: the next report covers it.
@@ -33,6 +35,16 @@ pub enum Event {
     Failed { batch_id: String, reason: String, retry_in_ms: u64 },
     /// `requests` more requests were counted under no key: `usage.max_pending_keys` was reached.
     Dropped { requests: u64 },
+    /// The receiver refused report `batch_id` for good (HTTP `status`, a 4xx other than 408 and
+    /// 429): it is not sent again, and its `requests` are counted as dropped.
+    Refused { batch_id: String, status: u16, requests: u64 },
+}
+
+/// Whether an HTTP `status` refuses a report for good: a 4xx, but for 408 (Request Timeout) and
+/// 429 (Too Many Requests), which ask for the same request later. Sending the same body again would
+/// get the same answer, forever.
+pub fn refused_for_good(status: u16) -> bool {
+    (400..=499).contains(&status) && status != 408 && status != 429
 }
 
 /// The host's log line of an event, after `keygate: `. No line holds a key: at most a key count.
@@ -46,6 +58,11 @@ impl fmt::Display for Event {
             Event::Dropped { requests } => {
                 write!(f, "usage: {requests} requests counted under no key: usage.max_pending_keys keys are pending")
             }
+            Event::Refused { batch_id, status, requests } => write!(
+                f,
+                "usage report {batch_id} refused by the receiver (HTTP status {status}): not sent again, \
+                 its {requests} requests counted as dropped"
+            ),
         }
     }
 }
@@ -57,7 +74,8 @@ pub struct Stats {
     pub reports_sent: u64,
     /// POSTs that failed, each retry counted (a counter).
     pub failures: u64,
-    /// Requests counted under no key because the bound was reached (a counter).
+    /// Requests counted under no key because the bound was reached, and those of reports the
+    /// receiver refused for good (a counter).
     pub dropped: u64,
     /// Key entries not yet taken by the receiver: in the report being sent and in the counts after
     /// it (a gauge; a key in both counts twice).
@@ -70,6 +88,8 @@ struct Batch {
     id: String,
     body: Vec<u8>,
     keys: usize,
+    /// Every request it counts, dropped ones included.
+    requests: u64,
     /// Failed POSTs of it in a row.
     failures: u32,
     attempt: Attempt,
@@ -180,8 +200,9 @@ impl Reporter {
     }
 
     /// An answer carrying `token`, at monotonic `now_ms`; returns whether it was this reporter's
-    /// (an answer of a POST given up on is not, and is dropped). 2xx: the report is sent; any
-    /// other status, or none, fails the POST.
+    /// (an answer of a POST given up on is not, and is dropped). 2xx: the report is sent; a 4xx
+    /// other than 408 and 429 ([`refused_for_good`]): the report is dropped; any other status, or
+    /// none, fails the POST, which goes again.
     pub fn on_answer(&mut self, now_ms: i64, token: u32, answer: &dyn Answer, sink: &mut dyn Sink<Event>) -> bool {
         let awaited =
             self.batch.as_ref().is_some_and(|b| matches!(b.attempt, Attempt::InFlight { token: t, .. } if t == token));
@@ -193,6 +214,12 @@ impl Reporter {
                 if let Some(batch) = self.batch.take() {
                     self.stats.reports_sent = self.stats.reports_sent.saturating_add(1);
                     sink.report(Event::Sent { batch_id: batch.id, keys: batch.keys });
+                }
+            }
+            status if refused_for_good(status) => {
+                if let Some(batch) = self.batch.take() {
+                    self.stats.dropped = self.stats.dropped.saturating_add(batch.requests);
+                    sink.report(Event::Refused { batch_id: batch.id, status, requests: batch.requests });
                 }
             }
             0 => self.fail(now_ms, "no answer (down, refused or timed out)".into(), sink),
@@ -208,9 +235,9 @@ impl Reporter {
         let id = batch_id(&self.node, self.epoch_ms, self.sequence);
         let report = Report::new(id, &self.node, from_s, to_s, self.next.take());
         self.from_s = Some(to_s);
-        let (keys, body) = (report.keys.len(), report.to_json());
-        self.batch =
-            Some(Batch { id: report.batch_id, body, keys, failures: 0, attempt: Attempt::Waiting { at_ms: 0 } });
+        let (keys, requests, body) = (report.keys.len(), report.requests(), report.to_json());
+        let attempt = Attempt::Waiting { at_ms: 0 };
+        self.batch = Some(Batch { id: report.batch_id, body, keys, requests, failures: 0, attempt });
     }
 
     fn send(&mut self, now_ms: i64, post: &dyn Post, sink: &mut dyn Sink<Event>) {

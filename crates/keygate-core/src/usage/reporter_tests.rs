@@ -1,6 +1,7 @@
 //! Usage reporting against the fake host ([`super::fake`]), in simulated time: one report per
 //! interval with every worker's counts, the receiver down, failing, slow, silent or answering
-//! garbage and then recovering, the backoff, the bound, the stats and the log lines.
+//! garbage and then recovering, a report refused for good, the backoff, the bound, the stats and
+//! the log lines.
 //!
 //! Settings unless a test says otherwise: a 10 s flush interval (so a 1 s tick), a 2 s timeout (so a
 //! POST unanswered for 3 s is given up on), 10 000 pending keys, and a backoff of 1, 2, 4, 8, then
@@ -12,7 +13,7 @@ use super::fake::*;
 use crate::live::host::Answer;
 use crate::reply::DenyKind;
 use crate::usage::report::{batch_id, MAX_BATCH_ID_BYTES, MAX_NODE_BYTES};
-use crate::usage::reporter::{Event, Post, Reporter, Stats};
+use crate::usage::reporter::{refused_for_good, Event, Post, Reporter, Stats};
 use crate::usage::tally::Outcome;
 use serde_json::json;
 
@@ -231,16 +232,74 @@ fn a_garbage_answer_fails_and_is_retried() {
 }
 
 #[test]
-fn a_redirect_or_client_error_is_a_failure_too() {
-    for status in [100, 204, 301, 400, 404, 599] {
+fn a_redirect_a_timeout_or_too_many_requests_is_retried_and_any_other_client_error_is_final() {
+    for status in [100, 204, 301, 400, 401, 403, 404, 408, 409, 413, 422, 429, 451, 499, 500, 599] {
         let mut e = Envoy::new(1, json!({}));
         e.fault(Some(Fault::Status(status)));
         e.allow(0, "k", 1);
         e.run_ms(10_000);
-        let ok = (200..300).contains(&status);
+        let (ok, dropped) = ((200..300).contains(&status), refused_for_good(status));
+        assert_eq!(dropped, (400..500).contains(&status) && status != 408 && status != 429, "{status}");
         assert_eq!(e.taken().len(), usize::from(ok), "{status}");
-        assert_eq!(failures(&e).len(), usize::from(!ok), "{status}");
+        assert_eq!(failures(&e).len(), usize::from(!ok && !dropped), "{status}");
+        assert_eq!(e.reporter.sending().is_some(), !ok && !dropped, "{status}");
+        assert_eq!(e.reporter.stats().dropped, u64::from(dropped), "{status}");
     }
+}
+
+#[test]
+fn a_report_refused_for_good_is_dropped_counted_and_logged_and_reporting_moves_on() {
+    let mut e = Envoy::new(2, json!({}));
+    e.fault(Some(Fault::Status(400)));
+    e.allow(0, "a", 3);
+    e.allow(1, "b", 1);
+    e.deny(1, DenyKind::MissingKey, None, 2);
+    e.run_ms(10_000);
+    assert_eq!(e.posts().len(), 1);
+    assert_eq!(e.reporter.sending(), None, "nothing is retried");
+    assert_eq!(e.events, [Event::Refused { batch_id: "node-1/1796306399750/1".into(), status: 400, requests: 6 }]);
+    assert_eq!(
+        e.log(),
+        ["usage report node-1/1796306399750/1 refused by the receiver (HTTP status 400): not sent again, \
+          its 6 requests counted as dropped"]
+    );
+    assert_eq!(e.reporter.stats(), Stats { reports_sent: 0, failures: 0, dropped: 6, keys_pending: 0 });
+    // Nothing more goes until the next interval, which brings the next report, numbered on.
+    e.fault(None);
+    e.allow(0, "a", 1);
+    e.run_ms(9_990);
+    assert_eq!(e.posts().len(), 1);
+    e.run_ms(10);
+    let taken = e.taken();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].batch_id, "node-1/1796306399750/2");
+    assert_eq!((taken[0].from_s, taken[0].to_s), (WALL0_S + 10, WALL0_S + 20));
+    assert_eq!(taken[0].keys["a"].allowed, 1);
+    assert_eq!(e.reporter.stats(), Stats { reports_sent: 1, failures: 0, dropped: 6, keys_pending: 0 });
+}
+
+#[test]
+fn a_report_refused_for_good_after_retries_releases_the_counts_waiting_behind_it() {
+    // 503 while the report waits, then the receiver says 413 (too large, say): the report is
+    // dropped, and what was counted meanwhile goes out at once, the interval being long past.
+    let mut e = Envoy::new(1, json!({}));
+    e.fault(Some(Fault::Status(503)));
+    e.allow(0, "first", 2);
+    e.run_ms(10_000);
+    e.allow(0, "second", 1);
+    e.run_ms(14_000);
+    assert_eq!(failures(&e).len(), 4);
+    e.fault(Some(Fault::Status(413)));
+    e.run_ms(1_000);
+    assert!(matches!(&e.events[..], [.., Event::Refused { status: 413, requests: 2, .. }]), "{:?}", e.events);
+    e.fault(None);
+    assert_eq!(e.run_until_delivered(2_000), Some(1_000), "at the next tick, not an interval later");
+    let taken = e.taken();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].batch_id, "node-1/1796306399750/2");
+    assert_eq!(taken[0].keys.keys().collect::<Vec<_>>(), ["second"]);
+    let stats = e.reporter.stats();
+    assert_eq!((stats.reports_sent, stats.failures, stats.dropped), (1, 4, 2));
 }
 
 #[test]
