@@ -22,6 +22,8 @@ pub const WALL0_S: i64 = 1_796_306_400;
 /// When the reporter was created, in wall-clock milliseconds.
 pub const EPOCH_MS: i64 = WALL0_S * 1_000 - 250;
 pub const NODE: &str = "node-1";
+/// The reporter's number in its process (a wasm host's VM number).
+pub const REPORTER: u32 = 2;
 /// How often the simulation advances the clock.
 pub const STEP_MS: i64 = 10;
 
@@ -172,7 +174,7 @@ pub struct Envoy {
 impl Envoy {
     pub fn new(workers: usize, settings: Value) -> Self {
         let config = config(&settings);
-        let reporter = Reporter::new(config.clone(), NODE, EPOCH_MS);
+        let reporter = Reporter::new(config.clone(), NODE, EPOCH_MS, REPORTER);
         let workers = (0..workers).map(|_| config.tally(WALL0_S)).collect();
         let mut e = Envoy {
             receiver: Receiver::default(),

@@ -2,7 +2,7 @@
 //! read back, strictly and within limits, by [`Report::parse`] (the receiver's side).
 //!
 //! ```json
-//! {"batch_id": "node-1/1764770000000/3", "node": "node-1",
+//! {"batch_id": "node-1/1764770000000-2/3", "node": "node-1",
 //!  "from": "2026-12-03T14:00:00Z", "to": "2026-12-03T14:00:10Z",
 //!  "keys": {"ab12cd34": {"allowed": 12, "denied": {"insufficient_scope": 1}, "last_used": "2026-12-03T14:00:09Z"}},
 //!  "unattributed": {"missing_key": 3, "invalid_key": 5},
@@ -26,8 +26,8 @@ use std::fmt;
 
 /// Longest `node` written or read; a longer node id is cut to it (at a character boundary).
 pub const MAX_NODE_BYTES: usize = 200;
-/// Longest `batch_id` read: a node, the two numbers (20 characters at most each) and their
-/// slashes fit, and so does every name `keygate serve` accepts (256 bytes).
+/// Longest `batch_id` read: a node, the three numbers (20, 10 and 20 characters at most) and what
+/// separates them fit (253 bytes).
 pub const MAX_BATCH_ID_BYTES: usize = 256;
 
 /// The deny kinds' names, as stats and reports spell them, in the order of [`DenyKind::ALL`].
@@ -59,12 +59,14 @@ pub struct Report {
     pub dropped: u64,
 }
 
-/// The `batch_id` of report number `sequence` of the reporter started at `epoch_ms` (wall-clock
-/// Unix milliseconds) on `node`: `<node>/<epoch_ms>/<sequence>`. A reporter numbers its reports
-/// from 1, and the next reporter of the node starts at a later millisecond, so no two reports
-/// share an id, across restarts too, with no random source.
-pub fn batch_id(node: &str, epoch_ms: i64, sequence: u64) -> String {
-    format!("{node}/{epoch_ms}/{sequence}")
+/// The `batch_id` of report number `sequence` of reporter number `reporter` of its process (a
+/// number no other reporter of the process has, such as a wasm VM's), started at `epoch_ms`
+/// (wall-clock Unix milliseconds) on `node`: `<node>/<epoch_ms>-<reporter>/<sequence>`. A reporter
+/// numbers its reports from 1; two reporters of one process started in the same millisecond have
+/// different numbers, and a later process of the node starts at a later millisecond, so no two
+/// reports share an id, across restarts too, with no random source.
+pub fn batch_id(node: &str, epoch_ms: i64, reporter: u32, sequence: u64) -> String {
+    format!("{node}/{epoch_ms}-{reporter}/{sequence}")
 }
 
 /// `node` cut to [`MAX_NODE_BYTES`] at a character boundary.

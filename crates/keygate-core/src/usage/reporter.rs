@@ -109,6 +109,8 @@ pub struct Reporter {
     config: UsageConfig,
     node: String,
     epoch_ms: i64,
+    /// This reporter's number among its process's ([`batch_id`]).
+    number: u32,
     /// The number of the last report made.
     sequence: u64,
     /// The counts gathered since the last report was made.
@@ -123,15 +125,16 @@ pub struct Reporter {
 
 impl Reporter {
     /// The reporter of Envoy node `node` (cut to [`MAX_NODE_BYTES`](crate::usage::MAX_NODE_BYTES);
-    /// empty when unknown), created at wall-clock Unix milliseconds `epoch_ms`: its reports'
-    /// `batch_id`s are `<node>/<epoch_ms>/<n>` ([`batch_id`]), so a process must never create two
-    /// reporters in one millisecond.
-    pub fn new(config: UsageConfig, node: &str, epoch_ms: i64) -> Self {
+    /// empty when unknown), created at wall-clock Unix milliseconds `epoch_ms`, numbered `number`
+    /// (no other reporter of the process may have it: a wasm host's VM number, say): its reports'
+    /// `batch_id`s are `<node>/<epoch_ms>-<number>/<n>` ([`batch_id`]).
+    pub fn new(config: UsageConfig, node: &str, epoch_ms: i64, number: u32) -> Self {
         let next = config.tally(0);
         Reporter {
             node: clip_node(node).to_string(),
             config,
             epoch_ms,
+            number,
             sequence: 0,
             next,
             from_s: None,
@@ -232,7 +235,7 @@ impl Reporter {
     fn make_report(&mut self, from_s: i64, now_s: i64) {
         self.sequence = self.sequence.saturating_add(1);
         let to_s = now_s.max(from_s);
-        let id = batch_id(&self.node, self.epoch_ms, self.sequence);
+        let id = batch_id(&self.node, self.epoch_ms, self.number, self.sequence);
         let report = Report::new(id, &self.node, from_s, to_s, self.next.take());
         self.from_s = Some(to_s);
         let (keys, requests, body) = (report.keys.len(), report.requests(), report.to_json());

@@ -67,9 +67,9 @@ fn four_workers_counts_arrive_merged_in_one_report() {
         assert_eq!(report.dropped, 0);
         // Recorded after the tick at 2 s set the workers' coarse clocks.
         assert_eq!(report.keys["shared"].last_used_s, WALL0_S + 2);
-        assert_eq!((report.node.as_str(), report.batch_id.as_str()), (NODE, "node-1/1796306399750/1"));
+        assert_eq!((report.node.as_str(), report.batch_id.as_str()), (NODE, "node-1/1796306399750-2/1"));
         assert_eq!((report.from_s, report.to_s), (WALL0_S, WALL0_S + 10));
-        assert_eq!(e.log(), ["usage report node-1/1796306399750/1 sent, 6 keys"]);
+        assert_eq!(e.log(), ["usage report node-1/1796306399750-2/1 sent, 6 keys"]);
     }
 }
 
@@ -84,7 +84,7 @@ fn exactly_one_post_per_flush_interval() {
     let posts = e.posts();
     let times: Vec<i64> = posts.iter().map(|p| p.at).collect();
     assert_eq!(times, [10_000, 20_000, 30_000, 40_000, 50_000, 60_000]);
-    assert_eq!(batch_ids(&e), (1..=6).map(|n| format!("node-1/1796306399750/{n}")).collect::<Vec<_>>());
+    assert_eq!(batch_ids(&e), (1..=6).map(|n| format!("node-1/1796306399750-2/{n}")).collect::<Vec<_>>());
     assert_eq!(e.received(), e.recorded);
     // The intervals follow each other with no gap and no overlap.
     let reports = e.taken();
@@ -115,7 +115,7 @@ fn the_post_carries_the_configured_destination_and_a_json_body() {
     );
     assert_eq!(
         String::from_utf8(post.body.clone()).unwrap(),
-        r#"{"batch_id":"node-1/1796306399750/1","node":"node-1","from":"2026-12-03T14:00:00Z","to":"2026-12-03T14:00:10Z","keys":{"k":{"allowed":1,"denied":{},"last_used":"2026-12-03T14:00:00Z"}},"unattributed":{},"dropped":0}"#
+        r#"{"batch_id":"node-1/1796306399750-2/1","node":"node-1","from":"2026-12-03T14:00:00Z","to":"2026-12-03T14:00:10Z","keys":{"k":{"allowed":1,"denied":{},"last_used":"2026-12-03T14:00:00Z"}},"unattributed":{},"dropped":0}"#
     );
 }
 
@@ -129,7 +129,7 @@ fn a_quiet_interval_sends_nothing_and_the_next_report_covers_it() {
     let reports = e.taken();
     assert_eq!(reports.len(), 1);
     assert_eq!((reports[0].from_s, reports[0].to_s), (WALL0_S, WALL0_S + 40));
-    assert_eq!(reports[0].batch_id, "node-1/1796306399750/1", "a skipped interval takes no number");
+    assert_eq!(reports[0].batch_id, "node-1/1796306399750-2/1", "a skipped interval takes no number");
     assert_eq!(reports[0].keys["late"].last_used_s, WALL0_S + 35);
 }
 
@@ -176,7 +176,7 @@ fn recovers_from(fault: Fault) -> Envoy {
     assert!(e.taken().is_empty(), "{fault:?}: a report was taken while the receiver failed");
     let tries = failures(&e).len();
     assert!(tries >= 4, "{fault:?}: {tries} tries in 30 s");
-    assert!(failures(&e).iter().all(|(id, _, _)| *id == "node-1/1796306399750/1"), "{fault:?}");
+    assert!(failures(&e).iter().all(|(id, _, _)| *id == "node-1/1796306399750-2/1"), "{fault:?}");
     let posts = e.posts();
     assert!(posts.iter().all(|p| p.body == posts[0].body), "{fault:?}: a retry changed the report");
     e.fault(None);
@@ -185,8 +185,8 @@ fn recovers_from(fault: Fault) -> Envoy {
     assert_eq!(e.received(), e.recorded, "{fault:?}");
     let taken = e.taken();
     assert_eq!(taken.len(), 2, "{fault:?}: the first report, then one with what came while it was retried");
-    assert_eq!(taken[0].batch_id, "node-1/1796306399750/1");
-    assert_eq!(taken[1].batch_id, "node-1/1796306399750/2");
+    assert_eq!(taken[0].batch_id, "node-1/1796306399750-2/1");
+    assert_eq!(taken[1].batch_id, "node-1/1796306399750-2/2");
     assert_eq!((taken[0].from_s, taken[0].to_s), (WALL0_S, WALL0_S + 10));
     assert_eq!(taken[1].from_s, WALL0_S + 10);
     assert_eq!(taken[0].keys["exp"].denied.get(DenyKind::ExpiredKey), 10);
@@ -220,7 +220,7 @@ fn a_slow_receiver_times_out_and_is_retried() {
 fn an_answer_never_delivered_is_given_up_on_after_the_timeout_and_a_second() {
     let e = recovers_from(Fault::Lost);
     let posts = e.posts();
-    assert_eq!(failures(&e)[0], ("node-1/1796306399750/1".into(), "no answer within 2000 ms".into(), 1_000));
+    assert_eq!(failures(&e)[0], ("node-1/1796306399750-2/1".into(), "no answer within 2000 ms".into(), 1_000));
     // Posted at 10 s; given up on at the first tick past 3 s later; resent 1 s after that.
     assert_eq!((posts[0].at, posts[1].at), (10_000, 15_000));
 }
@@ -257,10 +257,10 @@ fn a_report_refused_for_good_is_dropped_counted_and_logged_and_reporting_moves_o
     e.run_ms(10_000);
     assert_eq!(e.posts().len(), 1);
     assert_eq!(e.reporter.sending(), None, "nothing is retried");
-    assert_eq!(e.events, [Event::Refused { batch_id: "node-1/1796306399750/1".into(), status: 400, requests: 6 }]);
+    assert_eq!(e.events, [Event::Refused { batch_id: "node-1/1796306399750-2/1".into(), status: 400, requests: 6 }]);
     assert_eq!(
         e.log(),
-        ["usage report node-1/1796306399750/1 refused by the receiver (HTTP status 400): not sent again, \
+        ["usage report node-1/1796306399750-2/1 refused by the receiver (HTTP status 400): not sent again, \
           its 6 requests counted as dropped"]
     );
     assert_eq!(e.reporter.stats(), Stats { reports_sent: 0, failures: 0, dropped: 6, keys_pending: 0 });
@@ -272,7 +272,7 @@ fn a_report_refused_for_good_is_dropped_counted_and_logged_and_reporting_moves_o
     e.run_ms(10);
     let taken = e.taken();
     assert_eq!(taken.len(), 1);
-    assert_eq!(taken[0].batch_id, "node-1/1796306399750/2");
+    assert_eq!(taken[0].batch_id, "node-1/1796306399750-2/2");
     assert_eq!((taken[0].from_s, taken[0].to_s), (WALL0_S + 10, WALL0_S + 20));
     assert_eq!(taken[0].keys["a"].allowed, 1);
     assert_eq!(e.reporter.stats(), Stats { reports_sent: 1, failures: 0, dropped: 6, keys_pending: 0 });
@@ -296,7 +296,7 @@ fn a_report_refused_for_good_after_retries_releases_the_counts_waiting_behind_it
     assert_eq!(e.run_until_delivered(2_000), Some(1_000), "at the next tick, not an interval later");
     let taken = e.taken();
     assert_eq!(taken.len(), 1);
-    assert_eq!(taken[0].batch_id, "node-1/1796306399750/2");
+    assert_eq!(taken[0].batch_id, "node-1/1796306399750-2/2");
     assert_eq!(taken[0].keys.keys().collect::<Vec<_>>(), ["second"]);
     let stats = e.reporter.stats();
     assert_eq!((stats.reports_sent, stats.failures, stats.dropped), (1, 4, 2));
@@ -320,7 +320,7 @@ fn retries_back_off_doubling_from_one_second_up_to_the_flush_interval() {
     assert_eq!(times, [10_000, 11_000, 13_000, 17_000, 25_000, 35_000, 45_000, 55_000, 65_000]);
     let waits: Vec<u64> = failures(&e).iter().map(|f| f.2).collect();
     assert_eq!(waits, [1_000, 2_000, 4_000, 8_000, 10_000, 10_000, 10_000, 10_000, 10_000]);
-    assert_eq!(e.log()[0], "usage report node-1/1796306399750/1 not sent: HTTP status 500; retrying in 1000 ms");
+    assert_eq!(e.log()[0], "usage report node-1/1796306399750-2/1 not sent: HTTP status 500; retrying in 1000 ms");
     // A later report starts its backoff afresh.
     e.fault(None);
     e.run_ms(10_000);
@@ -337,7 +337,7 @@ fn counts_arriving_while_a_report_is_pending_go_in_the_next_report() {
     e.fault(Some(Fault::Lost));
     e.allow(0, "first", 1);
     e.run_ms(10_000);
-    assert_eq!(e.reporter.sending(), Some("node-1/1796306399750/1"));
+    assert_eq!(e.reporter.sending(), Some("node-1/1796306399750-2/1"));
     e.allow(1, "second", 2);
     e.allow(0, "first", 1);
     e.run_ms(1_000);
@@ -356,7 +356,7 @@ fn counts_arriving_while_a_report_is_pending_go_in_the_next_report() {
 #[test]
 fn an_answer_to_a_post_given_up_on_is_not_taken_for_the_retry() {
     let config = config(&json!({}));
-    let mut reporter = Reporter::new(config.clone(), NODE, EPOCH_MS);
+    let mut reporter = Reporter::new(config.clone(), NODE, EPOCH_MS, REPORTER);
     let receiver = Receiver::default();
     let mut events = Vec::new();
     let mut tally = config.tally(WALL0_S);
@@ -370,7 +370,7 @@ fn an_answer_to_a_post_given_up_on_is_not_taken_for_the_retry() {
     assert_eq!(receiver.posts.borrow().len(), 2);
     assert!(!reporter.on_answer(14_100, 1, &Status(200), &mut |e| events.push(e)), "token 1 was given up on");
     assert!(!reporter.on_answer(14_100, 77, &Status(200), &mut |e| events.push(e)), "no such token");
-    assert_eq!(reporter.sending(), Some("node-1/1796306399750/1"));
+    assert_eq!(reporter.sending(), Some("node-1/1796306399750-2/1"));
     assert!(reporter.on_answer(14_200, 2, &Status(202), &mut |e| events.push(e)));
     assert_eq!(reporter.sending(), None);
     assert_eq!(reporter.stats(), Stats { reports_sent: 1, failures: 1, dropped: 0, keys_pending: 0 });
@@ -428,11 +428,14 @@ fn while_the_receiver_is_down_memory_stays_within_two_tallies() {
 // Batch ids, stats and what the host sees
 
 #[test]
-fn batch_ids_differ_across_restarts_of_one_node() {
+fn batch_ids_differ_across_restarts_and_across_reporters_started_in_one_millisecond() {
     let config = config(&json!({}));
     let mut ids = std::collections::HashSet::new();
-    for (restart, epoch_ms) in [EPOCH_MS, EPOCH_MS + 1, EPOCH_MS + 60_000].into_iter().enumerate() {
-        let mut reporter = Reporter::new(config.clone(), NODE, epoch_ms);
+    // Restarts a millisecond and a minute apart; two reporters of one process (two VMs after a
+    // reconfiguration, say) started in the same millisecond.
+    let starts = [(EPOCH_MS, REPORTER), (EPOCH_MS + 1, REPORTER), (EPOCH_MS + 60_000, 0), (EPOCH_MS + 60_000, 1)];
+    for (start, (epoch_ms, number)) in starts.into_iter().enumerate() {
+        let mut reporter = Reporter::new(config.clone(), NODE, epoch_ms, number);
         let receiver = Receiver::default();
         reporter.on_tick(0, WALL0_S, config.tally(0), &receiver, &mut |_| {});
         for i in 1..=3 {
@@ -443,11 +446,12 @@ fn batch_ids_differ_across_restarts_of_one_node() {
             assert!(reporter.on_answer(i * 10_000, token, &Status(200), &mut |_| {}));
         }
         for post in receiver.posts.borrow().iter() {
-            assert!(ids.insert(post.report().batch_id), "restart {restart}: a batch id seen before");
+            assert!(ids.insert(post.report().batch_id), "start {start}: a batch id seen before");
         }
     }
-    assert_eq!(ids.len(), 9);
-    assert!(ids.contains("node-1/1796306399751/2"), "{ids:?}");
+    assert_eq!(ids.len(), 12);
+    assert!(ids.contains("node-1/1796306399751-2/2"), "{ids:?}");
+    assert!(ids.contains("node-1/1796306459750-0/3") && ids.contains("node-1/1796306459750-1/3"), "{ids:?}");
 }
 
 #[test]
@@ -458,17 +462,17 @@ fn an_unknown_node_reports_as_empty_and_a_long_one_is_cut() {
     let wide = format!("n{}", "é".repeat(MAX_NODE_BYTES / 2));
     let cut = format!("n{}", "é".repeat(MAX_NODE_BYTES / 2 - 1));
     for (node, want) in [("", String::new()), (&*"n".repeat(5_000), "n".repeat(MAX_NODE_BYTES)), (&*wide, cut)] {
-        let mut reporter = Reporter::new(config.clone(), node, 5);
+        let mut reporter = Reporter::new(config.clone(), node, 5, 0);
         let mut tally = config.tally(WALL0_S);
         tally.record(Outcome::Allowed { key_id: Some("k") });
         reporter.on_tick(0, WALL0_S, tally, &receiver, &mut |_| {});
         reporter.on_tick(10_000, WALL0_S, config.tally(0), &receiver, &mut |_| {});
         let report = receiver.posts.borrow().last().unwrap().report();
         assert_eq!(report.node, want);
-        assert_eq!(report.batch_id, format!("{want}/5/1"));
+        assert_eq!(report.batch_id, format!("{want}/5-0/1"));
     }
     // The longest id there can be still reads back.
-    let longest = batch_id(&"n".repeat(MAX_NODE_BYTES), i64::MIN, u64::MAX);
+    let longest = batch_id(&"n".repeat(MAX_NODE_BYTES), i64::MIN, u32::MAX, u64::MAX);
     assert!(longest.len() <= MAX_BATCH_ID_BYTES, "{}", longest.len());
 }
 
@@ -476,7 +480,7 @@ fn an_unknown_node_reports_as_empty_and_a_long_one_is_cut() {
 fn a_wall_clock_stepping_back_never_makes_an_interval_end_before_it_starts() {
     let config = config(&json!({}));
     let receiver = Receiver::default();
-    let mut reporter = Reporter::new(config.clone(), NODE, EPOCH_MS);
+    let mut reporter = Reporter::new(config.clone(), NODE, EPOCH_MS, REPORTER);
     let mut tally = config.tally(WALL0_S);
     tally.record(Outcome::Allowed { key_id: Some("k") });
     reporter.on_tick(0, WALL0_S, tally, &receiver, &mut |_| {});
@@ -517,7 +521,7 @@ fn the_reporter_reads_no_answer_body() {
     }
     let config = config(&json!({}));
     let receiver = Receiver::default();
-    let mut reporter = Reporter::new(config.clone(), NODE, EPOCH_MS);
+    let mut reporter = Reporter::new(config.clone(), NODE, EPOCH_MS, REPORTER);
     let mut tally = config.tally(WALL0_S);
     tally.record(Outcome::Denied { kind: DenyKind::Forbidden, key_id: Some("k") });
     reporter.on_tick(0, WALL0_S, tally, &receiver, &mut |_| {});
@@ -536,7 +540,7 @@ fn a_post_trait_object_is_all_a_host_implements() {
         }
     }
     let config = config(&json!({}));
-    let mut reporter = Reporter::new(config.clone(), NODE, EPOCH_MS);
+    let mut reporter = Reporter::new(config.clone(), NODE, EPOCH_MS, REPORTER);
     let mut events = Vec::new();
     let mut tally = config.tally(WALL0_S);
     tally.record(Outcome::Allowed { key_id: Some("k") });
@@ -545,7 +549,7 @@ fn a_post_trait_object_is_all_a_host_implements() {
     assert_eq!(
         events,
         [Event::Failed {
-            batch_id: "node-1/1796306399750/1".into(),
+            batch_id: "node-1/1796306399750-2/1".into(),
             reason: "no cluster usage".into(),
             retry_in_ms: 1_000
         }]

@@ -175,7 +175,7 @@ proptest! {
         for id in &ids {
             t.record(Outcome::Denied { kind: DenyKind::Forbidden, key_id: Some(id) });
         }
-        let report = Report::new(batch_id(&node, 7, 1), &node, 1_796_306_400, 1_796_306_400 + span, t);
+        let report = Report::new(batch_id(&node, 7, 0, 1), &node, 1_796_306_400, 1_796_306_400 + span, t);
         prop_assert_eq!(Report::parse(&report.to_json()).unwrap(), report);
     }
 

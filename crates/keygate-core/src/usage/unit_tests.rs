@@ -323,11 +323,11 @@ fn report() -> Report {
             t.record(Outcome::Denied { kind, key_id: None });
         }
     }
-    Report::new(batch_id("node-1", 1_796_306_399_750, 3), "node-1", 1_796_306_400, 1_796_306_410, t)
+    Report::new(batch_id("node-1", 1_796_306_399_750, 2, 3), "node-1", 1_796_306_400, 1_796_306_410, t)
 }
 
 const REPORT: &str = concat!(
-    r#"{"batch_id":"node-1/1796306399750/3","node":"node-1","from":"2026-12-03T14:00:00Z","to":"2026-12-03T14:00:10Z","#,
+    r#"{"batch_id":"node-1/1796306399750-2/3","node":"node-1","from":"2026-12-03T14:00:00Z","to":"2026-12-03T14:00:10Z","#,
     r#""keys":{"9z":{"allowed":0,"denied":{"expired_key":1},"last_used":"2026-12-03T14:00:02Z"},"#,
     r#""ab12cd34":{"allowed":12,"denied":{"insufficient_scope":1},"last_used":"2026-12-03T14:00:09Z"}},"#,
     r#""unattributed":{"missing_key":3,"invalid_key":5},"dropped":0}"#
@@ -397,7 +397,7 @@ fn a_malformed_report_is_refused_naming_the_member() {
         (edit("2026-12-03T14:00:00Z", "2026-12-03T15:00:00+01:00"), "from", ErrorKind::Invalid),
         (edit("2026-12-03T14:00:00Z", "yesterday"), "from", ErrorKind::Invalid),
         (edit("2026-12-03T14:00:10Z", "2026-12-03T13:59:59Z"), "to", ErrorKind::Invalid),
-        (edit(r#""node-1/1796306399750/3""#, r#""""#), "batch_id", ErrorKind::Invalid),
+        (edit(r#""node-1/1796306399750-2/3""#, r#""""#), "batch_id", ErrorKind::Invalid),
         (edit(r#""node":"node-1""#, r#""node":null"#), "node", ErrorKind::Type),
         (REPORT[..REPORT.len() - 1].to_string(), "", ErrorKind::Syntax),
         (format!("{REPORT} {{}}"), "", ErrorKind::Syntax),
@@ -416,7 +416,7 @@ fn a_malformed_report_is_refused_naming_the_member() {
     assert_eq!(
         e.to_string(),
         "usage report: from: expected an RFC 3339 UTC time to the second such as 2027-01-01T00:00:00Z, got \
-         \"yesterday\" at line 1 column 71"
+         \"yesterday\" at line 1 column 73"
     );
     let long_node = edit(r#""node":"node-1""#, &format!(r#""node":"{}""#, "n".repeat(MAX_NODE_BYTES + 1)));
     assert!(matches!(Report::parse(long_node.as_bytes()), Err(ReportError::Invalid(e)) if e.field == "node"));
