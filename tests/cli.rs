@@ -1164,7 +1164,7 @@ fn list_sums_requests_and_the_last_use_from_the_reports_serve_kept() {
     let serve = Serve::start(&s, "out", "usage");
     for body in [
         report("b1", "aaaa0001", 12, "2026-12-03T14:00:09Z"),
-        report("b2", "aaaa0001", 100, "2026-12-03T13:00:00+01:00"),
+        report("b2", "aaaa0001", 100, "2026-12-03T12:00:00Z"),
         report("b1", "aaaa0001", 12, "2026-12-03T14:00:09Z"),
         report("b3", "ffff0000", 5, "2026-12-03T14:00:09Z"),
     ] {
@@ -1181,7 +1181,7 @@ aaaa0002  -       sk_live_aaaa0002_…      org_2  -       -                    
     s.write("bad.jsonl", "{\"batch_id\": \"x\"}\n");
     assert_eq!(
         fails(&s, &["list", "--keys", "keys.json", "--usage", "bad.jsonl"], 1),
-        "keygate: bad.jsonl:1: not a usage report: missing field `from` at line 1 column 17\n"
+        "keygate: bad.jsonl:1: not a usage report: missing field `node` at line 1 column 17\n"
     );
 }
 
