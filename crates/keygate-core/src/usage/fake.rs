@@ -123,6 +123,27 @@ impl Post for Receiver {
     }
 }
 
+impl Receiver {
+    /// Moves the receiver's clock to `now`.
+    pub fn set_clock(&self, now: i64) {
+        self.clock.set(now);
+    }
+
+    /// The answers due by `now` (token, status), each taken once and marked on its POST.
+    pub fn take_due(&self, now: i64) -> Vec<(u32, u16)> {
+        let mut calls = self.calls.borrow_mut();
+        let (due, rest): (Vec<Call>, Vec<Call>) = calls.drain(..).partition(|c| c.due.is_some_and(|d| d <= now));
+        *calls = rest;
+        let mut posts = self.posts.borrow_mut();
+        due.into_iter()
+            .map(|c| {
+                posts[c.post].answered = Some(c.status);
+                (c.token, c.status)
+            })
+            .collect()
+    }
+}
+
 /// An answer as the host hands it over.
 pub struct Status(pub u16);
 
@@ -238,7 +259,7 @@ impl Envoy {
     /// at once to what the tick posted.
     pub fn step(&mut self) {
         self.now += STEP_MS;
-        self.receiver.clock.set(self.now);
+        self.receiver.set_clock(self.now);
         self.answer();
         if self.now >= self.next_tick {
             self.next_tick = self.now + self.config.tick_ms() as i64;
@@ -249,15 +270,7 @@ impl Envoy {
 
     /// Hands the reporter every answer due.
     fn answer(&mut self) {
-        let due: Vec<(u32, usize, u16)> = {
-            let mut calls = self.receiver.calls.borrow_mut();
-            let (due, rest): (Vec<Call>, Vec<Call>) =
-                calls.drain(..).partition(|c| c.due.is_some_and(|d| d <= self.now));
-            *calls = rest;
-            due.into_iter().map(|c| (c.token, c.post, c.status)).collect()
-        };
-        for (token, post, status) in due {
-            self.receiver.posts.borrow_mut()[post].answered = Some(status);
+        for (token, status) in self.receiver.take_due(self.now) {
             let events = &mut self.events;
             self.reporter.on_answer(self.now, token, &Status(status), &mut |e| events.push(e));
         }

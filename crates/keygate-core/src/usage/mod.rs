@@ -10,7 +10,9 @@
 //! - [`shared`]: that merge, with compare-and-swap on a [`Store`](crate::live::Store);
 //! - [`report`]: the report's JSON, written and read back ([`Report`]);
 //! - [`reporter`]: the per-process state machine that makes a report every interval and sends it
-//!   until the receiver takes it ([`Reporter`], through the host's [`Post`]).
+//!   until the receiver takes it ([`Reporter`], through the host's [`Post`]);
+//! - [`worker`]: one VM's part, for a host whose workers are VMs sharing a store: its tally handed
+//!   over on each tick, and the reporter run by the VM that holds a lease ([`Worker`]).
 //!
 //! A host counts each decision in its worker's tally ([`Tally::record`] of [`Outcome::of`]), sets
 //! the tally's coarse clock on each tick ([`Tally::set_now`]), gathers its workers' tallies
@@ -24,12 +26,14 @@ pub mod reporter;
 pub mod settings;
 pub mod shared;
 pub mod tally;
+pub mod worker;
 
 pub use encoding::{decode, encode, DecodeError};
 pub use report::{batch_id, Report, ReportError, ReportLimits, KIND_NAMES, MAX_BATCH_ID_BYTES, MAX_NODE_BYTES};
 pub use reporter::{refused_for_good, Event, Post, Reporter, Stats};
 pub use settings::{RawUsage, UsageConfig};
 pub use tally::{attributable, DenyCounts, KeyUsage, Outcome, Tally};
+pub use worker::{Now, Worker};
 
 #[cfg(test)]
 mod fake;
@@ -39,3 +43,5 @@ mod reporter_tests;
 mod tally_props;
 #[cfg(test)]
 mod unit_tests;
+#[cfg(test)]
+mod worker_tests;

@@ -38,6 +38,12 @@ pub enum Event {
     /// The receiver refused report `batch_id` for good (HTTP `status`, a 4xx other than 408 and
     /// 429): it is not sent again, and its `requests` are counted as dropped.
     Refused { batch_id: String, status: u16, requests: u64 },
+    /// `requests` counted will be in no report, for the reason `why` (a VM's reporter stopped
+    /// while it was sending one, say: [`Worker`](crate::usage::Worker)); counted as dropped.
+    Abandoned { requests: u64, why: String },
+    /// Shared data refused a read or a write ([`Worker`](crate::usage::Worker)); the counts wait
+    /// for the next tick.
+    Trouble(String),
 }
 
 /// Whether an HTTP `status` refuses a report for good: a 4xx, but for 408 (Request Timeout) and
@@ -63,6 +69,10 @@ impl fmt::Display for Event {
                 "usage report {batch_id} refused by the receiver (HTTP status {status}): not sent again, \
                  its {requests} requests counted as dropped"
             ),
+            Event::Abandoned { requests, why } => {
+                write!(f, "usage: {requests} requests counted as dropped: {why}")
+            }
+            Event::Trouble(reason) => write!(f, "usage: {reason}"),
         }
     }
 }
@@ -162,6 +172,12 @@ impl Reporter {
     pub fn stats(&self) -> Stats {
         let in_batch = self.batch.as_ref().map_or(0, |b| b.keys);
         Stats { keys_pending: (in_batch + self.next.len()) as u64, ..self.stats }
+    }
+
+    /// Stops this reporter: the counts gathered for the next report, and the `batch_id` and
+    /// request count of the report being sent, if one is (which will not be sent again).
+    pub fn into_pending(self) -> (Tally, Option<(String, u64)>) {
+        (self.next, self.batch.map(|b| (b.id, b.requests)))
     }
 
     /// Every tick, at monotonic `now_ms` and wall-clock Unix seconds `now_s`, with the `counts`

@@ -117,6 +117,24 @@ impl UsageConfig {
         self.timeout_ms.saturating_add(ANSWER_SLACK_MS)
     }
 
+    /// The shared-data entry of the lease that picks the one VM of a process that reports
+    /// ([`Worker`](crate::usage::Worker)).
+    pub fn lease_entry(&self) -> String {
+        format!("keygate/usage/{}/lease", self.namespace)
+    }
+
+    /// The shared-data entry whose compare-and-swap tokens number the VMs that report
+    /// ([`number_vm_in`](crate::live::lease::number_vm_in)).
+    pub fn vmseq_entry(&self) -> String {
+        format!("keygate/usage/{}/vmseq", self.namespace)
+    }
+
+    /// How long the reporting lease lasts without renewal: three ticks, at least 3 s. A VM that
+    /// stalls longer loses it, and the next tick of another VM takes it.
+    pub fn lease_ttl_ms(&self) -> u64 {
+        self.tick_ms().saturating_mul(3).max(3_000)
+    }
+
     /// The shared-data entry where a process's workers merge their tallies
     /// ([`deposit`](crate::usage::shared::deposit)).
     pub fn tally_entry(&self) -> String {
