@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Every member is always there; the deny-kind objects (`denied`, `unattributed`) leave out the
-//! kinds counted zero times. Times are RFC 3339 in UTC, to the second. Keys are written in byte
-//! order of their ids, compactly, on one line.
+//! kinds counted zero times. Times are RFC 3339 in UTC, to the second. Written compactly, on one
+//! line; the reporter writes the keys in no particular order, [`Report::to_json`] in byte order of
+//! their ids.
 
 use crate::error::{ConfigError, ErrorKind};
 use crate::json::{parse_json, repeated_name};
@@ -134,37 +135,10 @@ impl Report {
         self.keys.values().fold(all, |sum, usage| sum.saturating_add(usage.requests()))
     }
 
-    /// The report's JSON text.
+    /// The report's JSON text, its keys in byte order of their ids.
     pub fn to_json(&self) -> Vec<u8> {
-        let mut out = String::with_capacity(160 + self.node.len() * 2 + self.keys.len() * 110);
-        out.push_str("{\"batch_id\":");
-        push_string(&mut out, &self.batch_id);
-        out.push_str(",\"node\":");
-        push_string(&mut out, &self.node);
-        out.push_str(",\"from\":\"");
-        out.push_str(&format_rfc3339(self.from_s));
-        out.push_str("\",\"to\":\"");
-        out.push_str(&format_rfc3339(self.to_s));
-        out.push_str("\",\"keys\":{");
-        for (i, (id, usage)) in self.keys.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            push_string(&mut out, id);
-            out.push_str(":{\"allowed\":");
-            out.push_str(&usage.allowed.to_string());
-            out.push_str(",\"denied\":");
-            push_counts(&mut out, &usage.denied);
-            out.push_str(",\"last_used\":\"");
-            out.push_str(&format_rfc3339(usage.last_used_s));
-            out.push_str("\"}");
-        }
-        out.push_str("},\"unattributed\":");
-        push_counts(&mut out, &self.unattributed);
-        out.push_str(",\"dropped\":");
-        out.push_str(&self.dropped.to_string());
-        out.push('}');
-        out.into_bytes()
+        let head = Head { batch_id: &self.batch_id, node: &self.node, from_s: self.from_s, to_s: self.to_s };
+        write_json(&head, self.keys.iter().map(|(id, usage)| (id.as_str(), usage)), &self.unattributed, self.dropped)
     }
 
     /// Reads a report within the default limits ([`ReportLimits::default`]).
@@ -207,6 +181,53 @@ impl Report {
             dropped: raw.dropped,
         })
     }
+}
+
+/// What a report says besides its counts.
+pub(crate) struct Head<'a> {
+    pub batch_id: &'a str,
+    pub node: &'a str,
+    pub from_s: i64,
+    pub to_s: i64,
+}
+
+/// A report's JSON text ([`Report::to_json`]), its keys in the order `keys` gives them: the
+/// reporter writes a tally's as they come, with no map or sort of its own.
+pub(crate) fn write_json<'a>(
+    head: &Head<'_>,
+    keys: impl ExactSizeIterator<Item = (&'a str, &'a KeyUsage)>,
+    unattributed: &DenyCounts,
+    dropped: u64,
+) -> Vec<u8> {
+    let mut out = String::with_capacity(160 + head.node.len() * 2 + keys.len() * 110);
+    out.push_str("{\"batch_id\":");
+    push_string(&mut out, head.batch_id);
+    out.push_str(",\"node\":");
+    push_string(&mut out, head.node);
+    out.push_str(",\"from\":\"");
+    out.push_str(&format_rfc3339(head.from_s));
+    out.push_str("\",\"to\":\"");
+    out.push_str(&format_rfc3339(head.to_s));
+    out.push_str("\",\"keys\":{");
+    for (i, (id, usage)) in keys.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_string(&mut out, id);
+        out.push_str(":{\"allowed\":");
+        out.push_str(&usage.allowed.to_string());
+        out.push_str(",\"denied\":");
+        push_counts(&mut out, &usage.denied);
+        out.push_str(",\"last_used\":\"");
+        out.push_str(&format_rfc3339(usage.last_used_s));
+        out.push_str("\"}");
+    }
+    out.push_str("},\"unattributed\":");
+    push_counts(&mut out, unattributed);
+    out.push_str(",\"dropped\":");
+    out.push_str(&dropped.to_string());
+    out.push('}');
+    out.into_bytes()
 }
 
 /// A JSON string: `text` between quotes, with quotes, backslashes and control characters escaped.

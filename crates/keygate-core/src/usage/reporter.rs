@@ -3,18 +3,19 @@
 //! answer of the receiver ([`Reporter::on_answer`]). It reaches the host only through [`Post`],
 //! and tells it what happened through a [`Sink`] of [`Event`]s.
 //!
-//! Once a flush interval, the counts gathered become one report ([`Report`]), sent as one POST. A
-//! POST that fails (a 5xx, 408 or 429, another status that is not 2xx or 4xx, no answer, no answer
-//! in time) is sent again, the very same body under the same `batch_id`, after a wait doubling from
-//! 1 s up to the flush interval, until the receiver takes it; the counts that arrive meanwhile wait
-//! in the next report. A report the receiver refuses for good (any other 4xx: it will never take
-//! that body) is dropped, its requests counted as dropped, so that it cannot hold up reporting. One
-//! report is in flight at a time, so a receiver that is down costs one POST per retry, and at most
-//! two tallies of `max_pending_keys` ids are held: the report waiting and the counts after it.
+//! Once a flush interval, the counts gathered become one report (the JSON of a
+//! [`Report`](crate::usage::Report)), sent as one POST. A POST that fails (a 5xx, 408 or 429,
+//! another status that is not 2xx or 4xx, no answer, no answer in time) is sent again, the very
+//! same body under the same `batch_id`, after a wait doubling from 1 s up to the flush interval,
+//! until the receiver takes it; the counts that arrive meanwhile wait in the next report. A report
+//! the receiver refuses for good (any other 4xx: it will never take that body) is dropped, its
+//! requests counted as dropped, so that it cannot hold up reporting. One report is in flight at a
+//! time, so a receiver that is down costs one POST per retry, and at most two tallies of
+//! `max_pending_keys` ids are held: the report waiting and the counts after it.
 //! An interval in which nothing was counted sends nothing: the next report covers it.
 
 use crate::live::host::{Answer, Sink};
-use crate::usage::report::{batch_id, clip_node, Report};
+use crate::usage::report::{batch_id, clip_node, write_json, Head};
 use crate::usage::settings::UsageConfig;
 use crate::usage::tally::Tally;
 use std::fmt;
@@ -252,11 +253,13 @@ impl Reporter {
         self.sequence = self.sequence.saturating_add(1);
         let to_s = now_s.max(from_s);
         let id = batch_id(&self.node, self.epoch_ms, self.number, self.sequence);
-        let report = Report::new(id, &self.node, from_s, to_s, self.next.take());
+        let counts = self.next.take();
+        let head = Head { batch_id: &id, node: &self.node, from_s, to_s };
+        let body = write_json(&head, counts.keys(), counts.unattributed(), counts.dropped());
         self.from_s = Some(to_s);
-        let (keys, requests, body) = (report.keys.len(), report.requests(), report.to_json());
+        let (keys, requests) = (counts.len(), counts.requests());
         let attempt = Attempt::Waiting { at_ms: 0 };
-        self.batch = Some(Batch { id: report.batch_id, body, keys, requests, failures: 0, attempt });
+        self.batch = Some(Batch { id, body, keys, requests, failures: 0, attempt });
     }
 
     fn send(&mut self, now_ms: i64, post: &dyn Post, sink: &mut dyn Sink<Event>) {

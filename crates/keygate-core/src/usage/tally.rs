@@ -207,7 +207,7 @@ impl Tally {
     }
 
     /// Every key counted, in no particular order.
-    pub fn keys(&self) -> impl Iterator<Item = (&str, &KeyUsage)> {
+    pub fn keys(&self) -> impl ExactSizeIterator<Item = (&str, &KeyUsage)> {
         self.keys.iter().map(|(id, usage)| (id.as_str(), usage))
     }
 
