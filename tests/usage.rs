@@ -7,8 +7,8 @@
 //!
 //! The happy path posts to the real `keygate serve`; the faults are played by the tests' key-set
 //! server (tests/common/keyset.rs), which records every POST with its body. Every test runs on the
-//! host under test, and says so and returns on the native module, which does not report usage yet
-//! (it refuses a configuration with `usage`: tests/native.rs).
+//! host under test, and says so and returns on the native module, which does not report usage yet;
+//! there, the last test checks that Envoy refuses a configuration with `usage`.
 //!
 //! Settings: `flush_interval_ms` 1 000 (a 100 ms tick), `timeout_ms` 500, so a report goes every
 //! second and a retry after 1 s. Bounds are generous (a shared 2-core machine runs these) but each
@@ -551,4 +551,23 @@ fn a_configuration_without_usage_counts_and_sends_nothing() {
     assert!(receiver.requests().is_empty(), "{:?}", receiver.requests());
     let usage_stats: Vec<String> = envoy.stats().into_keys().filter(|name| name.contains("keygate.usage.")).collect();
     assert!(usage_stats.is_empty(), "{usage_stats:?}");
+}
+
+#[test]
+fn the_native_module_refuses_a_configuration_with_usage_naming_the_field() {
+    if !Host::Native.tested_or_say("refusing usage", "the wasm filter reports usage (the tests above)") {
+        return;
+    }
+    let receiver = receiver();
+    let upstream = Upstream::start();
+    let mut opts = EnvoyOptions::new(Some(&plugin(Some(usage(json!({}))), &[])), upstream.port());
+    opts.usage_port = Some(receiver.port());
+    let Err(log) = Envoy::try_start(&opts) else { panic!("Envoy took a configuration with usage") };
+    assert!(
+        log.contains(
+            "keygate: invalid configuration: usage: usage reporting is not supported by the native module yet"
+        ),
+        "{}",
+        common::envoy::tail(&log, 40)
+    );
 }
