@@ -3,7 +3,8 @@
 //! interval per Envoy; a receiver that is down, slow, failing or answering garbage changes no reply
 //! and no latency, and gets every count once it recovers, each report under the batch id it was
 //! first sent with; a report refused for good is dropped and counted; keys past
-//! `max_pending_keys` are counted as dropped; a configuration without `usage` sends nothing.
+//! `max_pending_keys` are counted as dropped; an ECDS update hands the counts not yet sent to the
+//! new configuration; a configuration without `usage` sends nothing.
 //!
 //! The happy path posts to the real `keygate serve`; the faults are played by the tests' key-set
 //! server (tests/common/keyset.rs), which records every POST with its body. Every test runs on the
@@ -551,6 +552,91 @@ fn a_configuration_without_usage_counts_and_sends_nothing() {
     assert!(receiver.requests().is_empty(), "{:?}", receiver.requests());
     let usage_stats: Vec<String> = envoy.stats().into_keys().filter(|name| name.contains("keygate.usage.")).collect();
     assert!(usage_stats.is_empty(), "{usage_stats:?}");
+}
+
+/// The configuration delivered by ECDS from a file in the instance directory, as in
+/// envoy/ecds/ (tests/ecds.rs): the bootstrap of [`envoy`] with the keygate filter named
+/// `keygate` and discovered from `keygate.json`.
+fn ecds_envoy(plugin: &str, upstream: &Upstream, usage_port: u16, concurrency: u32) -> Envoy {
+    let mut opts = EnvoyOptions::new(Some(plugin), upstream.port());
+    opts.usage_port = Some(usage_port);
+    let mut bootstrap = opts.bootstrap();
+    bootstrap["node"] = json!({"id": NODE, "cluster": "usage-tests"});
+    let filters = bootstrap
+        .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters")
+        .unwrap();
+    let wasm = filters[0]["typed_config"].take();
+    filters[0] = json!({"name": "keygate", "config_discovery": {
+        "config_source": {"path_config_source": {"path": format!("{}/keygate.json", common::envoy::INSTANCE_DIR_TOKEN),
+                                                 "watched_directory": {"path": common::envoy::INSTANCE_DIR_TOKEN}}},
+        "type_urls": [wasm["@type"].clone()]}});
+    let file = ecds_file(&wasm, plugin);
+    Envoy::try_start_with_files(&bootstrap.to_string(), "json", concurrency, &[("keygate.json", &file)])
+        .unwrap_or_else(|log| panic!("Envoy did not start:\n{}", common::envoy::tail(&log, 60)))
+}
+
+/// An ECDS file holding the wasm filter `wasm` (its typed config) with `plugin` as its configuration.
+fn ecds_file(wasm: &Value, plugin: &str) -> String {
+    let mut wasm = wasm.clone();
+    wasm["config"]["configuration"]["value"] = json!(plugin);
+    json!({"resources": [{"@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+                          "name": "keygate", "typed_config": wasm}]})
+    .to_string()
+}
+
+#[test]
+fn an_ecds_update_keeping_usage_hands_every_count_to_the_new_configuration() {
+    if skip_on_native() {
+        return;
+    }
+    const NEW: &str = "sk_live_0000ffff_5555555555555555555555555555555555555555555555555555555555555555";
+    let receiver = receiver();
+    let upstream = Upstream::start();
+    let before = plugin(Some(usage(json!({}))), &[]);
+    let envoy = ecds_envoy(&before, &upstream, receiver.port(), 2);
+    let mut want = traffic(&envoy, 2);
+    // The same `usage`, one key more: a new configuration in every VM, whose old one goes away.
+    let wasm = {
+        let text = std::fs::read_to_string(envoy.dir().join("keygate.json")).unwrap();
+        let file: Value = serde_json::from_str(&text).unwrap();
+        file["resources"][0]["typed_config"].clone()
+    };
+    let tmp = envoy.dir().join("keygate.json.tmp");
+    std::fs::write(&tmp, ecds_file(&wasm, &plugin(Some(usage(json!({}))), &[("0000ffff", NEW)]))).unwrap();
+    std::fs::rename(&tmp, envoy.dir().join("keygate.json")).unwrap();
+    // The new key is unknown (invalid_key) until the new configuration serves, then allowed.
+    let new_key = shot("GET", "/v1/venues/v_1/things", Some(NEW), None, None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ((status, _), _) = fire(envoy.port(), &new_key, Proto::Http1);
+        match status {
+            401 => want.count(&shot("GET", "", None, None, Some("invalid_key")), 1),
+            200 => {
+                want.count(&shot("GET", "", None, Some("0000ffff"), None), 1);
+                break;
+            }
+            other => panic!("{other}"),
+        }
+        assert!(Instant::now() < deadline, "the new configuration did not serve within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = traffic(&envoy, 2);
+    for (id, (allowed, denied)) in second.keys {
+        let entry = want.keys.entry(id).or_default();
+        entry.0 += allowed;
+        for (kind, n) in denied {
+            *entry.1.entry(kind).or_default() += n;
+        }
+    }
+    for (kind, n) in second.unattributed {
+        *want.unattributed.entry(kind).or_default() += n;
+    }
+    // What the old configuration had counted and not yet sent when it went away was handed to
+    // the new one, whose reporter sends it.
+    let reports = wait_for_totals(&want, Duration::from_secs(10), || taken(&receiver));
+    assert_eq!(envoy.keygate_stat("keygate.usage.dropped"), Some(0));
+    let ids: BTreeSet<&str> = reports.iter().map(|r| r.batch_id.as_str()).collect();
+    assert_eq!(ids.len(), reports.len());
 }
 
 #[test]
