@@ -8,6 +8,7 @@
 mod common;
 
 use common::keyset::KEYSET_DIR;
+use common::serve::KeygateServe as Serve;
 use common::{get, Envoy, EnvoyOptions, KeySetServer, Proto, Upstream, KEYSET_CLUSTER, MANIFEST_PATH};
 use keygate_core::keys::hash_key;
 use keygate_core::plugin::Plugin;
@@ -941,79 +942,6 @@ fn rotate_keeps_the_old_keys_prefix_and_takes_an_expiry() {
 
 // ---- serve --------------------------------------------------------------------------------------
 
-/// A running `keygate serve`, stopped (SIGTERM, then SIGKILL) when dropped.
-struct Serve {
-    child: Option<std::process::Child>,
-    port: u16,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Serve {
-    /// `keygate serve --keys KEYS --usage-dir USAGE` in `s`, on a port the system picks.
-    fn start(s: &Scratch, keys: &str, usage: &str) -> Serve {
-        use std::io::BufRead;
-        let mut child = Command::new(&*BIN)
-            .args(["serve", "--keys", keys, "--usage-dir", usage, "--listen", "127.0.0.1:0"])
-            .current_dir(&s.0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-        let mut first = String::new();
-        stderr.read_line(&mut first).unwrap();
-        let port = first
-            .strip_prefix("keygate serve: listening on http://127.0.0.1:")
-            .and_then(|rest| rest.split(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("keygate serve did not start: {first:?}"));
-        let log = std::sync::Arc::new(std::sync::Mutex::new(vec![first.trim_end().to_string()]));
-        let lines = log.clone();
-        let reader = std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                lines.lock().unwrap().push(line);
-            }
-        });
-        Serve { child: Some(child), port, log, reader: Some(reader) }
-    }
-
-    /// SIGTERM; returns the exit code and every line it wrote.
-    fn stop(mut self) -> (Option<i32>, Vec<String>) {
-        let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) with the pid of a child this test started and has not reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = child.wait().unwrap();
-        self.reader.take().unwrap().join().unwrap();
-        (status.code(), self.log.lock().unwrap().clone())
-    }
-
-    fn get(&self, path: &str, headers: &str) -> common::Response {
-        common::raw_http1(
-            self.port,
-            format!("GET {path} HTTP/1.1\r\nHost: keys\r\n{headers}Connection: close\r\n\r\n").as_bytes(),
-        )
-    }
-
-    fn post_usage(&self, body: &str) -> common::Response {
-        let request = format!(
-            "POST /usage HTTP/1.1\r\nHost: keys\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        common::raw_http1(self.port, request.as_bytes())
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// A usage report of the contract, for key `id`.
 fn report(batch: &str, id: &str, allowed: u64, last_used: &str) -> String {
     format!(
@@ -1031,7 +959,7 @@ fn serve_gives_each_file_a_strong_etag_answers_304_and_refuses_every_path_outsid
     fs::write(s.path("secret.json"), "{}").unwrap();
     fs::write(s.path("out/.hidden"), "{}").unwrap();
     fs::write(s.path("out/manifest.json.keygate-tmp"), "{\"half").unwrap();
-    let serve = Serve::start(&s, "out", "usage");
+    let serve = Serve::start(&s.0, "out", "usage");
 
     let manifest = fs::read(s.path("out/manifest.json")).unwrap();
     let etag = format!("\"{}\"", hex::encode(hash_key(&manifest)));
@@ -1088,7 +1016,7 @@ fn serve_reads_a_republished_key_set_at_once() {
     let s = Scratch::new("serve-republish");
     new_key(&s, &["--org", "o"]);
     ok(&s, &["config", "--keys", "keys.json", "--shards", "out", "--manifest-version", "1"]);
-    let serve = Serve::start(&s, "out", "usage");
+    let serve = Serve::start(&s.0, "out", "usage");
     let first = serve.get("/manifest.json", "");
     let etag = first.header("etag").unwrap().to_string();
     ok(&s, &["config", "--keys", "keys.json", "--shards", "out", "--manifest-version", "2"]);
@@ -1102,7 +1030,7 @@ fn serve_reads_a_republished_key_set_at_once() {
 fn serve_keeps_each_report_once_across_a_restart_and_refuses_malformed_and_oversized_ones() {
     let s = Scratch::new("serve-usage");
     fs::create_dir_all(s.path("out")).unwrap();
-    let serve = Serve::start(&s, "out", "usage");
+    let serve = Serve::start(&s.0, "out", "usage");
     let one = report("n1-1", "ab12cd34", 12, "2026-12-03T14:00:09Z");
     let reply = serve.post_usage(&one);
     assert_eq!((reply.status, reply.body.as_str()), (200, "{\"accepted\":true}\n"));
@@ -1136,7 +1064,7 @@ fn serve_keeps_each_report_once_across_a_restart_and_refuses_malformed_and_overs
     let line: Value = serde_json::from_str(stored.lines().next().unwrap()).unwrap();
     assert_eq!(line, serde_json::from_str::<Value>(&one).unwrap());
 
-    let serve = Serve::start(&s, "out", "usage");
+    let serve = Serve::start(&s.0, "out", "usage");
     assert!(serve.log.lock().unwrap()[0].ends_with("(1 reports)"), "{:?}", serve.log.lock().unwrap());
     let reply = serve.post_usage(&one);
     assert_eq!(reply.body, "{\"accepted\":false,\"duplicate\":true}\n", "a restart forgot the batch");
@@ -1161,10 +1089,10 @@ fn list_sums_requests_and_the_last_use_from_the_reports_serve_kept() {
         ),
     );
     fs::create_dir_all(s.path("out")).unwrap();
-    let serve = Serve::start(&s, "out", "usage");
+    let serve = Serve::start(&s.0, "out", "usage");
     for body in [
         report("b1", "aaaa0001", 12, "2026-12-03T14:00:09Z"),
-        report("b2", "aaaa0001", 100, "2026-12-03T13:00:00+01:00"),
+        report("b2", "aaaa0001", 100, "2026-12-03T12:00:00Z"),
         report("b1", "aaaa0001", 12, "2026-12-03T14:00:09Z"),
         report("b3", "ffff0000", 5, "2026-12-03T14:00:09Z"),
     ] {
@@ -1181,7 +1109,7 @@ aaaa0002  -       sk_live_aaaa0002_…      org_2  -       -                    
     s.write("bad.jsonl", "{\"batch_id\": \"x\"}\n");
     assert_eq!(
         fails(&s, &["list", "--keys", "keys.json", "--usage", "bad.jsonl"], 1),
-        "keygate: bad.jsonl:1: not a usage report: missing field `from` at line 1 column 17\n"
+        "keygate: bad.jsonl:1: not a usage report: missing field `node` at line 1 column 17\n"
     );
 }
 
@@ -1191,7 +1119,7 @@ fn envoy_loads_keys_from_keygate_serve_and_a_revocation_republished_with_the_cli
     let key = new_key(&s, &["--org", "org_1"]);
     let other = new_key(&s, &["--org", "org_2"]);
     ok(&s, &["config", "--keys", "keys.json", "--shards", "out", "--manifest-version", "1"]);
-    let serve = Serve::start(&s, "out", "usage");
+    let serve = Serve::start(&s.0, "out", "usage");
     let upstream = Upstream::start();
     let config = format!(
         r#"{{"credential": {{"prefixes": ["sk_live_"]}},

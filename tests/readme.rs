@@ -1,7 +1,8 @@
 //! The README's examples, checked so they cannot drift from the code: the configuration
-//! reference's example and the `key_set` example compile as the filter compiles a configuration,
-//! and the publishing command of "Key distribution" writes a key set that the filter's manifest
-//! and shard checks load in full.
+//! reference's example and the `key_set` and `usage` examples compile as the filter compiles a
+//! configuration, the usage report example reads as a receiver reads one, and the publishing
+//! command of "Key distribution" writes a key set that the filter's manifest and shard checks load
+//! in full.
 //!
 //! A checked block is a fenced block with an HTML comment on the line before it,
 //! `<!-- checked: NAME … -->`, which a reader of the rendered README does not see. A marker that is
@@ -14,6 +15,7 @@ mod common;
 
 use keygate_core::live::{parse_manifest, parse_shard};
 use keygate_core::plugin::Plugin;
+use keygate_core::usage::Report;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -67,6 +69,25 @@ fn the_key_set_example_compiles_as_a_configuration_member() {
     let configuration = format!("{{{text}}}");
     Plugin::from_json(configuration.as_bytes())
         .unwrap_or_else(|e| panic!("README.md's key_set example is refused: {e}\n{configuration}"));
+}
+
+#[test]
+fn the_usage_example_compiles_as_a_configuration_member() {
+    let (text, language) = checked_block(&readme(), "usage");
+    assert_eq!(language, "json", "the usage example's fence");
+    let configuration = format!("{{{text}}}");
+    let plugin = Plugin::from_json(configuration.as_bytes())
+        .unwrap_or_else(|e| panic!("README.md's usage example is refused: {e}\n{configuration}"));
+    assert!(plugin.usage.is_some(), "the usage example configures no usage");
+}
+
+#[test]
+fn the_usage_report_example_reads_as_a_report() {
+    let (text, language) = checked_block(&readme(), "usage_report");
+    assert_eq!(language, "json", "the usage report example's fence");
+    let report = Report::parse(text.as_bytes())
+        .unwrap_or_else(|e| panic!("README.md's usage report example is refused: {e}\n{text}"));
+    assert_eq!(Report::parse(&report.to_json()).as_ref(), Ok(&report), "the report as keygate writes it");
 }
 
 /// A directory for one test, removed at the end unless the test failed.

@@ -275,6 +275,10 @@ pub struct EnvoyOptions {
     /// Port of a key-set server on 127.0.0.1 (see [`super::keyset`]); `Some` adds a STATIC
     /// HTTP/1.1 cluster named [`KEYSET_CLUSTER`] pointing at it, for the plugin's `key_set`.
     pub keyset_port: Option<u16>,
+    /// Port of a usage receiver on 127.0.0.1 (`keygate serve`, or a [`super::keyset`] server);
+    /// `Some` adds a STATIC HTTP/1.1 cluster named [`USAGE_CLUSTER`] pointing at it, for the
+    /// plugin's `usage`.
+    pub usage_port: Option<u16>,
     /// The filter's `.wasm`; `None` is [`wasm_path`].
     pub wasm: Option<PathBuf>,
     /// Which build of keygate runs the plugin configuration: the wasm filter (the default) or the
@@ -284,6 +288,9 @@ pub struct EnvoyOptions {
 
 /// The name of the cluster [`EnvoyOptions::keyset_port`] adds.
 pub const KEYSET_CLUSTER: &str = "keyset";
+
+/// The name of the cluster [`EnvoyOptions::usage_port`] adds.
+pub const USAGE_CLUSTER: &str = "usage";
 
 /// In a configuration or file given to [`Envoy::try_start_with_files`]: replaced by the path of
 /// the instance directory, where the files are written.
@@ -298,6 +305,7 @@ impl EnvoyOptions {
             failure_policy: None,
             normalize_path: false,
             keyset_port: None,
+            usage_port: None,
             wasm: None,
             host: Host::under_test(),
         }
@@ -349,14 +357,15 @@ impl EnvoyOptions {
                 } } } }] }],
             },
         })];
-        if let Some(port) = self.keyset_port {
+        for (name, port) in [(KEYSET_CLUSTER, self.keyset_port), (USAGE_CLUSTER, self.usage_port)] {
+            let Some(port) = port else { continue };
             // No protocol options: Envoy speaks HTTP/1.1 to a cluster by default.
             clusters.push(json!({
-                "name": KEYSET_CLUSTER,
+                "name": name,
                 "type": "STATIC",
                 "connect_timeout": "1s",
                 "load_assignment": {
-                    "cluster_name": KEYSET_CLUSTER,
+                    "cluster_name": name,
                     "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "socket_address": {
                         "address": "127.0.0.1", "port_value": port,
                     } } } }] }],

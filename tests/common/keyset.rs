@@ -1,6 +1,8 @@
 //! A key-set endpoint for the tests: a plain-thread HTTP/1.1 server on 127.0.0.1 (OS-picked
 //! port, keep-alive, as Envoy pools its connections) that serves a mutable map path → body,
-//! records every request, and fails on demand.
+//! records every request (with its body), and fails on demand. It is also the usage receiver that
+//! fails (tests/usage.rs): whatever the method, a path in the map answers its body, so a `put` of
+//! the receiver's path makes it take `POST`s, whose bodies [`KeySetServer::requests_for`] returns.
 //!
 //! ```ignore
 //! let server = KeySetServer::start();
@@ -71,7 +73,12 @@ pub enum Fault {
     Truncated,
     /// `200` announcing the whole body's length, then half of it, then the connection closes.
     CutOff,
+    /// Bytes that are no HTTP reply, then the connection closes.
+    Garbage,
 }
+
+/// What [`Fault::Garbage`] sends.
+pub const GARBAGE: &[u8] = b"\x00\x01garbage, not HTTP at all\r\n\r\n";
 
 /// One request as the key-set server received it.
 #[derive(Clone, Debug)]
@@ -85,8 +92,10 @@ pub struct KeySetRequest {
     pub at: Instant,
     /// The status of the reply (recorded before it is sent, so it is there by the time the
     /// client has it; a [`Fault::Slow`] reply is recorded before its delay); `None` when the
-    /// connection was closed instead ([`Fault::Down`]).
+    /// connection was closed instead ([`Fault::Down`], [`Fault::Garbage`]).
     pub status: Option<u16>,
+    /// The request's body.
+    pub body: Vec<u8>,
 }
 
 impl KeySetRequest {
@@ -447,7 +456,7 @@ fn answer(content: &Content, path: &str, if_none_match: Option<&str>) -> (Option
         }
     };
     let answer = match &fault {
-        None | Some(Fault::Down) | Some(Fault::Slow(_)) => normal,
+        None | Some(Fault::Down) | Some(Fault::Garbage) | Some(Fault::Slow(_)) => normal,
         Some(Fault::Status(status)) => Answer {
             status: *status,
             content_type: "text/plain",
@@ -504,9 +513,9 @@ fn serve(stream: TcpStream, state: Arc<State>) {
             return;
         };
         let at = Instant::now();
-        if http1::read_request_body(&mut reader, &head).is_err() {
+        let Ok(body) = http1::read_request_body(&mut reader, &head) else {
             return;
-        }
+        };
         let mut parts = head.start_line.splitn(3, ' ');
         let method = parts.next().unwrap_or_default().to_string();
         let path = parts.next().unwrap_or_default().to_string();
@@ -515,10 +524,22 @@ fn serve(stream: TcpStream, state: Arc<State>) {
         let if_none_match = head.values("if-none-match").first().map(|v| v.to_string());
         let (fault, answer) = answer(&lock(&state.content), &path, if_none_match.as_deref());
 
-        let status = (fault != Some(Fault::Down)).then_some(answer.status);
-        lock(&state.requests).push(KeySetRequest { method: method.clone(), path, headers: head.headers, at, status });
+        let status = (!matches!(fault, Some(Fault::Down | Fault::Garbage))).then_some(answer.status);
+        lock(&state.requests).push(KeySetRequest {
+            method: method.clone(),
+            path,
+            headers: head.headers,
+            at,
+            status,
+            body,
+        });
         match fault {
             Some(Fault::Down) => {
+                let _ = writer.shutdown(Shutdown::Both);
+                return;
+            }
+            Some(Fault::Garbage) => {
+                let _ = writer.write_all(GARBAGE);
                 let _ = writer.shutdown(Shutdown::Both);
                 return;
             }

@@ -85,6 +85,10 @@
 //! request and fails on demand ([`Fault`]). [`EnvoyOptions::keyset_port`] adds the cluster
 //! [`KEYSET_CLUSTER`] (`keyset`) that points at it.
 //!
+//! [`EnvoyOptions::usage_port`] adds the cluster [`USAGE_CLUSTER`] (`usage`) for a usage receiver:
+//! the real `keygate serve` ([`serve::KeygateServe`]), or a [`KeySetServer`] that takes `POST`s and
+//! fails on demand.
+//!
 //! [`Envoy::try_start_with_files`] writes files Envoy reads at run time (an ECDS source, say)
 //! into the instance directory and replaces [`envoy::INSTANCE_DIR_TOKEN`] with that directory's
 //! path, in the configuration and in the files; a test then replaces a file there through
@@ -99,9 +103,12 @@ pub mod client;
 pub mod envoy;
 pub mod http1;
 pub mod keyset;
+pub mod serve;
 pub mod upstream;
 
 pub use client::{get, raw_http1, send, send_body, try_raw_http1, try_send, try_send_with_trailers, Proto, Response};
-pub use envoy::{envoy_binary, keygate_binary, repo_root, wasm_path, Envoy, EnvoyOptions, KEYSET_CLUSTER};
+pub use envoy::{
+    envoy_binary, keygate_binary, repo_root, wasm_path, Envoy, EnvoyOptions, KEYSET_CLUSTER, USAGE_CLUSTER,
+};
 pub use keyset::{Fault, KeySetRequest, KeySetServer, Publication, MANIFEST_PATH};
 pub use upstream::{Recorded, Upstream, UPSTREAM_BODY};

@@ -169,8 +169,8 @@ filters send. Stop it with Ctrl-C (SIGINT) or SIGTERM: requests under way are fi
                  request reads the file afresh, so a republish is served at once. Only names of
                  letters, digits, '.', '_' and '-' not starting with '.' are served (no .., no
                  %-escapes, no temporary or lock files); anything else is 404.
-  POST /usage    A usage report (JSON, at most 8 MiB: 413 past it; 400 naming the problem if
-                 it is malformed). An accepted report is appended as one line to
+  POST /usage    A usage report as the filter writes it (JSON, at most 8 MiB: 413 past it;
+                 400 naming the problem if it is anything else). An accepted report is appended as one line to
                  DIR/usage.jsonl, flushed to disk, then answered {\"accepted\": true}; a report
                  whose batch_id was seen before (also before a restart) is answered
                  {\"accepted\": false, \"duplicate\": true} and not stored again.

@@ -293,7 +293,7 @@ async fn receive(state: &Arc<State>, req: Request<Incoming>) -> Reply {
     };
     let state = state.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        let report = report::parse(&body).map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+        let report = report::parse(&body).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
         let mut store = state.store.lock().map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "internal".to_string()))?;
         store.store(&report).map_err(|e| {
             log(&e);

@@ -13,6 +13,7 @@ use crate::live::RawKeySet;
 use crate::policy::{Route, Upstream};
 use crate::reply::{BodyTemplate, DenyKind, Replies, ReplySpec, Template};
 use crate::routes::PathPattern;
+use crate::usage::RawUsage;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -35,6 +36,7 @@ pub struct RawConfig {
     #[serde(default)]
     pub errors: RawErrors,
     pub key_set: Option<RawKeySet>,
+    pub usage: Option<RawUsage>,
 }
 
 #[derive(Debug, Default, Deserialize)]

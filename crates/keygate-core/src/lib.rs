@@ -2,7 +2,7 @@
 //!
 //! Credential extraction ([`credential`]), key records and lookup ([`keys`]), path readings and route
 //! patterns ([`routes`]), scopes ([`scopes`]), replies ([`reply`]), configuration compilation
-//! ([`config`]) into a [`plugin::Plugin`], the one decision ([`policy`]) and live key sets ([`live`]). The hosts (the proxy-wasm
+//! ([`config`]) into a [`plugin::Plugin`], the one decision ([`policy`]), live key sets ([`live`]) and usage reporting ([`usage`]). The hosts (the proxy-wasm
 //! filter, the CLI) depend on this crate; it depends on none of them, and on no host API.
 //!
 //! keygate never logs, counts or echoes a presented key: a key is identified by its record id.
@@ -25,3 +25,4 @@ pub mod reply;
 pub mod routes;
 pub mod scopes;
 pub mod time;
+pub mod usage;

@@ -1,5 +1,6 @@
 //! The compiled plugin: what one keygate configuration becomes. [`Policy`] decides requests; the
-//! `key_set` settings tell a host where a live key set comes from.
+//! `key_set` settings tell a host where a live key set comes from, the `usage` settings where usage
+//! reports go.
 
 use crate::checks::check_scope;
 use crate::config::{
@@ -12,6 +13,7 @@ use crate::keys::record::InlineKeys;
 use crate::live::KeySetConfig;
 use crate::policy::{Policy, Route};
 use crate::scopes::ScopeRules;
+use crate::usage::UsageConfig;
 
 /// One compiled configuration.
 #[derive(Debug)]
@@ -19,6 +21,8 @@ pub struct Plugin {
     pub policy: Policy,
     /// Where a live key set comes from, if one is configured.
     pub key_set: Option<KeySetConfig>,
+    /// Where usage reports go, if usage is reported.
+    pub usage: Option<UsageConfig>,
 }
 
 impl Plugin {
@@ -30,7 +34,7 @@ impl Plugin {
 
     /// Compiles a parsed configuration; every problem found, in the order of the steps: the key
     /// records' (met while they were read), then the credential, routes, scope implications,
-    /// upstream headers, replies and key set.
+    /// upstream headers, replies, key set and usage.
     pub fn compile(raw: RawConfig) -> Result<Plugin, ConfigErrors> {
         let mut problems = Problems::default();
         let InlineKeys { set: keys, problems: in_keys } = raw.keys;
@@ -53,6 +57,7 @@ impl Plugin {
         let upstream = compile_upstream(&raw.upstream, &credential_headers, &mut problems);
         let replies = compile_errors(&raw.errors, &credential_headers, &mut problems);
         let key_set = raw.key_set.as_ref().and_then(|k| problems.take(KeySetConfig::compile(k)));
+        let usage = raw.usage.as_ref().and_then(|u| problems.take(UsageConfig::compile(u)));
         problems.finish(|| {
             let routes: Vec<Route> = routes.into_iter().map(|(_, r)| r).collect();
             let policy = Policy {
@@ -66,7 +71,7 @@ impl Plugin {
                 upstream,
                 replies,
             };
-            Plugin { policy, key_set }
+            Plugin { policy, key_set, usage }
         })
     }
 }

@@ -1,4 +1,5 @@
-//! Timestamps in key records: RFC 3339 text or integer Unix seconds, held as Unix milliseconds.
+//! Timestamps: in key records, RFC 3339 text or integer Unix seconds, held as Unix milliseconds; in
+//! usage reports, RFC 3339 UTC seconds ([`format_rfc3339`], [`parse_utc_seconds`]).
 
 /// Parses an RFC 3339 timestamp (`2027-01-01T00:00:00Z`, `2027-01-01T01:00:00.250+01:00`) into Unix
 /// milliseconds. Fractions finer than a millisecond are truncated, so a key never outlives its instant.
@@ -73,6 +74,28 @@ pub fn parse_rfc3339(text: &str) -> Result<i64, String> {
     Ok(seconds * 1_000 + millis)
 }
 
+/// The latest instant [`format_rfc3339`] writes: 9999-12-31T23:59:59Z, in Unix seconds.
+pub const MAX_RFC3339_SECONDS: i64 = 253_402_300_799;
+
+/// Writes Unix seconds as RFC 3339 in UTC, to the second (`2026-12-03T14:00:09Z`). Seconds before
+/// 1970 or after 9999 are written as the nearest of those two bounds.
+pub fn format_rfc3339(seconds: i64) -> String {
+    let seconds = seconds.clamp(0, MAX_RFC3339_SECONDS);
+    let (days, in_day) = (seconds / 86_400, seconds % 86_400);
+    let (year, month, day) = civil_from_days(days);
+    let (hour, minute, second) = (in_day / 3_600, in_day % 3_600 / 60, in_day % 60);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}Z")
+}
+
+/// Reads exactly what [`format_rfc3339`] writes (UTC, whole seconds, `T` and `Z` in capitals) into
+/// Unix seconds; any other spelling of an instant is refused.
+pub fn parse_utc_seconds(text: &str) -> Result<i64, String> {
+    let bad = || format!("expected an RFC 3339 UTC time to the second such as 2027-01-01T00:00:00Z, got {text:?}");
+    let ms = parse_rfc3339(text).map_err(|_| bad())?;
+    let seconds = ms.div_euclid(1_000);
+    (format_rfc3339(seconds) == text).then_some(seconds).ok_or_else(bad)
+}
+
 fn is_leap(year: i64) -> bool {
     (year % 4 == 0 && year % 100 != 0) || year % 400 == 0
 }
@@ -95,6 +118,21 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
     let doy = (153 * mp + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+/// The proleptic Gregorian date of a day counted from 1970-01-01 (the inverse of
+/// [`days_from_civil`], Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 #[cfg(test)]
@@ -131,6 +169,37 @@ mod tests {
             "２027-01-01T00:00:00Z",
         ] {
             assert!(parse_rfc3339(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn utc_seconds_are_written_and_read_back() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(1_798_761_600), "2027-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(951_827_696), "2000-02-29T12:34:56Z");
+        assert_eq!(format_rfc3339(-5), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(i64::MAX), "9999-12-31T23:59:59Z");
+        for s in [0, 59, 86_399, 86_400, 951_782_400, 1_798_761_599, 4_102_444_800, MAX_RFC3339_SECONDS] {
+            assert_eq!(parse_utc_seconds(&format_rfc3339(s)), Ok(s), "{s}");
+            assert_eq!(parse_rfc3339(&format_rfc3339(s)), Ok(s * 1_000), "{s}");
+        }
+        for day in (0..2_932_897i64).step_by(997) {
+            assert_eq!(parse_utc_seconds(&format_rfc3339(day * 86_400 + 3_723)), Ok(day * 86_400 + 3_723));
+        }
+    }
+
+    #[test]
+    fn utc_seconds_refuse_every_other_spelling() {
+        for bad in [
+            "2027-01-01T00:00:00.000Z",
+            "2027-01-01T01:00:00+01:00",
+            "2027-01-01t00:00:00z",
+            "2027-01-01 00:00:00Z",
+            "2027-01-01T00:00:60Z",
+            "2027-01-01T00:00:00",
+            "",
+        ] {
+            assert!(parse_utc_seconds(bad).is_err(), "{bad:?} should be refused");
         }
     }
 }

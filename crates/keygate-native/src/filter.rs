@@ -89,6 +89,10 @@ struct Metrics {
     denied: Vec<Option<usize>>,
 }
 
+/// Why the module refuses a configuration with a `usage` block.
+pub const USAGE_NOT_SUPPORTED: &str =
+    "usage reporting is not supported by the native module yet (the wasm filter reports usage)";
+
 /// One compiled configuration, shared (read-only) by every stream on every worker thread.
 #[derive(Debug)]
 pub struct Filter {
@@ -128,13 +132,18 @@ pub fn configure(filter_name: &[u8], text: &[u8], host: &mut dyn ConfigHost) -> 
         );
         return None;
     }
-    let Plugin { policy, key_set } = match Plugin::from_json(text) {
+    let Plugin { policy, key_set, usage } = match Plugin::from_json(text) {
         Ok(plugin) => plugin,
         Err(e) => {
             host.log(Level::Error, &format!("keygate: invalid configuration: {e}"));
             return None;
         }
     };
+    // Refused, not ignored: a configuration that asks for usage reports must not quietly get none.
+    if usage.is_some() {
+        host.log(Level::Error, &format!("keygate: invalid configuration: usage: {USAGE_NOT_SUPPORTED}"));
+        return None;
+    }
     let counter = |host: &mut dyn ConfigHost, name: &str| {
         let id = host.define_counter(name);
         if id.is_none() {

@@ -205,6 +205,28 @@ fn invalid_configuration_is_refused_naming_the_field() {
 }
 
 #[test]
+fn a_usage_block_is_refused_naming_the_field_rather_than_ignored() {
+    let mut config: serde_json::Value = serde_json::from_str(&config()).unwrap();
+    config["usage"] = serde_json::json!({"cluster": "usage", "authority": "usage.internal", "path": "/usage"});
+    let mut host = FakeConfig::default();
+    assert!(configure(b"keygate", config.to_string().as_bytes(), &mut host).is_none());
+    assert_eq!(
+        host.log.at(Level::Error),
+        ["keygate: invalid configuration: usage: usage reporting is not supported by the native module yet \
+          (the wasm filter reports usage)"]
+    );
+    assert!(host.counters.is_empty(), "no stat is defined for a refused configuration");
+    // A bad `usage` block is named as such first.
+    config["usage"]["path"] = serde_json::json!("usage");
+    let mut host = FakeConfig::default();
+    assert!(configure(b"keygate", config.to_string().as_bytes(), &mut host).is_none());
+    assert_eq!(
+        host.log.at(Level::Error),
+        ["keygate: invalid configuration: usage.path: must be a path starting with '/'"]
+    );
+}
+
+#[test]
 fn empty_configuration_is_refused() {
     let mut host = FakeConfig::default();
     assert!(configure(b"keygate", b"", &mut host).is_none());

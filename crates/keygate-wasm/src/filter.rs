@@ -1,35 +1,41 @@
 //! The proxy-wasm glue: the root context reads the configuration and forwards its ticks and the
-//! key-set endpoint's answers to keygate-core's sync; each request gathers its headers in one host
-//! call, asks [`Policy::decide`], and carries the decision out; an allowed request's trailers lose
-//! what [`Policy::trailers_to_remove`] names.
+//! answers of its HTTP calls to keygate-core's key-set sync and usage reporting ([`Worker`]); each
+//! request gathers its headers in one host call, asks [`Policy::decide`], counts the decision in
+//! its VM's usage tally (memory only) and carries the decision out; an allowed request's trailers
+//! lose what [`Policy::trailers_to_remove`] names.
 //!
 //! Host calls are made through `proxy_wasm::hostcalls` (here, in [`crate::host`] and
 //! [`crate::metrics`]), whose results are handled, rather than through the SDK's trait defaults,
 //! which unwrap them.
 
-use crate::host::{monotonic_ms, now_ms, CallAnswer, Envoy, VM_NUMBER};
-use crate::metrics::{Metrics, Report};
+use crate::host::{monotonic_ms, now_ms, wall_ms, CallAnswer, Envoy, VM_NUMBER};
+use crate::metrics::{Metrics, Report, UsageLog};
 use keygate_core::keys::{KeyHash, KeySource, Lookup};
-use keygate_core::live::{Host, LiveSet, Syncer};
+use keygate_core::live::{number_vm_in, Host, LiveSet, Syncer};
 use keygate_core::plugin::Plugin;
 use keygate_core::policy::{Decision, Policy, RequestView};
 use keygate_core::reply::internal_error_body;
+use keygate_core::usage::{shared, Now, Outcome, Tally, UsageConfig, Worker};
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
 /// The host calls of the key-set sync.
 const HOST: Host<'static> = Host { store: &Envoy, fetch: &Envoy, clock: &Envoy };
 
-/// What every request context shares: the compiled policy, the live key set and the metric ids.
+/// What every request context shares: the compiled policy, the live key set, the metric ids and
+/// this VM's usage counts.
 struct Shared {
     policy: Policy,
     /// The live key set, if one is configured.
     live: Option<LiveSet>,
     metrics: Metrics,
+    /// This VM's counts since its last tick, when usage is reported.
+    tally: Option<RefCell<Tally>>,
 }
 
 impl Shared {
@@ -58,23 +64,60 @@ impl KeySource for Keys<'_> {
     }
 }
 
-/// The plugin's root context: compiles the configuration, hands it to each request, and keeps the
-/// live key set fresh when one is configured.
+/// The plugin's root context: compiles the configuration, hands it to each request, keeps the live
+/// key set fresh when one is configured, and hands its VM's usage counts over (or reports them for
+/// the process) when usage is reported.
 #[derive(Default)]
 pub struct Root {
     shared: Option<Rc<Shared>>,
     /// This VM's part in keeping the live key set.
     sync: Option<Syncer>,
+    /// This VM's part in usage reporting.
+    usage: Option<Worker>,
+}
+
+fn now() -> Now {
+    Now { monotonic_ms: monotonic_ms().unwrap_or_default(), wall_ms: wall_ms().unwrap_or_default() }
+}
+
+impl Root {
+    /// Usage reporting, with this VM's tally and the sink of its events, if it is configured.
+    fn usage(&mut self, run: impl FnOnce(&mut Worker, &mut Tally, &mut UsageLog<'_>)) {
+        let Some(shared) = self.shared.clone() else { return };
+        let (Some(worker), Some(tally), Some(m)) = (self.usage.as_mut(), &shared.tally, &shared.metrics.usage) else {
+            return;
+        };
+        // Never borrowed elsewhere at a tick: requests record between host calls, one at a time.
+        let Ok(mut tally) = tally.try_borrow_mut() else { return };
+        run(worker, &mut tally, &mut UsageLog(m));
+        if let Some(stats) = worker.stats() {
+            Metrics::record(m.keys_pending, stats.keys_pending);
+        }
+    }
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        // The answer is read lazily: the reporter reads only the status, the sync checks the token
+        // and the size before any body is copied into the VM.
+        let answer = CallAnswer::new(body_size);
+        let mut reporters = false;
+        self.usage(|worker, _, log| reporters = worker.on_answer(token, &answer, now(), log));
+        if reporters {
+            // The reporter's POST: not the sync's.
+            return;
+        }
         let Some(shared) = self.shared.clone() else { return };
         let (Some(live), Some(sync)) = (&shared.live, self.sync.as_mut()) else { return };
-        // The answer is read lazily: the sync checks the token and the size before any body is
-        // copied into the VM.
-        let answer = CallAnswer::new(body_size);
         sync.on_answer(&HOST, live, &shared.policy.keys, token, body_size, &answer, &mut shared.report());
+    }
+
+    /// The configuration goes away (replaced, or Envoy stopping): the counts this VM holds go to
+    /// shared data for the next reporter.
+    fn on_done(&mut self) -> bool {
+        self.usage(|worker, tally, log| worker.on_done(tally, &Envoy, log));
+        self.usage = None;
+        true
     }
 }
 
@@ -100,20 +143,32 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let Plugin { policy, key_set } = match Plugin::from_json(&text) {
+        let Plugin { policy, key_set, usage } = match Plugin::from_json(&text) {
             Ok(plugin) => plugin,
             Err(e) => {
                 error!("keygate: invalid configuration: {e}");
                 return false;
             }
         };
-        let metrics = Metrics::define(key_set.is_some());
+        let metrics = Metrics::define(key_set.is_some(), usage.is_some());
         Metrics::record(metrics.keys, policy.keys.len() as u64);
         info!("keygate: configured with {} inline keys, {} routes", policy.keys.len(), policy.routes.len());
+        // A root context is configured once; should the host configure it again, what it counted
+        // is handed over first.
+        self.on_done();
         self.sync = None;
-        if key_set.is_none() {
-            if let Err(status) = hostcalls::set_tick_period(IDLE_TICK) {
-                warn!("keygate: cannot set the tick period: {status:?}");
+        let tick_ms = key_set.iter().map(|k| k.tick_ms()).chain(usage.iter().map(UsageConfig::tick_ms)).min();
+        match tick_ms {
+            None => {
+                if let Err(status) = hostcalls::set_tick_period(IDLE_TICK) {
+                    warn!("keygate: cannot set the tick period: {status:?}");
+                }
+            }
+            Some(ms) => {
+                if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(ms)) {
+                    error!("keygate: cannot set the tick period: {status:?}");
+                    return false;
+                }
             }
         }
         if let Some(config) = &key_set {
@@ -124,18 +179,37 @@ impl RootContext for Root {
                     return false;
                 }
             };
-            if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(config.tick_ms())) {
-                error!("keygate: cannot set the tick period: {status:?}");
-                return false;
-            }
             self.sync = Some(Syncer::new(me, monotonic_ms().unwrap_or_default()));
         }
-        self.shared = Some(Rc::new(Shared { policy, live: key_set.map(LiveSet::new), metrics }));
+        let mut tally = None;
+        if let Some(config) = usage {
+            // A number of its own for each configuration, not the VM's: the old and the new
+            // configuration of one VM (an ECDS update) never both hold the reporting lease, and
+            // their reports' batch ids differ.
+            let numbered = number_vm_in(&Envoy, &config.vmseq_entry());
+            let me = match numbered.and_then(|me| shared::prepare(&Envoy, &config.tally_entry()).map(|()| me)) {
+                Ok(me) => me,
+                Err(reason) => {
+                    error!("keygate: cannot set up usage reporting in shared data: {reason}");
+                    return false;
+                }
+            };
+            // Envoy names its node `xds.node` (1.40); older hosts, `node`.
+            let node = [vec!["xds", "node", "id"], vec!["node", "id"]]
+                .into_iter()
+                .find_map(|path| hostcalls::get_property(path).ok().flatten())
+                .map(|id| String::from_utf8_lossy(&id).into_owned())
+                .unwrap_or_default();
+            tally = Some(RefCell::new(config.tally(now().wall_ms / 1_000)));
+            self.usage = Some(Worker::new(config, me, &node));
+        }
+        self.shared = Some(Rc::new(Shared { policy, live: key_set.map(LiveSet::new), metrics, tally }));
         true
     }
 
     fn on_tick(&mut self) {
         follow_envoy_log_level();
+        self.usage(|worker, tally, log| worker.on_tick(tally, &Envoy, &Envoy, now(), log));
         let Some(shared) = self.shared.clone() else { return };
         let (Some(live), Some(sync)) = (&shared.live, self.sync.as_mut()) else { return };
         sync.on_tick(&HOST, live, &mut shared.report());
@@ -190,7 +264,11 @@ impl HttpContext for Request {
             }
         }
         let request = RequestView::from_headers(&headers);
-        match shared.policy.decide(&Keys(&shared), &request, &now_ms) {
+        let decision = shared.policy.decide(&Keys(&shared), &request, &now_ms);
+        if let Some(Ok(mut tally)) = shared.tally.as_ref().map(RefCell::try_borrow_mut) {
+            tally.record(Outcome::of(&decision));
+        }
+        match decision {
             Decision::Allow { edits, key_id } => {
                 for name in &edits.remove {
                     if let Err(status) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name.as_ref()) {

@@ -1,9 +1,11 @@
-//! The host calls keygate-core's key-set sync needs, through `proxy_wasm::hostcalls`: shared data
-//! ([`Store`]), HTTP calls ([`Fetch`]), Envoy's steady clock ([`Clock`]) and the answer of a call,
-//! read lazily ([`Answer`]). Every error is returned, never unwrapped. The only `unsafe` of the
-//! filter is here (the WASI clock).
+//! The host calls keygate-core's key-set sync and usage reporting need, through
+//! `proxy_wasm::hostcalls`: shared data ([`Store`]), HTTP calls ([`Fetch`], [`Post`]), Envoy's
+//! steady clock ([`Clock`]) and wall clock, and the answer of a call, read lazily ([`Answer`]).
+//! Every error is returned, never unwrapped. The only `unsafe` of the filter is here (the WASI
+//! clocks).
 
 use keygate_core::live::{Answer, Clock, Fetch, Store, StoreError, StoreOp, VmNumber};
+use keygate_core::usage::Post;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, Status};
 use std::cell::OnceCell;
@@ -33,6 +35,14 @@ impl Store for Envoy {
 impl Fetch for Envoy {
     fn get(&self, cluster: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Result<u32, String> {
         hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, vec![], Duration::from_millis(timeout_ms))
+            .map_err(|status| format!("cannot call cluster {cluster:?}: {status:?}"))
+    }
+}
+
+impl Post for Envoy {
+    fn post(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u64) -> Result<u32, String> {
+        let timeout = Duration::from_millis(timeout_ms);
+        hostcalls::dispatch_http_call(cluster, headers.to_vec(), Some(body), vec![], timeout)
             .map_err(|status| format!("cannot call cluster {cluster:?}: {status:?}"))
     }
 }
@@ -86,32 +96,53 @@ thread_local! {
 
 /// Envoy's steady clock in milliseconds, through WASI's `clock_time_get` (proxy-wasm 0.2 has no
 /// monotonic clock of its own; Envoy answers it with its dispatcher's monotonic time). One clock for
-/// every VM of the process that no wall-clock step moves: the polling schedule, the lease and the
-/// sync age use it. Falls back to the wall clock should the host refuse.
+/// every VM of the process that no wall-clock step moves: the polling schedule, the leases, the sync
+/// age and the usage reports' schedule use it. Falls back to the wall clock should the host refuse.
 pub fn monotonic_ms() -> Option<i64> {
+    wasi_clock_ms(WasiClock::Monotonic).or_else(now_ms)
+}
+
+/// The wall clock in Unix milliseconds through WASI's `clock_time_get`: when a usage reporter
+/// starts (its batch ids' epoch) and the coarse time its counts are stamped with. Falls back to
+/// proxy-wasm's clock should the host refuse.
+pub fn wall_ms() -> Option<i64> {
+    wasi_clock_ms(WasiClock::Realtime).or_else(now_ms)
+}
+
+/// WASI's clock ids.
+#[derive(Clone, Copy)]
+enum WasiClock {
+    Realtime = 0,
+    Monotonic = 1,
+}
+
+/// A WASI clock in milliseconds; `None` when the host refuses.
+fn wasi_clock_ms(clock: WasiClock) -> Option<i64> {
     #[cfg(target_arch = "wasm32")]
     {
         #[link(wasm_import_module = "wasi_snapshot_preview1")]
         extern "C" {
             fn clock_time_get(id: u32, precision: u64, time: *mut u64) -> u16;
         }
-        const MONOTONIC: u32 = 1;
         let mut nanos: u64 = 0;
         // SAFETY: WASI's clock_time_get takes a clock id, a precision and a pointer to 8 writable
         // bytes of this module's memory, and writes only there; `nanos` is a live, aligned u64.
-        let errno = unsafe { clock_time_get(MONOTONIC, 1_000_000, &mut nanos) };
-        if errno == 0 {
-            return i64::try_from(nanos / 1_000_000).ok();
-        }
+        let errno = unsafe { clock_time_get(clock as u32, 1_000_000, &mut nanos) };
+        (errno == 0).then(|| i64::try_from(nanos / 1_000_000).ok()).flatten()
     }
     #[cfg(not(target_arch = "wasm32"))]
     {
-        // Off wasm (the host build of this module, which never runs a sync): the process's clock.
+        // Off wasm (the host build of this module, which never runs a sync): the process's clocks.
         static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        return i64::try_from(START.get_or_init(std::time::Instant::now).elapsed().as_millis()).ok();
+        match clock {
+            WasiClock::Monotonic => {
+                i64::try_from(START.get_or_init(std::time::Instant::now).elapsed().as_millis()).ok()
+            }
+            WasiClock::Realtime => {
+                i64::try_from(std::time::SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()
+            }
+        }
     }
-    #[allow(unreachable_code)] // reached on wasm when the host refuses the clock
-    now_ms()
 }
 
 /// The wall clock in Unix milliseconds: key expiry (`expires_at`) only.

@@ -1,8 +1,9 @@
-//! keygate's stats, defined once per VM (Envoy shows them as `wasmcustom.keygate.*`), and the sink
-//! that turns the key-set sync's events into log lines and stats.
+//! keygate's stats, defined once per VM (Envoy shows them as `wasmcustom.keygate.*`), and the sinks
+//! that turn the key-set sync's and usage reporting's events into log lines and stats.
 
 use keygate_core::live::{Event, Sink};
 use keygate_core::reply::DenyKind;
+use keygate_core::usage;
 use log::{debug, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
@@ -14,6 +15,17 @@ pub struct Metrics {
     pub denied: Vec<Option<u32>>,
     pub keys: Option<u32>,
     pub live: Option<LiveMetrics>,
+    pub usage: Option<UsageMetrics>,
+}
+
+/// Usage reporting's stats, defined only when it is configured. Every VM defines them; only the
+/// one reporting for the process moves them (Envoy keeps one stat per name for all VMs).
+#[derive(Debug, Default)]
+pub struct UsageMetrics {
+    reports_sent: Option<u32>,
+    failures: Option<u32>,
+    dropped: Option<u32>,
+    pub keys_pending: Option<u32>,
 }
 
 /// The live key set's stats, defined only when one is configured.
@@ -37,7 +49,7 @@ fn define_metric(kind: MetricType, name: &str) -> Option<u32> {
 }
 
 impl Metrics {
-    pub fn define(live: bool) -> Self {
+    pub fn define(live: bool, usage: bool) -> Self {
         Metrics {
             allowed: define_metric(MetricType::Counter, "keygate.allowed"),
             denied: DenyKind::ALL
@@ -52,13 +64,23 @@ impl Metrics {
                 syncs: define_metric(MetricType::Counter, "keygate.key_set.syncs"),
                 sync_failures: define_metric(MetricType::Counter, "keygate.key_set.sync_failures"),
             }),
+            usage: usage.then(|| UsageMetrics {
+                reports_sent: define_metric(MetricType::Counter, "keygate.usage.reports_sent"),
+                failures: define_metric(MetricType::Counter, "keygate.usage.failures"),
+                dropped: define_metric(MetricType::Counter, "keygate.usage.dropped"),
+                keys_pending: define_metric(MetricType::Gauge, "keygate.usage.keys_pending"),
+            }),
         }
     }
 
     pub fn bump(id: Option<u32>) {
+        Metrics::add(id, 1);
+    }
+
+    pub fn add(id: Option<u32>, n: u64) {
         if let Some(id) = id {
             // A failed stat update must not change the answer to the request.
-            let _ = hostcalls::increment_metric(id, 1);
+            let _ = hostcalls::increment_metric(id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 
@@ -102,5 +124,28 @@ impl Sink for Report<'_> {
             Event::Abandoned { .. } => info!("keygate: {event}"),
             Event::LeaseTrouble(_) | Event::ScheduleTrouble(_) => warn!("keygate: {event}"),
         }
+    }
+}
+
+/// Logs and counts what usage reporting reports, at the levels of the key-set sync's lines: a
+/// report taken as a sync that changed nothing (debug), a failure as a failed sync (warn).
+pub struct UsageLog<'a>(pub &'a UsageMetrics);
+
+impl Sink<usage::Event> for UsageLog<'_> {
+    fn report(&mut self, event: usage::Event) {
+        let m = self.0;
+        match &event {
+            usage::Event::Sent { .. } => {
+                Metrics::bump(m.reports_sent);
+                debug!("keygate: {event}");
+                return;
+            }
+            usage::Event::Failed { .. } => Metrics::bump(m.failures),
+            usage::Event::Dropped { requests }
+            | usage::Event::Refused { requests, .. }
+            | usage::Event::Abandoned { requests, .. } => Metrics::add(m.dropped, *requests),
+            usage::Event::Trouble(_) => {}
+        }
+        warn!("keygate: {event}");
     }
 }

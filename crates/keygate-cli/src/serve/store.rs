@@ -9,7 +9,8 @@
 //! file. One `keygate serve` at a time keeps a directory: it holds `usage.jsonl.lock`.
 
 use crate::keyset::{self, io_reason, Lock};
-use crate::report::{self, Report};
+use crate::report;
+use keygate_core::usage::Report;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -84,7 +85,8 @@ impl UsageStore {
         if self.seen.contains(&report.batch_id) {
             return Ok(Stored::Duplicate);
         }
-        let mut line = serde_json::to_vec(report).map_err(|e| format!("cannot write the report: {e}"))?;
+        // The report as the filter writes it: one line, the same member order whoever sent it.
+        let mut line = report.to_json();
         line.push(b'\n');
         let written = self.file.write_all(&line).and_then(|()| self.file.sync_data());
         if let Err(e) = written {
@@ -112,7 +114,7 @@ mod tests {
     fn report(batch: &str) -> Report {
         let text = format!(
             r#"{{"batch_id": "{batch}", "node": "n", "from": "2026-12-03T14:00:00Z", "to": "2026-12-03T14:00:10Z",
-                "keys": {{"k1": {{"allowed": 2, "last_used": "2026-12-03T14:00:09Z"}}}}, "unattributed": {{}}, "dropped": 0}}"#
+                "keys": {{"k1": {{"allowed": 2, "denied": {{}}, "last_used": "2026-12-03T14:00:09Z"}}}}, "unattributed": {{}}, "dropped": 0}}"#
         );
         report::parse(text.as_bytes()).unwrap()
     }

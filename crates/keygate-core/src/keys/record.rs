@@ -238,7 +238,8 @@ impl<'de> Deserialize<'de> for InlineKeys {
     }
 }
 
-fn id_is_valid(id: &str) -> bool {
+/// Whether `id` is a valid record id: non-empty visible ASCII.
+pub(crate) fn id_is_valid(id: &str) -> bool {
     !id.is_empty() && id.bytes().all(|c| c.is_ascii_graphic())
 }
 

@@ -97,13 +97,14 @@ impl fmt::Display for Event {
     }
 }
 
-/// Where the sync's events go: the host's logs and stats, a list in tests.
-pub trait Sink {
-    fn report(&mut self, event: Event);
+/// Where the sync's events go (and usage reporting's, [`crate::usage::Event`]): the host's logs and
+/// stats, a list in tests.
+pub trait Sink<E = Event> {
+    fn report(&mut self, event: E);
 }
 
-impl<F: FnMut(Event)> Sink for F {
-    fn report(&mut self, event: Event) {
+impl<E, F: FnMut(E)> Sink<E> for F {
+    fn report(&mut self, event: E) {
         self(event);
     }
 }

@@ -2,6 +2,9 @@
 //! data with compare-and-swap ([`hold_lease`]); the lease also carries the schedule (when the next
 //! poll is due, and the failures in a row that the backoff counts), so both survive a change of
 //! holder. Every time is on the host's monotonic clock.
+//!
+//! The `_in` variants take the entry (and the ttl) instead of a key set's settings, for another
+//! job that one VM of the process does (usage reporting: [`crate::usage::UsageConfig`]).
 
 use crate::live::settings::KeySetConfig;
 use crate::live::store::Store;
@@ -16,16 +19,23 @@ const CAS_TRIES: usize = 100;
 /// when two of them create the entry at once: shared data has no create-if-absent, and a create
 /// that lands after another VM's increment only changes the entry's token.
 pub fn number_vm(store: &dyn Store, config: &KeySetConfig) -> Result<u32, String> {
-    let entry = config.vmseq_entry();
+    number_vm_in(store, &config.vmseq_entry())
+}
+
+/// [`number_vm`] with the counter in `entry`. Every write of shared data takes its token from one
+/// counter of the process, so numbers taken from different entries never meet either.
+// Not inlined: one copy serves the key set's wrapper and usage reporting (the .wasm's size).
+#[inline(never)]
+pub fn number_vm_in(store: &dyn Store, entry: &str) -> Result<u32, String> {
     for _ in 0..CAS_TRIES {
-        match store.get(&entry)? {
+        match store.get(entry)? {
             None => {
-                store.set(&entry, b"0", None)?;
+                store.set(entry, b"0", None)?;
             }
             Some((value, cas)) => {
                 // The count of VMs numbered, for the curious reader of shared data.
                 let count: u64 = std::str::from_utf8(&value).ok().and_then(|v| v.parse().ok()).unwrap_or(0);
-                if store.set(&entry, count.saturating_add(1).to_string().as_bytes(), Some(cas))? {
+                if store.set(entry, count.saturating_add(1).to_string().as_bytes(), Some(cas))? {
                     return Ok(cas);
                 }
             }
@@ -60,13 +70,19 @@ impl VmNumber {
 /// first claimed on the next tick, with compare-and-swap, so a VM creating it at the same moment
 /// cannot overwrite a claim.
 pub fn hold_lease(store: &dyn Store, config: &KeySetConfig, me: u32, now: i64) -> Result<Option<Lease>, String> {
-    let entry = config.lease_entry();
-    let Some((value, cas)) = store.get(&entry)? else {
-        store.set(&entry, &Lease { owner: 0, expires_ms: 0, next_due_ms: 0, failures: 0 }.encode(), None)?;
+    hold_lease_in(store, &config.lease_entry(), me, now, config.lease_ttl_ms())
+}
+
+/// [`hold_lease`] of the lease in `entry`, lasting `ttl_ms` without renewal.
+// Not inlined: one copy serves the key set's wrapper and usage reporting (the .wasm's size).
+#[inline(never)]
+pub fn hold_lease_in(store: &dyn Store, entry: &str, me: u32, now: i64, ttl_ms: i64) -> Result<Option<Lease>, String> {
+    let Some((value, cas)) = store.get(entry)? else {
+        store.set(entry, &Lease { owner: 0, expires_ms: 0, next_due_ms: 0, failures: 0 }.encode(), None)?;
         return Ok(None);
     };
-    let Some(claimed) = Lease::claim(Lease::decode(&value), me, now, config.lease_ttl_ms()) else { return Ok(None) };
-    Ok(store.set(&entry, &claimed.encode(), Some(cas))?.then_some(claimed))
+    let Some(claimed) = Lease::claim(Lease::decode(&value), me, now, ttl_ms) else { return Ok(None) };
+    Ok(store.set(entry, &claimed.encode(), Some(cas))?.then_some(claimed))
 }
 
 /// Changes the lease with compare-and-swap, whichever VM holds it now, keeping its holder: the
@@ -78,12 +94,18 @@ pub fn update_lease(
     config: &KeySetConfig,
     change: impl Fn(Lease) -> Lease,
 ) -> Result<Lease, String> {
-    let entry = config.lease_entry();
+    update_lease_in(store, &config.lease_entry(), change)
+}
+
+/// [`update_lease`] of the lease in `entry`.
+// Not inlined: one copy serves the key set's wrapper and usage reporting (the .wasm's size).
+#[inline(never)]
+pub fn update_lease_in(store: &dyn Store, entry: &str, change: impl Fn(Lease) -> Lease) -> Result<Lease, String> {
     for _ in 0..CAS_TRIES {
-        let Some((value, cas)) = store.get(&entry)? else { return Err(format!("{entry} is absent")) };
+        let Some((value, cas)) = store.get(entry)? else { return Err(format!("{entry} is absent")) };
         let lease = Lease::decode(&value).ok_or_else(|| format!("{entry} is malformed"))?;
         let changed = change(lease);
-        if store.set(&entry, &changed.encode(), Some(cas))? {
+        if store.set(entry, &changed.encode(), Some(cas))? {
             return Ok(changed);
         }
     }
@@ -94,7 +116,12 @@ pub fn update_lease(
 /// destroyed), so that another takes it on its next tick instead of when it expires. The schedule
 /// and the failure count stay with the lease.
 pub fn release_lease(store: &dyn Store, config: &KeySetConfig, me: u32) -> Result<(), String> {
-    update_lease(store, config, |lease| if lease.owner == me { Lease { expires_ms: 0, ..lease } } else { lease })
+    release_lease_in(store, &config.lease_entry(), me)
+}
+
+/// [`release_lease`] of the lease in `entry`.
+pub fn release_lease_in(store: &dyn Store, entry: &str, me: u32) -> Result<(), String> {
+    update_lease_in(store, entry, |lease| if lease.owner == me { Lease { expires_ms: 0, ..lease } } else { lease })
         .map(|_| ())
 }
 

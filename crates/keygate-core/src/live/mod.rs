@@ -47,7 +47,10 @@ pub use apply::{apply_shard, apply_sync, retire, write_state, FetchedShard, Reti
 pub use formats::{parse_manifest, parse_shard, prefixes, Manifest, ShardRef, MAX_DEPTH};
 pub use host::{Answer, Clock, Event, Fetch, Gauges, Host, LoadedSet, Sink};
 pub use ids::{inline_ids, inline_place, prefix_of, shard_number, stored_position, IdIndex, INLINE, SEVERAL};
-pub use lease::{hold_lease, number_vm, release_lease, seconds_since, update_lease, Lease, VmNumber};
+pub use lease::{
+    hold_lease, hold_lease_in, number_vm, number_vm_in, release_lease, release_lease_in, seconds_since, update_lease,
+    update_lease_in, Lease, VmNumber,
+};
 pub use memory::MemoryStore;
 pub use records::{LiveSet, SharedLiveSet, MAX_CACHED};
 pub use settings::{
@@ -59,7 +62,7 @@ pub use store::{
 pub use sync::{Syncer, MAX_IN_FLIGHT};
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
 mod sync_props;
 #[cfg(test)]
