@@ -73,7 +73,7 @@ run: build envoy
 
 # The integration tests of keygate's behaviour, run a second time on the native module (the
 # first run, of every test, is on the wasm filter; KEYGATE_TEST_HOST picks the host).
-BOTH_HOSTS := harness filter hostile readings recipes cli ecds key_set
+BOTH_HOSTS := harness filter hostile readings recipes cli ecds key_set usage
 
 ## test: host unit tests, then integration tests against a real Envoy: every test on the wasm filter, the behavioural ones again on the native module
 test: build build-probe envoy image-deps
