@@ -60,6 +60,7 @@
 use crate::filter::{self, guarded, ConfigHost, Filter, Level, Log, Request, Stream, Unreadable, Verdict};
 use crate::live::{self, CalloutAnswer, Ticker};
 use keygate_core::live::Fetch;
+use keygate_core::usage::Post;
 use std::ffi::{c_char, c_void};
 use std::ptr;
 use std::sync::Arc;
@@ -354,10 +355,31 @@ impl ConfigHost for ConfigHandle {
             envoy_dynamic_module_callback_http_filter_config_increment_counter(self.0, id, ptr::null_mut(), 0, 1)
         };
     }
+
+    fn add_counter(&mut self, id: usize, n: u64) {
+        // SAFETY: as for increment_counter.
+        let _ = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_increment_counter(self.0, id, ptr::null_mut(), 0, n)
+        };
+    }
 }
 
 impl Fetch for ConfigHandle {
     fn get(&self, cluster: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Result<u32, String> {
+        self.callout(cluster, headers, &[], timeout_ms)
+    }
+}
+
+impl Post for ConfigHandle {
+    fn post(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u64) -> Result<u32, String> {
+        self.callout(cluster, headers, body, timeout_ms)
+    }
+}
+
+impl ConfigHandle {
+    /// An HTTP request from the configuration (a key-set GET, a usage POST); the token of its
+    /// answer.
+    fn callout(&self, cluster: &str, headers: &[(&str, &str)], body: &[u8], timeout_ms: u64) -> Result<u32, String> {
         let mut array: Vec<ModuleHttpHeader> = headers
             .iter()
             .map(|(n, v)| ModuleHttpHeader {
@@ -369,8 +391,8 @@ impl Fetch for ConfigHandle {
             .collect();
         let mut id = 0u64;
         // SAFETY: R5, the config pointer of the running configuration hook (main thread, R6); R2,
-        // the cluster name, the header array and the strings it points at are only read during the
-        // call; a null body is an empty one; `id` is a valid place for Envoy to write.
+        // the cluster name, the header array, the strings it points at and the body are only read
+        // during the call; `id` is a valid place for Envoy to write.
         let result = unsafe {
             envoy_dynamic_module_callback_http_filter_config_http_callout(
                 self.0,
@@ -378,7 +400,7 @@ impl Fetch for ConfigHandle {
                 ModuleBuffer::of(cluster.as_bytes()),
                 array.as_mut_ptr(),
                 array.len(),
-                ModuleBuffer::NULL,
+                if body.is_empty() { ModuleBuffer::NULL } else { ModuleBuffer::of(body) },
                 timeout_ms,
             )
         };
@@ -734,6 +756,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
             if let Some(configured) = unsafe { configured(filter_config_ptr) } {
                 let handle = ConfigHandle(filter_config_envoy_ptr);
                 configured.filter.on_tick(&handle, &mut ConfigHandle(filter_config_envoy_ptr));
+                configured.filter.on_usage_tick(&handle, &mut ConfigHandle(filter_config_envoy_ptr));
             }
         },
     );
@@ -774,6 +797,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout
             let chunks: Vec<&[u8]> = chunks.iter().map(|c| unsafe { envoy_bytes(c.ptr, c.length) }).collect();
             let answer = CalloutAnswer::new(result == CALLOUT_SUCCESS, &headers, chunks);
             let handle = ConfigHandle(filter_config_envoy_ptr);
+            if configured.filter.on_usage_answer(callout_id, &answer, &mut ConfigHandle(filter_config_envoy_ptr)) {
+                return;
+            }
             configured.filter.on_answer(
                 callout_id,
                 &answer,

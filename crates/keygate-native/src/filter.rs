@@ -6,11 +6,13 @@
 //! trailers what [`Policy::trailers_to_remove`] names.
 
 use crate::live::Live;
+use crate::usage::Usage;
 use keygate_core::keys::{KeyHash, KeySource, Lookup};
 use keygate_core::live::{Answer, Fetch};
 use keygate_core::plugin::Plugin;
 use keygate_core::policy::{Decision, Policy, RequestView};
 use keygate_core::reply::{internal_error_body, DenyKind};
+use keygate_core::usage::{Outcome, Post};
 use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -43,6 +45,12 @@ pub trait ConfigHost: Log {
     fn set_gauge(&mut self, id: usize, value: u64);
     /// Counts on a configuration's counter, from the main thread (the key-set sync's stats).
     fn increment_counter(&mut self, id: usize);
+    /// Adds `n` to a configuration's counter (usage reporting's dropped requests).
+    fn add_counter(&mut self, id: usize, n: u64) {
+        for _ in 0..n {
+            self.increment_counter(id);
+        }
+    }
 }
 
 /// Why the request headers could not be read.
@@ -89,10 +97,6 @@ struct Metrics {
     denied: Vec<Option<usize>>,
 }
 
-/// Why the module refuses a configuration with a `usage` block.
-pub const USAGE_NOT_SUPPORTED: &str =
-    "usage reporting is not supported by the native module yet (the wasm filter reports usage)";
-
 /// One compiled configuration, shared (read-only) by every stream on every worker thread.
 #[derive(Debug)]
 pub struct Filter {
@@ -100,6 +104,8 @@ pub struct Filter {
     metrics: Metrics,
     /// The live key set, if one is configured.
     live: Option<Live>,
+    /// Usage reporting, if it is configured.
+    usage: Option<Usage>,
 }
 
 /// Keys for one request: the inline set first, then this key's record in the process's store.
@@ -139,11 +145,6 @@ pub fn configure(filter_name: &[u8], text: &[u8], host: &mut dyn ConfigHost) -> 
             return None;
         }
     };
-    // Refused, not ignored: a configuration that asks for usage reports must not quietly get none.
-    if usage.is_some() {
-        host.log(Level::Error, &format!("keygate: invalid configuration: usage: {USAGE_NOT_SUPPORTED}"));
-        return None;
-    }
     let counter = |host: &mut dyn ConfigHost, name: &str| {
         let id = host.define_counter(name);
         if id.is_none() {
@@ -162,16 +163,21 @@ pub fn configure(filter_name: &[u8], text: &[u8], host: &mut dyn ConfigHost) -> 
         Some(config) => Some(Live::new(config, policy.keys.len() as u64, all_keys, host)?),
         None => None,
     };
+    let usage = match usage {
+        Some(config) => Some(Usage::new(&config, host)?),
+        None => None,
+    };
     host.log(
         Level::Info,
         &format!(
-            "keygate: configured with {} inline keys, {} routes{}",
+            "keygate: configured with {} inline keys, {} routes{}{}",
             policy.keys.len(),
             policy.routes.len(),
-            if live.is_some() { ", a live key set" } else { "" }
+            if live.is_some() { ", a live key set" } else { "" },
+            if usage.is_some() { ", usage reporting" } else { "" }
         ),
     );
-    Some(Filter { policy, metrics: Metrics { allowed, denied }, live })
+    Some(Filter { policy, metrics: Metrics { allowed, denied }, live, usage })
 }
 
 /// The current time in Unix milliseconds, asked only for a key with an expiry.
@@ -186,9 +192,23 @@ impl Filter {
         &self.policy
     }
 
-    /// How often the live key set's sync wants a tick; `None` without one.
+    /// How often the live key set's sync and usage reporting want a tick (the shorter);
+    /// `None` without either.
     pub fn tick(&self) -> Option<std::time::Duration> {
-        self.live.as_ref().map(Live::tick)
+        self.live.as_ref().map(Live::tick).into_iter().chain(self.usage.as_ref().map(Usage::tick)).min()
+    }
+
+    /// A tick of usage reporting, on the main thread.
+    pub fn on_usage_tick(&self, post: &dyn Post, host: &mut dyn ConfigHost) {
+        if let Some(usage) = &self.usage {
+            usage.on_tick(post, host);
+        }
+    }
+
+    /// An answer to this configuration's callout `callout`, on the main thread: whether it was a
+    /// usage report's (then it is not the key-set sync's).
+    pub fn on_usage_answer(&self, callout: u64, answer: &dyn Answer, host: &mut dyn ConfigHost) -> bool {
+        self.usage.as_ref().is_some_and(|usage| usage.on_answer(callout, answer, host))
     }
 
     /// A tick of the live key set's sync, on the main thread.
@@ -233,6 +253,9 @@ impl Filter {
         let request = RequestView::from_headers(&headers);
         let keys = Keys { filter: self, log: &*stream };
         let decision = self.policy.decide(&keys, &request, &now_ms);
+        if let Some(usage) = &self.usage {
+            usage.record(Outcome::of(&decision));
+        }
         match decision {
             Decision::Allow { edits, key_id } => {
                 for name in &edits.remove {

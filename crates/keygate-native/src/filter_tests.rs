@@ -204,19 +204,41 @@ fn invalid_configuration_is_refused_naming_the_field() {
     assert!(host.counters.is_empty(), "no stat is defined for a refused configuration");
 }
 
+/// A usage POST that Envoy would send: the body kept, callout 1.
+#[derive(Default)]
+struct Posted(RefCell<Vec<Vec<u8>>>);
+
+impl keygate_core::usage::Post for Posted {
+    fn post(&self, _: &str, _: &[(&str, &str)], body: &[u8], _: u64) -> Result<u32, String> {
+        self.0.borrow_mut().push(body.to_vec());
+        Ok(1)
+    }
+}
+
 #[test]
-fn a_usage_block_is_refused_naming_the_field_rather_than_ignored() {
+fn a_usage_block_counts_each_decision_for_the_process_report() {
     let mut config: serde_json::Value = serde_json::from_str(&config()).unwrap();
-    config["usage"] = serde_json::json!({"cluster": "usage", "authority": "usage.internal", "path": "/usage"});
+    config["usage"] =
+        serde_json::json!({"cluster": "usage-filter-test", "authority": "usage.internal", "path": "/usage"});
     let mut host = FakeConfig::default();
-    assert!(configure(b"keygate", config.to_string().as_bytes(), &mut host).is_none());
+    let filter = configure(b"keygate", config.to_string().as_bytes(), &mut host).unwrap();
+    assert_eq!(host.log.at(Level::Info), ["keygate: configured with 2 inline keys, 2 routes, usage reporting"]);
+    assert!(host.counters.iter().any(|c| c == "keygate.usage.reports_sent"));
+    assert_eq!(filter.tick(), Some(std::time::Duration::from_millis(1_000)), "a tenth of the default interval");
+    let auth = format!("Bearer {KEY}");
     assert_eq!(
-        host.log.at(Level::Error),
-        ["keygate: invalid configuration: usage: usage reporting is not supported by the native module yet \
-          (the wasm filter reports usage)"]
+        filter.on_request_headers(&mut request("GET", "/v1/venues/v_7", &[("authorization", &auth)])),
+        Verdict::Continue
     );
-    assert!(host.counters.is_empty(), "no stat is defined for a refused configuration");
-    // A bad `usage` block is named as such first.
+    assert_eq!(filter.on_request_headers(&mut request("GET", "/v1/venues/v_7", &[])), Verdict::Stop);
+    let usage = filter.usage.as_ref().unwrap();
+    let posted = Posted::default();
+    usage.on_tick_at(0, 1_800_000_000, &posted, &mut host);
+    usage.on_tick_at(10_000, 1_800_000_010, &posted, &mut host);
+    let report = keygate_core::usage::Report::parse(&posted.0.borrow()[0]).unwrap();
+    assert_eq!(report.keys["0000aaaa"].allowed, 1);
+    assert_eq!(report.unattributed.get(DenyKind::MissingKey), 1);
+    // A bad `usage` block is refused naming the field.
     config["usage"]["path"] = serde_json::json!("usage");
     let mut host = FakeConfig::default();
     assert!(configure(b"keygate", config.to_string().as_bytes(), &mut host).is_none());

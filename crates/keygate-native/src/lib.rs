@@ -19,3 +19,4 @@ pub mod filter;
 #[cfg(test)]
 mod fuzzing;
 pub mod live;
+pub mod usage;
