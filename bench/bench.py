@@ -80,7 +80,11 @@ PATH = "/v1/venues/v_7/treatments"        # the bench key is bound to venue v_7
 BENCH_INDEX = 7                           # key i: org_{i % 1000}, venue v_{i % 1000}
 TICK = os.sysconf("SC_CLK_TCK")
 
-CPU_VARIANTS = ["none", "api_key_auth", "noop", "floor", "wasm-inline", "wasm-live", "native-inline", "native-live"]
+CPU_VARIANTS = ["none", "api_key_auth", "noop", "floor", "wasm-inline", "wasm-live", "wasm-live-usage",
+                "native-inline", "native-live", "native-live-usage"]
+# VARIANTS=a,b,... runs only those of the CPU part (the ratios of the others are then "—").
+if os.environ.get("VARIANTS"):
+    CPU_VARIANTS = [v for v in CPU_VARIANTS if v in os.environ["VARIANTS"].split(",")]
 SCALE_VARIANTS = ["api_key_auth", "wasm-inline", "wasm-live", "native-inline", "native-live"]
 LABELS = {
     "none": "no filter",
@@ -91,10 +95,15 @@ LABELS = {
     "wasm-live": "keygate wasm, live key set",
     "native-inline": "keygate native, inline keys",
     "native-live": "keygate native, live key set",
+    "wasm-live-usage": "keygate wasm, live key set, usage reporting",
+    "native-live-usage": "keygate native, live key set, usage reporting",
 }
-KEYGATE_VARIANTS = ("wasm-inline", "wasm-live", "native-inline", "native-live")
+KEYGATE_VARIANTS = ("wasm-inline", "wasm-live", "wasm-live-usage", "native-inline", "native-live",
+                    "native-live-usage")
 # keygate's wasm variant that each native one is held against (same keys, same key source).
-WASM_TWIN = {"native-inline": "wasm-inline", "native-live": "wasm-live"}
+WASM_TWIN = {"native-inline": "wasm-inline", "native-live": "wasm-live", "native-live-usage": "wasm-live-usage"}
+# Each usage variant against the same variant without usage reporting.
+WITHOUT_USAGE = {"wasm-live-usage": "wasm-live", "native-live-usage": "native-live"}
 # The variants that refuse an unknown key (the rest check nothing and answer 200).
 REFUSING = ("api_key_auth", "floor") + KEYGATE_VARIANTS
 CASES = {"accepted": "accepted request", "invalid": "invalid-key flood"}
@@ -188,10 +197,12 @@ def wasm_filter(name: str, wasm: Path, configuration: str) -> str:
     })
 
 
-def keygate_configuration(keys: Keys | None, key_set: dict | None) -> str:
+def keygate_configuration(keys: Keys | None, key_set: dict | None, usage: dict | None = None) -> str:
     cfg = dict(KEYGATE_BASE)
     if key_set is not None:
         cfg["key_set"] = key_set
+    if usage is not None:
+        cfg["usage"] = usage
     if keys is None:
         return json.dumps(cfg)
     cfg["keys"] = "__KEYS__"
@@ -242,10 +253,12 @@ def envoy_config(filters: list[str], keyset_port: int | None = None) -> str:
     }
     clusters = []
     if keyset_port is not None:
-        clusters.append({"name": "keyset", "connect_timeout": "1s", "type": "STATIC",
-                         "load_assignment": {"cluster_name": "keyset", "endpoints": [{"lb_endpoints": [
-                             {"endpoint": {"address": {"socket_address": {
-                                 "address": "127.0.0.1", "port_value": keyset_port}}}}]}]}})
+        # The key-set server takes usage reports too (POST /usage).
+        for name in ("keyset", "usage"):
+            clusters.append({"name": name, "connect_timeout": "1s", "type": "STATIC",
+                             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                                 {"endpoint": {"address": {"socket_address": {
+                                     "address": "127.0.0.1", "port_value": keyset_port}}}}]}]}})
     boot = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
         "static_resources": {
@@ -267,7 +280,7 @@ class KeySetServer:
     def __init__(self, root: Path):
         root = root.resolve()
         self.root = root
-        self.counts = {"requests": 0, "aborted": 0}
+        self.counts = {"requests": 0, "aborted": 0, "reports": 0}
         counts = self.counts
         etags: dict[Path, tuple[float, str]] = {}
 
@@ -299,6 +312,12 @@ class KeySetServer:
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def do_POST(self):  # noqa: N802 (http.server's naming): a usage report, taken
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                counts["reports"] += 1
+                self.send_response(204)
+                self.end_headers()
 
             def log_message(self, *args):
                 pass
@@ -350,6 +369,10 @@ class Variant:
     """Everything needed to start one variant with n keys: its config file, and key-set server."""
 
     KEY_SET = {"cluster": "keyset", "authority": "keys.internal", "path": "/manifest.json", "timeout_ms": 10_000}
+    # A report every second (the shortest interval; the default is 10 s), so each measured run
+    # includes several POSTs and the ticks at their fastest (100 ms): the costlier case.
+    USAGE = {"cluster": "usage", "authority": "usage.internal", "path": "/usage", "flush_interval_ms": 1000,
+             "timeout_ms": 500}
     PUBLISHED_VERSION = 1
 
     def __init__(self, name: str, n: int, work: Path):
@@ -366,7 +389,9 @@ class Variant:
             self.server = KeySetServer(self.dir / "keyset")
             keyset_port = self.server.port
         if name in KEYGATE_VARIANTS:
-            keygate = keygate_configuration(None, self.KEY_SET) if self.live else keygate_configuration(self.keys, None)
+            usage = self.USAGE if name.endswith("-usage") else None
+            keygate = (keygate_configuration(None, self.KEY_SET, usage) if self.live
+                       else keygate_configuration(self.keys, None))
         if name == "none":
             filters = []
         elif name == "noop":
@@ -375,9 +400,9 @@ class Variant:
             filters = [wasm_filter("floor", FLOOR_WASM, self.keys.records())]
         elif name == "api_key_auth":
             filters = [api_key_auth_filter(self.keys)]
-        elif name in ("wasm-inline", "wasm-live"):
+        elif name in ("wasm-inline", "wasm-live", "wasm-live-usage"):
             filters = [wasm_filter("keygate", KEYGATE_WASM, keygate)]
-        elif name in ("native-inline", "native-live"):
+        elif name in ("native-inline", "native-live", "native-live-usage"):
             filters = [keygate_native_filter(keygate)]
         else:
             raise ValueError(name)
@@ -388,7 +413,7 @@ class Variant:
     @property
     def live(self) -> bool:
         """keygate with a live key set: ready once the whole set is loaded."""
-        return self.name.endswith("-live")
+        return "-live" in self.name
 
     @property
     def native(self) -> bool:
@@ -617,7 +642,8 @@ def cpu_part(work: Path, lines: list[str], verdicts: list[tuple[str, bool | None
     script = work / "invalid.lua"
     script.write_text(INVALID_LUA % (12345, PATH))
     variants = {name: Variant(name, CPU_KEYS, work) for name in CPU_VARIANTS}
-    samples: dict[str, dict[str, list[dict]]] = {c: {v: [] for v in CPU_VARIANTS} for c in CASES}
+    # Every variant has a (maybe empty) list, so ratios against one not run (VARIANTS) are "—".
+    samples: dict[str, dict[str, list[dict]]] = {c: {v: [] for v in LABELS} for c in CASES}
     ready_times: dict[str, list[float]] = {v: [] for v in CPU_VARIANTS}
     failed: dict[str, str] = {}
     try:
@@ -716,6 +742,8 @@ def cpu_part(work: Path, lines: list[str], verdicts: list[tuple[str, bool | None
         at_most(f"{LABELS[WASM_TWIN[name]]}", name, WASM_TWIN[name], 0.60)
     for name in ("native-inline", "native-live"):
         flood(name)
+    for name, base in WITHOUT_USAGE.items():
+        at_most(LABELS[base], name, base, 1.03)
 
 
 def fmt(x: float) -> str:
