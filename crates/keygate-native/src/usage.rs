@@ -118,10 +118,15 @@ impl ProcessUsage {
     fn gather(&self, now_s: i64) -> Tally {
         let mut all = self.config.tally(now_s);
         for shard in &self.shards {
-            if let Ok(mut tally) = shard.lock() {
-                tally.set_now(now_s);
-                all.merge(tally.take());
-            }
+            // Taken under the shard's lock, merged after it: a worker waits for a swap only.
+            let taken = match shard.lock() {
+                Ok(mut tally) => {
+                    tally.set_now(now_s);
+                    tally.take()
+                }
+                Err(_) => continue,
+            };
+            all.merge(taken);
         }
         all
     }
