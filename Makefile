@@ -10,7 +10,7 @@ CONFIG        ?= envoy/envoy.yaml
 export ENVOY
 export KEYGATE_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all help build build-native build-probe wasm-opt soak run test unit lint envoy wasm-target clean fuzz
+.PHONY: all help build build-native build-probe wasm-opt soak run run-live test unit lint envoy wasm-target clean fuzz
 
 ## all: the default target: make build
 all: build
@@ -70,6 +70,12 @@ $(VENV)/bin/envoy:
 ## run: Envoy with keygate on 127.0.0.1:10000 and a demo configuration (CONFIG=envoy/recipes/… for a recipe)
 run: build envoy
 	@sh envoy/demo.sh "$(ENVOY)" "$(CONFIG)"
+
+## run-live: the live demo: keygate serve with a key set made by the CLI (kept in target/demo-live/),
+## Envoy polling it and reporting usage to it, and the commands to revoke a key and see its use
+run-live: build envoy
+	$(CARGO) build -p keygate-cli
+	@sh envoy/live/demo.sh "$(ENVOY)" target/debug/keygate
 
 # The integration tests of keygate's behaviour, run a second time on the native module (the
 # first run, of every test, is on the wasm filter; KEYGATE_TEST_HOST picks the host).

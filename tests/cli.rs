@@ -529,7 +529,7 @@ fn check_reports_bad_json_once_with_its_position() {
 #[test]
 fn check_envoy_passes_every_shipped_envoy_file() {
     let root = common::repo_root();
-    let mut files = vec![root.join("envoy/envoy.yaml")];
+    let mut files = vec![root.join("envoy/envoy.yaml"), root.join("envoy/live/envoy.yaml")];
     let mut recipes: Vec<PathBuf> = fs::read_dir(root.join("envoy/recipes"))
         .unwrap()
         .map(|e| e.unwrap().path())

@@ -5,7 +5,8 @@
 //! in full.
 //!
 //! A checked block is a fenced block with an HTML comment on the line before it,
-//! `<!-- checked: NAME … -->` (tests/common/readme.rs finds it).
+//! `<!-- checked: NAME … -->` (tests/common/readme.rs finds it). The live demo's walkthrough is
+//! checked by tests/demo.rs, which runs it.
 
 // Test code: a failed step is a panic, as in a #[test] function.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
