@@ -99,7 +99,8 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --profile wasm -p keygate-wasm --lib --target wasm32-wasip1 -- -D warnings
 
-## soak: SOAK_SECONDS (default 600) of mixed traffic while the live key set churns (tests/soak.rs)
+## soak: SOAK_SECONDS (default 600) of mixed traffic while the live key set churns, the usage reports
+## checked against the replies at the end (tests/soak.rs)
 SOAK_SECONDS  ?= 600
 soak: build envoy
 	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test -p keygate-tests --test soak -- --ignored --nocapture
