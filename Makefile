@@ -10,7 +10,7 @@ CONFIG        ?= envoy/envoy.yaml
 export ENVOY
 export KEYGATE_WASM := $(CURDIR)/$(WASM)
 
-.PHONY: all help build build-native build-probe wasm-opt soak run test unit lint envoy wasm-target clean fuzz
+.PHONY: all help build build-native build-probe wasm-opt soak run run-live test unit lint envoy wasm-target clean fuzz
 
 ## all: the default target: make build
 all: build
@@ -71,6 +71,12 @@ $(VENV)/bin/envoy:
 run: build envoy
 	@sh envoy/demo.sh "$(ENVOY)" "$(CONFIG)"
 
+## run-live: the live demo: keygate serve with a key set made by the CLI (kept in target/demo-live/),
+## Envoy polling it and reporting usage to it, and the commands to revoke a key and see its use
+run-live: build envoy
+	$(CARGO) build -p keygate-cli
+	@sh envoy/live/demo.sh "$(ENVOY)" target/debug/keygate
+
 # The integration tests of keygate's behaviour, run a second time on the native module (the
 # first run, of every test, is on the wasm filter; KEYGATE_TEST_HOST picks the host).
 BOTH_HOSTS := harness filter hostile readings recipes cli ecds key_set usage
@@ -93,7 +99,8 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy --profile wasm -p keygate-wasm --lib --target wasm32-wasip1 -- -D warnings
 
-## soak: SOAK_SECONDS (default 600) of mixed traffic while the live key set churns (tests/soak.rs)
+## soak: SOAK_SECONDS (default 600) of mixed traffic while the live key set churns, the usage reports
+## checked against the replies at the end (tests/soak.rs)
 SOAK_SECONDS  ?= 600
 soak: build envoy
 	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test -p keygate-tests --test soak -- --ignored --nocapture

@@ -529,7 +529,7 @@ fn check_reports_bad_json_once_with_its_position() {
 #[test]
 fn check_envoy_passes_every_shipped_envoy_file() {
     let root = common::repo_root();
-    let mut files = vec![root.join("envoy/envoy.yaml")];
+    let mut files = vec![root.join("envoy/envoy.yaml"), root.join("envoy/live/envoy.yaml")];
     let mut recipes: Vec<PathBuf> = fs::read_dir(root.join("envoy/recipes"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -708,6 +708,114 @@ fn config_shards_publishes_a_key_set_the_filter_loads_and_a_revocation_reaches_i
     serve(&server, &s.path("out"));
     wait_for_status(&envoy, &key, 401, Duration::from_secs(10));
     wait_for_status(&envoy, &other, 200, Duration::from_secs(1));
+}
+
+/// What `dir` publishes: the manifest's version, and each key's id and whether it is revoked, as
+/// the filter's manifest and shard checks read them, in shard order.
+fn published(dir: &Path) -> (String, usize, Vec<(String, bool)>) {
+    let manifest = keygate_core::live::parse_manifest(&fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let mut keys = Vec::new();
+    for shard in &manifest.shards {
+        let body = fs::read(dir.join(&shard.path)).unwrap();
+        for (_, key) in keygate_core::live::parse_shard(shard, &body).unwrap() {
+            keys.push((key.id, key.revoked));
+        }
+    }
+    (manifest.version, manifest.shards.len(), keys)
+}
+
+/// The shard files of `dir`, by name, as bytes.
+fn shard_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(dir.join("shards"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), fs::read(&p).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn new_rotate_and_revoke_with_shards_republish_the_key_set_in_the_width_it_has_with_a_rising_version() {
+    let s = Scratch::new("edit-shards");
+    let a = new_key(&s, &["--org", "org_1"]);
+    ok(&s, &["config", "--keys", "keys.json", "--shards", "out", "--digits", "0", "--manifest-version", "1"]);
+    let manifest = Path::new("out").join("manifest.json").display().to_string();
+
+    let run = ok(&s, &["revoke", id_of(&a), "--keys", "keys.json", "--shards", "out"]);
+    let (version, shards, keys) = published(&s.path("out"));
+    assert_eq!(
+        run.stderr,
+        format!(
+            "keygate: revoked key {} in keys.json\nkeygate: wrote {manifest} (version {version}) and 1 shard holding 1 key\n",
+            id_of(&a)
+        )
+    );
+    assert_eq!((shards, keys), (1, vec![(id_of(&a).to_string(), true)]), "one shard, as published before");
+    let first: u64 = version.parse().unwrap();
+    assert!(first.abs_diff(now_ms() as u64 / 1000) < 60, "{version}");
+
+    let run = ok(&s, &["new", "--org", "org_2", "--keys", "keys.json", "--shards", "out"]);
+    let b = run.stdout.trim_end().to_string();
+    assert_key_format(&b);
+    assert_eq!(run.stderr.lines().count(), 2, "{run:#?}");
+    let (version, _, keys) = published(&s.path("out"));
+    assert!(version.parse::<u64>().unwrap() > first, "{version} after {first}: a new version each time");
+    assert_eq!(keys.len(), 2);
+    assert!(keys.contains(&(id_of(&b).to_string(), false)));
+
+    let run = ok(&s, &["rotate", id_of(&b), "--keys", "keys.json", "--shards", "out"]);
+    let c = run.stdout.trim_end().to_string();
+    let (_, shards, mut keys) = published(&s.path("out"));
+    keys.sort();
+    let mut want = vec![(id_of(&a).to_string(), true), (id_of(&b).to_string(), true), (id_of(&c).to_string(), false)];
+    want.sort();
+    assert_eq!((shards, keys), (1, want));
+    // Byte for byte what `keygate config --shards` publishes from the same file.
+    ok(&s, &["config", "--keys", "keys.json", "--shards", "again", "--digits", "0"]);
+    assert_eq!(shard_files(&s.path("out")), shard_files(&s.path("again")));
+
+    // Every key named already revoked: nothing to change, and the directory is published all the same.
+    fs::remove_dir_all(s.path("out")).unwrap();
+    let before = s.read("keys.json");
+    let run = ok(&s, &["revoke", id_of(&a), "--keys", "keys.json", "--shards", "out"]);
+    assert!(run.stderr.starts_with(&format!("keygate: key {} in keys.json was already revoked\n", id_of(&a))));
+    assert_eq!(s.read("keys.json"), before);
+    assert_eq!(published(&s.path("out")).1, 16, "a directory with no manifest gets 16 shards");
+}
+
+#[test]
+fn an_edit_whose_republication_fails_keeps_the_change_and_says_how_to_publish_it() {
+    let s = Scratch::new("edit-shards-fail");
+    let a = new_key(&s, &["--org", "org_1"]);
+    s.write("blocker", "not a directory");
+    let run = keygate(&s, &["revoke", id_of(&a), "--keys", "keys.json", "--shards", "blocker"]);
+    assert_eq!(run.code, 1, "{run:#?}");
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines[0], format!("keygate: revoked key {} in keys.json", id_of(&a)));
+    assert!(
+        lines[1].starts_with(&format!("keygate: {}: cannot create: ", Path::new("blocker").join("shards").display()))
+            && lines[1].ends_with(
+                ": keys.json is changed but not republished; `keygate config --keys keys.json --shards blocker` \
+                 publishes it"
+            ),
+        "{run:#?}"
+    );
+    assert_eq!(lines.len(), 2, "{run:#?}");
+    assert_eq!(records(&s)[0]["revoked"], true);
+
+    // A key made while publishing fails is still printed, once: it is in the file.
+    let run = keygate(&s, &["new", "--org", "org_2", "--keys", "keys.json", "--shards", "blocker"]);
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert_key_format(run.stdout.trim_end());
+    assert_eq!(records(&s).len(), 2);
+
+    assert_eq!(
+        fails(&s, &["new", "--org", "o", "--shards", "out"], 2),
+        "keygate new: --shards goes with --keys: it publishes that file (see keygate new --help)\n"
+    );
+    assert!(!s.path("out").exists());
 }
 
 #[test]

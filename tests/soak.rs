@@ -5,6 +5,14 @@
 //! change the poll interval plus a second to reach Envoy. Prints requests served, wrong answers
 //! (must be 0), 5xx (must be 0) and Envoy's resident memory after warm-up and at the end (must be
 //! flat).
+//!
+//! Usage reporting is on throughout, to a receiver of its own (the tests' key-set server, taking
+//! every `POST`; the endpoint's faults do not touch it). At the end the soak waits for the last
+//! report and checks that the reports, each `batch_id` counted once, add up to the replies it got:
+//! per key id, the requests allowed (every 200), and the refusals by status (401s, 403s), since a
+//! refusal's kind is not always certain from outside (a revoked key is `revoked_key` under its id
+//! while the set lists it, and `invalid_key` with no id once it is removed). Nothing may be
+//! dropped. The summary prints the totals.
 
 // Test code: helpers outside #[test] functions fail the same way the tests do, by panicking.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -12,9 +20,11 @@
 mod common;
 
 use common::keyset::{Fault, KeySetServer};
-use common::{Envoy, EnvoyOptions, Proto, Upstream};
+use common::{Envoy, EnvoyOptions, Proto, Upstream, USAGE_CLUSTER};
 use keygate_core::keys::hash_key;
+use keygate_core::usage::Report;
 use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +34,11 @@ const POLL_MS: u64 = 500;
 const GRACE: Duration = Duration::from_millis(POLL_MS + 1000);
 const SLOTS: usize = 60;
 const MANIFEST: &str = "/keyset/manifest.json";
+const USAGE_PATH: &str = "/usage";
+const FLUSH_MS: u64 = 1_000;
+/// How long the last requests' counts may take to arrive once the traffic stops: the interval,
+/// a tick, a retry.
+const LAST_REPORT: Duration = Duration::from_millis(3 * FLUSH_MS + 2_000);
 
 /// One key ever issued.
 #[derive(Clone)]
@@ -113,10 +128,94 @@ struct Tally {
     wrong: AtomicU64,
     server_errors: AtomicU64,
     unsettled: AtomicU64,
+    /// What usage reports must add up to, from the replies.
+    usage: Mutex<Usage>,
 }
 
-/// A request of the mix: path, headers, and the statuses that are right.
-type Planned = (String, Vec<(String, String)>, Vec<u16>);
+/// Usage as the soak can know it from outside: requests allowed per key id, refusals by status,
+/// and requests counted in no report.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Usage {
+    allowed: BTreeMap<String, u64>,
+    denied: BTreeMap<u16, u64>,
+    dropped: u64,
+}
+
+impl Usage {
+    /// A reply to a request carrying the key of record `key_id`, if any. A 5xx is no decision of
+    /// keygate's (and fails the soak on its own).
+    fn count(&mut self, status: u16, key_id: Option<&str>) {
+        match status {
+            200 => *self.allowed.entry(key_id.unwrap_or("(allowed with no key)").to_string()).or_default() += 1,
+            400..=499 => *self.denied.entry(status).or_default() += 1,
+            _ => {}
+        }
+    }
+
+    /// What `reports` add up to, each refusal under the status of its kind.
+    fn of(reports: &[Report]) -> Usage {
+        let mut usage = Usage::default();
+        for report in reports {
+            for (id, key) in &report.keys {
+                if key.allowed > 0 {
+                    *usage.allowed.entry(id.clone()).or_default() += key.allowed;
+                }
+                for (kind, n) in key.denied.iter() {
+                    *usage.denied.entry(kind.default_status()).or_default() += n;
+                }
+            }
+            for (kind, n) in report.unattributed.iter() {
+                *usage.denied.entry(kind.default_status()).or_default() += n;
+            }
+            usage.dropped += report.dropped;
+        }
+        usage
+    }
+
+    fn allowed(&self) -> u64 {
+        self.allowed.values().sum()
+    }
+
+    fn denied(&self, status: u16) -> u64 {
+        self.denied.get(&status).copied().unwrap_or(0)
+    }
+}
+
+/// The entries where `got` and `want` differ: (key, got, want), `None` where one has none.
+fn differences<K: Ord + Clone>(got: &BTreeMap<K, u64>, want: &BTreeMap<K, u64>) -> Vec<(K, Option<u64>, Option<u64>)> {
+    let keys: BTreeSet<&K> = got.keys().chain(want.keys()).collect();
+    keys.into_iter()
+        .filter(|k| got.get(*k) != want.get(*k))
+        .map(|k| ((*k).clone(), got.get(k).copied(), want.get(k).copied()))
+        .collect()
+}
+
+/// The reports the receiver took, each `batch_id` once (as a receiver that drops a batch it has
+/// does), and how many `POST`s repeated a batch it had. A repeated batch must carry the same body.
+fn received(receiver: &KeySetServer) -> (Vec<Report>, usize) {
+    let mut first: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut taken = BTreeSet::new();
+    let (mut reports, mut repeated) = (Vec::new(), 0);
+    for post in receiver.requests_for(USAGE_PATH) {
+        let report =
+            Report::parse(&post.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&post.body)));
+        let body = first.entry(report.batch_id.clone()).or_insert_with(|| post.body.clone());
+        assert_eq!(*body, post.body, "batch {} was sent again with another body", report.batch_id);
+        if post.status != Some(200) {
+            continue;
+        }
+        if taken.insert(report.batch_id.clone()) {
+            reports.push(report);
+        } else {
+            repeated += 1;
+        }
+    }
+    (reports, repeated)
+}
+
+/// A request of the mix: path, headers, the statuses that are right, and the id of the key record
+/// its key is, if it is one (what usage counts an allowed request under).
+type Planned = (String, Vec<(String, String)>, Vec<u16>, Option<String>);
 
 /// One request of the mix.
 fn one_request(model: &Model, rng: &mut Rng, now: Instant) -> Option<Planned> {
@@ -127,28 +226,29 @@ fn one_request(model: &Model, rng: &mut Rng, now: Instant) -> Option<Planned> {
     let venue = pick.venue.clone().unwrap_or_else(|| "v_1".into());
     let ok_path = format!("/v1/venues/{venue}/treatments");
     let bearer = |k: &str| vec![("authorization".to_string(), format!("Bearer {k}"))];
+    let id = Some(pick.id.clone());
     if rng.below(10) != 0 {
         // 90 %: a valid key, in either header.
         let headers = if rng.below(2) == 0 { bearer(&pick.key) } else { vec![("x-api-key".into(), pick.key.clone())] };
-        return Some((ok_path, headers, vec![200]));
+        return Some((ok_path, headers, vec![200], id));
     }
     let hostile = rng.below(7);
     Some(match hostile {
-        0 => (ok_path, vec![], vec![401]),
+        0 => (ok_path, vec![], vec![401], None),
         1 => match settled_revoked.get(rng.below(settled_revoked.len().max(1))) {
-            Some(r) => (ok_path, bearer(&r.key), vec![401]),
-            None => (ok_path, bearer("sk_live_00000000_unknown"), vec![401]),
+            Some(r) => (ok_path, bearer(&r.key), vec![401], Some(r.id.clone())),
+            None => (ok_path, bearer("sk_live_00000000_unknown"), vec![401], None),
         },
-        2 => (ok_path, bearer(&format!("{}x", pick.key)), vec![401]),
-        3 => (ok_path, bearer(&pick.key.replace("sk_live_", "sk_test_")), vec![401]),
-        4 if pick.venue.is_some() => ("/v1/venues/v_other/treatments".into(), bearer(&pick.key), vec![403]),
+        2 => (ok_path, bearer(&format!("{}x", pick.key)), vec![401], None),
+        3 => (ok_path, bearer(&pick.key.replace("sk_live_", "sk_test_")), vec![401], None),
+        4 if pick.venue.is_some() => ("/v1/venues/v_other/treatments".into(), bearer(&pick.key), vec![403], id),
         5 if pick.venue.is_some() => {
-            (format!("/v1/venues/{venue}/../v_other/treatments"), bearer(&pick.key), vec![403])
+            (format!("/v1/venues/{venue}/../v_other/treatments"), bearer(&pick.key), vec![403], id)
         }
         _ => {
             let mut h = bearer(&pick.key);
             h.push(("x-org-id".into(), "org_evil".into()));
-            (ok_path, h, vec![200])
+            (ok_path, h, vec![200], id)
         }
     })
 }
@@ -168,14 +268,19 @@ fn soak_mixed_traffic_while_keys_are_revoked_and_reissued() {
         model.slots.push(i);
     }
     publish(&server, &mut model);
+    let receiver = KeySetServer::start();
+    receiver.put(USAGE_PATH, &b"{\"accepted\":true}"[..]);
     let upstream = Upstream::start();
     let config = json!({
         "credential": {"headers": ["authorization", "x-api-key"], "prefixes": ["sk_live_"]},
         "key_set": {"cluster": "keyset", "path": MANIFEST, "poll_interval_ms": POLL_MS, "timeout_ms": 300},
+        "usage": {"cluster": USAGE_CLUSTER, "authority": "usage.internal", "path": USAGE_PATH,
+                  "flush_interval_ms": FLUSH_MS, "timeout_ms": 500},
         "routes": [{"path": "/v1/venues/{venue_id}/**", "scopes": ["venues:read"], "bind": {"venue_id": "venue"}}]
     });
     let mut opts = EnvoyOptions::new(Some(&config.to_string()), upstream.port());
     opts.keyset_port = Some(server.port());
+    opts.usage_port = Some(receiver.port());
     opts.concurrency = 2;
     opts.failure_policy = Some("FAIL_RELOAD".into());
     let envoy = Envoy::start(&opts);
@@ -248,7 +353,8 @@ fn soak_mixed_traffic_while_keys_are_revoked_and_reissued() {
                     let mut rng = Rng(0x9e3779b97f4a7c15 ^ worker);
                     while !stop.load(Ordering::Relaxed) {
                         let sent_at = Instant::now();
-                        let Some((path, headers, expected)) = one_request(&model.lock().unwrap(), &mut rng, sent_at)
+                        let Some((path, headers, expected, key_id)) =
+                            one_request(&model.lock().unwrap(), &mut rng, sent_at)
                         else {
                             continue;
                         };
@@ -256,6 +362,7 @@ fn soak_mixed_traffic_while_keys_are_revoked_and_reissued() {
                             headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
                         let reply = common::get(port, proto, &path, &headers);
                         tally.requests.fetch_add(1, Ordering::Relaxed);
+                        tally.usage.lock().unwrap().count(reply.status, key_id.as_deref());
                         if reply.status >= 500 {
                             tally.server_errors.fetch_add(1, Ordering::Relaxed);
                         }
@@ -299,6 +406,22 @@ fn soak_mixed_traffic_while_keys_are_revoked_and_reissued() {
     let requests = tally.requests.load(Ordering::Relaxed);
     let wrong = tally.wrong.load(Ordering::Relaxed);
     let server_errors = tally.server_errors.load(Ordering::Relaxed);
+
+    // The traffic has stopped: the reports must come to what the replies said, once the last is in.
+    let sent = tally.usage.lock().unwrap().clone();
+    let waited = Instant::now();
+    let (reports, repeated) = loop {
+        let (reports, repeated) = received(&receiver);
+        if Usage::of(&reports) == sent || waited.elapsed() > LAST_REPORT {
+            break (reports, repeated);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let got = Usage::of(&reports);
+    let posts = receiver.count(USAGE_PATH);
+    let (failures, dropped) =
+        (envoy.keygate_stat("keygate.usage.failures"), envoy.keygate_stat("keygate.usage.dropped"));
+
     println!(
         "soak: {seconds} s, {requests} requests served, {wrong} wrong answers, {server_errors} 5xx, {} keys revoked and \
          re-issued, {} endpoint faults, Envoy RSS {} MiB after {} s warm-up and {} MiB at the end",
@@ -308,8 +431,33 @@ fn soak_mixed_traffic_while_keys_are_revoked_and_reissued() {
         warm_up.as_secs(),
         rss_end / 1024
     );
+    println!(
+        "soak: usage: {} reports taken ({posts} POSTs, {repeated} repeating a batch id, counted once), \
+         {} requests in them: {} allowed under {} key ids, {} refused 401, {} refused 403, {} dropped; \
+         sent: {} allowed under {} key ids, {} refused 401, {} refused 403; keygate.usage.failures {}, \
+         keygate.usage.dropped {}",
+        reports.len(),
+        got.allowed() + got.denied.values().sum::<u64>() + got.dropped,
+        got.allowed(),
+        got.allowed.len(),
+        got.denied(401),
+        got.denied(403),
+        got.dropped,
+        sent.allowed(),
+        sent.allowed.len(),
+        sent.denied(401),
+        sent.denied(403),
+        failures.map_or("-".into(), |n| n.to_string()),
+        dropped.map_or("-".into(), |n| n.to_string()),
+    );
     assert!(requests > seconds, "too few requests to mean anything: {requests}");
     assert_eq!(wrong, 0, "wrong answers");
     assert_eq!(server_errors, 0, "5xx replies");
     assert!(rss_end <= rss_start + rss_start / 10 + 4096, "Envoy's memory grew: {rss_start} KiB -> {rss_end} KiB");
+    assert_eq!(sent.allowed() + sent.denied.values().sum::<u64>(), requests, "a reply that is neither 200 nor 4xx");
+    let allowed = differences(&got.allowed, &sent.allowed);
+    assert!(allowed.is_empty(), "usage reports: requests allowed per key id (reported, replied): {allowed:?}");
+    let denied = differences(&got.denied, &sent.denied);
+    assert!(denied.is_empty(), "usage reports: refusals by status (reported, replied): {denied:?}");
+    assert_eq!((got.dropped, dropped), (0, Some(0)), "requests dropped from usage reports");
 }

@@ -89,6 +89,9 @@
 //! the real `keygate serve` ([`serve::KeygateServe`]), or a [`KeySetServer`] that takes `POST`s and
 //! fails on demand.
 //!
+//! [`readme::checked_block`] finds a README block marked `<!-- checked: NAME -->`, for
+//! tests/readme.rs and any other test that checks a README example.
+//!
 //! [`Envoy::try_start_with_files`] writes files Envoy reads at run time (an ECDS source, say)
 //! into the instance directory and replaces [`envoy::INSTANCE_DIR_TOKEN`] with that directory's
 //! path, in the configuration and in the files; a test then replaces a file there through
@@ -103,6 +106,7 @@ pub mod client;
 pub mod envoy;
 pub mod http1;
 pub mod keyset;
+pub mod readme;
 pub mod serve;
 pub mod upstream;
 

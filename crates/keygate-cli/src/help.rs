@@ -44,6 +44,8 @@ Options:
   --id ID              This id (8 hex digits) instead of a random one
   --keys FILE          Add the record to this key-set file, creating it if missing; an id the
                        file already has is refused
+  --shards DIR         Then publish the key-set file into DIR, as keygate config --shards DIR
+                       does (see keygate revoke --help)
   -h, --help           Print this help
 
 Example:
@@ -51,7 +53,7 @@ Example:
 ";
 
 pub const ROTATE: &str = "\
-Usage: keygate rotate ID --keys FILE [--expires WHEN] [--prefix PREFIX]
+Usage: keygate rotate ID --keys FILE [--expires WHEN] [--prefix PREFIX] [--shards DIR]
 
 In one change of the key-set FILE, marks the record ID \"revoked\": true and adds its successor:
 a new id and secret, the same org, scopes, attributes and name, created_at now and its preview.
@@ -66,19 +68,28 @@ Options:
   --keys FILE        The key-set file (required)
   --expires WHEN     The successor's lifetime or expiry, as for new; never for no expiry
   --prefix PREFIX    The successor's prefix when the old record has no preview [default: sk_live_]
+  --shards DIR       Then publish the key-set file into DIR, as keygate config --shards DIR
+                     does (see keygate revoke --help)
   -h, --help         Print this help
 ";
 
 pub const REVOKE: &str = "\
-Usage: keygate revoke ID... --keys FILE
+Usage: keygate revoke ID... --keys FILE [--shards DIR]
 
 Marks the records with these ids \"revoked\": true in the key-set FILE, changing nothing else in
 it. Once Envoy runs a configuration made from the file (keygate config), the filter refuses the
 key exactly as an unknown one (401).
 
+With --shards, the key set is then published into DIR, the directory a key-set endpoint serves
+(keygate serve --keys DIR), as keygate config --keys FILE --shards DIR does: with as many shards
+as DIR has already (16 if none) and a manifest version past the one there. A filter polling that
+endpoint refuses the key from its next poll on, with no restart. It is published even when every
+key named was already revoked. If publishing fails, FILE stays changed and the error says so.
+
 Options:
-  --keys FILE    The key-set file (required)
-  -h, --help     Print this help
+  --keys FILE     The key-set file (required)
+  --shards DIR    Then publish the key-set file into DIR
+  -h, --help      Print this help
 ";
 
 pub const LIST: &str = "\

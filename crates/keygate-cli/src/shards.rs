@@ -64,6 +64,21 @@ pub fn publish(text: &[u8], dir: &Path, digits: usize, version: &str) -> Result<
     Ok(Published { shards: shard_count, keys })
 }
 
+/// How the edit commands' `--shards DIR` republishes DIR: the shards' width already there (one hex
+/// digit, 16 shards, when DIR holds no manifest the filter would read), so a republication never
+/// changes the layout, and a version past the one there: `now_s`, or the old one plus one when that
+/// is an integer at least as large, so each republication's version is new and rises (the
+/// `keygate.key_set.version` gauge shows it).
+pub fn republication(dir: &Path, now_s: u64) -> (usize, String) {
+    let old = fs::read(dir.join(layout::MANIFEST_PATH)).ok().and_then(|m| parse_manifest(&m).ok());
+    let digits = old.as_ref().map_or(1, |m| m.width());
+    let version = match old.and_then(|m| m.version.parse::<u64>().ok()) {
+        Some(v) if v >= now_s => v.saturating_add(1),
+        _ => now_s,
+    };
+    (digits, version.to_string())
+}
+
 /// Each record of a key-set file as (lowercase hash, one line of JSON as written, in file order).
 fn record_lines(text: &[u8]) -> Result<Vec<(String, String)>, String> {
     let keys = keyset::parse(text)?;
@@ -120,6 +135,22 @@ mod tests {
         let manifest = parse_manifest(&fs::read(d.join("manifest.json")).unwrap()).unwrap();
         assert_eq!((manifest.shards[0].prefix.as_str(), manifest.shards[0].path.as_str()), ("", "shards/all.json"));
         assert!(publish(text.as_bytes(), &d, 5, "9").is_err());
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_republication_keeps_the_published_width_and_gets_a_new_rising_version() {
+        let text = format!(r#"{{"keys": [{{"id": "a", "hash": "{}", "org": "o"}}]}}"#, "0".repeat(64));
+        let d = dir("again");
+        assert_eq!(republication(&d, 1_800_000_000), (1, "1800000000".into()), "nothing published yet");
+        publish(text.as_bytes(), &d, 2, "1700000000").unwrap();
+        assert_eq!(republication(&d, 1_800_000_000), (2, "1800000000".into()));
+        publish(text.as_bytes(), &d, 0, "1800000000").unwrap();
+        assert_eq!(republication(&d, 1_800_000_000), (0, "1800000001".into()), "published this second");
+        publish(text.as_bytes(), &d, 1, "v7").unwrap();
+        assert_eq!(republication(&d, 1_800_000_000), (1, "1800000000".into()), "a version that is no number");
+        fs::write(d.join("manifest.json"), "{").unwrap();
+        assert_eq!(republication(&d, 5), (1, "5".into()), "a manifest the filter would refuse");
         let _ = fs::remove_dir_all(&d);
     }
 }

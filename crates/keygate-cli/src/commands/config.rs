@@ -5,7 +5,7 @@ use super::{emit, no_positionals, note, usage, Fail};
 use crate::args::Parsed;
 use crate::{clock, envoy, json, keyset, shards};
 use keygate_core::plugin::Plugin;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The members of a plugin configuration, in the order the filter documents them.
 const CONFIG_FIELDS: [&str; 8] =
@@ -30,16 +30,7 @@ pub(super) fn config(p: &Parsed) -> Result<(), Fail> {
             None => (clock::now_ms().map_err(Fail::Error)? / 1_000).to_string(),
         };
         let set = keyset::read_existing(&keys_path).map_err(Fail::Error)?;
-        let done = shards::publish(&set.text, &dir, digits, &version).map_err(Fail::Error)?;
-        note(&format!(
-            "keygate: wrote {} (version {version}) and {} shard{} holding {} key{}",
-            dir.join("manifest.json").display(),
-            done.shards,
-            if done.shards == 1 { "" } else { "s" },
-            done.keys,
-            if done.keys == 1 { "" } else { "s" },
-        ));
-        return Ok(());
+        return publish(&set.text, &dir, digits, &version).map_err(Fail::Error);
     }
     for only_with_shards in ["--digits", "--manifest-version"] {
         if p.os(only_with_shards).is_some() {
@@ -119,6 +110,20 @@ pub(super) fn config(p: &Parsed) -> Result<(), Fail> {
             emit(&replaced)
         }
     }
+}
+
+/// Writes the key set `text` into `dir` in the live layout and says so on standard error.
+pub(super) fn publish(text: &[u8], dir: &Path, digits: usize, version: &str) -> Result<(), String> {
+    let done = shards::publish(text, dir, digits, version)?;
+    note(&format!(
+        "keygate: wrote {} (version {version}) and {} shard{} holding {} key{}",
+        dir.join("manifest.json").display(),
+        done.shards,
+        if done.shards == 1 { "" } else { "s" },
+        done.keys,
+        if done.keys == 1 { "" } else { "s" },
+    ));
+    Ok(())
 }
 
 /// Each top-level member of a JSON object: its name and its value's text as written.

@@ -1,9 +1,10 @@
 //! `keygate new`, `keygate rotate` and `keygate revoke`: the commands that change a key-set file, in place and under
-//! its lock, after reading the change back with the filter's rules.
+//! its lock, after reading the change back with the filter's rules; with `--shards DIR`, they then
+//! republish the key set there, as `keygate config --shards DIR` does.
 
-use super::{check_prefix, emit, no_positionals, note, usage, Fail, DEFAULT_PREFIX};
+use super::{check_prefix, config, emit, no_positionals, note, usage, Fail, DEFAULT_PREFIX};
 use crate::args::Parsed;
-use crate::{clock, keyset};
+use crate::{clock, keyset, shards};
 use keygate_core::error::ConfigError;
 use keygate_core::keys::hash_key;
 use keygate_core::keys::record::{compile_key, preview, Expiry, RawKey, PREVIEW_ELLIPSIS};
@@ -79,6 +80,24 @@ fn fresh_id(taken: &HashSet<&str>) -> Result<String, Fail> {
     }
 }
 
+/// With `--shards DIR`: publishes `text`, the key-set file `keys` as just written, into DIR in the
+/// live layout with the width DIR already has and a new version ([`shards::republication`]). It
+/// runs under the file's lock, so of two changes the later one is also published later. A failure
+/// leaves the file changed and names the command that publishes it.
+fn republish(text: &[u8], dir: Option<&Path>, keys: &Path) -> Result<(), Fail> {
+    let Some(dir) = dir else { return Ok(()) };
+    let now_s = clock::now_ms().map_err(Fail::Error)? / 1_000;
+    let (digits, version) = shards::republication(dir, u64::try_from(now_s).unwrap_or_default());
+    config::publish(text, dir, digits, &version).map_err(|e| {
+        Fail::Error(format!(
+            "{e}: {} is changed but not republished; `keygate config --keys {} --shards {}` publishes it",
+            keys.display(),
+            keys.display(),
+            dir.display()
+        ))
+    })
+}
+
 fn prefix_option(p: &Parsed) -> Result<Option<String>, String> {
     let prefix = p.text("--prefix")?;
     if let Some(prefix) = &prefix {
@@ -99,6 +118,10 @@ pub(super) fn new(p: &Parsed) -> Result<(), Fail> {
         }
     }
     let given_id = given_id.map(|id| id.to_ascii_lowercase());
+    let shards_dir = p.os("--shards").map(PathBuf::from);
+    if shards_dir.is_some() && p.os("--keys").is_none() {
+        return Err(usage("--shards goes with --keys: it publishes that file".into()));
+    }
     let mut attributes = BTreeMap::new();
     for attr in p.texts("--attr").map_err(&usage)? {
         let Some((name, value)) = attr.split_once('=') else {
@@ -158,7 +181,6 @@ pub(super) fn new(p: &Parsed) -> Result<(), Fail> {
     want.extend(keyset::as_values(std::slice::from_ref(&record)));
     verify(&path, &text, &want)?;
     keyset::write_atomic(&target, &text, &lock).map_err(Fail::Error)?;
-    drop(lock);
     emit(&format!("{key}\n")).map_err(|_| {
         Fail::Error(format!(
             "cannot write the key to standard output; it is lost: revoke it with `keygate revoke {} --keys {}`",
@@ -167,6 +189,8 @@ pub(super) fn new(p: &Parsed) -> Result<(), Fail> {
         ))
     })?;
     note(&format!("keygate: added key {} (org {}) to {}", record.id, record.org, path.display()));
+    republish(&text, shards_dir.as_deref(), &path)?;
+    drop(lock);
     Ok(())
 }
 
@@ -187,6 +211,7 @@ pub(super) fn rotate(p: &Parsed) -> Result<(), Fail> {
     let given_prefix = prefix_option(p).map_err(&usage)?;
     let now = clock::now_ms().map_err(Fail::Error)?;
     let expires_at = expiry_of(p, now).map_err(&usage)?;
+    let shards_dir = p.os("--shards").map(PathBuf::from);
 
     let target = keyset::target(&path);
     let lock = keyset::lock(&target).map_err(Fail::Error)?;
@@ -227,7 +252,6 @@ pub(super) fn rotate(p: &Parsed) -> Result<(), Fail> {
     want.extend(keyset::as_values(std::slice::from_ref(&successor)));
     verify(&path, &text, &want)?;
     keyset::write_atomic(&target, &text, &lock).map_err(Fail::Error)?;
-    drop(lock);
     emit(&format!("{key}\n")).map_err(|_| {
         Fail::Error(format!(
             "cannot write the new key to standard output; it is lost, and key {old_id} is revoked: \
@@ -248,6 +272,8 @@ pub(super) fn rotate(p: &Parsed) -> Result<(), Fail> {
             successor.id
         ));
     }
+    republish(&text, shards_dir.as_deref(), &path)?;
+    drop(lock);
     Ok(())
 }
 
@@ -276,6 +302,7 @@ pub(super) fn revoke(p: &Parsed) -> Result<(), Fail> {
     if ids.is_empty() {
         return Err(usage("name the ID of the key to revoke".into()));
     }
+    let shards_dir = p.os("--shards").map(PathBuf::from);
     let target = keyset::target(&path);
     let lock = keyset::lock(&target).map_err(Fail::Error)?;
     let set = keyset::read_existing(&target).map_err(Fail::Error)?;
@@ -304,14 +331,15 @@ pub(super) fn revoke(p: &Parsed) -> Result<(), Fail> {
         }
         changed.push(record.id.as_str());
     }
-    if changed.is_empty() {
-        return Ok(());
+    if !changed.is_empty() {
+        verify(&path, &text, &want)?;
+        keyset::write_atomic(&target, &text, &lock).map_err(Fail::Error)?;
+        for id in changed {
+            note(&format!("keygate: revoked key {id} in {}", path.display()));
+        }
     }
-    verify(&path, &text, &want)?;
-    keyset::write_atomic(&target, &text, &lock).map_err(Fail::Error)?;
+    // Published even when nothing changed: DIR then holds what the file says.
+    republish(&text, shards_dir.as_deref(), &path)?;
     drop(lock);
-    for id in changed {
-        note(&format!("keygate: revoked key {id} in {}", path.display()));
-    }
     Ok(())
 }
