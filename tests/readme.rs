@@ -5,14 +5,16 @@
 //! in full.
 //!
 //! A checked block is a fenced block with an HTML comment on the line before it,
-//! `<!-- checked: NAME … -->`, which a reader of the rendered README does not see. A marker that is
-//! missing, or not followed by a fence, fails here with the marker's name.
+//! `<!-- checked: NAME … -->`, which a reader of the rendered README does not see
+//! ([`common::readme::checked_block`]). A marker that is missing, or not followed by a fence, fails
+//! with the marker's name. tests/nginx.rs checks the nginx example the same way, by serving with it.
 
 // Test code: a failed step is a panic, as in a #[test] function.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod common;
 
+use common::readme::{checked_block, readme};
 use keygate_core::live::{parse_manifest, parse_shard};
 use keygate_core::plugin::Plugin;
 use keygate_core::usage::Report;
@@ -23,35 +25,6 @@ use std::process::Command;
 
 /// The `keygate` binary (see [`common::keygate_binary`]).
 static BIN: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(common::keygate_binary);
-
-fn readme() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-    fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// The text of the fenced block after the marker `<!-- checked: NAME`, and the fence's language.
-fn checked_block(readme: &str, name: &str) -> (String, String) {
-    let marker = format!("<!-- checked: {name}");
-    let mut lines = readme.lines();
-    let found = lines.by_ref().any(|l| {
-        let l = l.trim();
-        l.starts_with(&marker) && l.ends_with("-->") && l[marker.len()..].starts_with([' ', '-'])
-    });
-    assert!(
-        found,
-        "README.md has no block marked `{marker} -->`: an HTML comment on the line before the fenced block \
-         that tests/readme.rs checks (put it back, or change this test with the README)"
-    );
-    let fence = lines.next().unwrap_or_default();
-    assert!(
-        fence.starts_with("```"),
-        "README.md: the line after `{marker} -->` must open a fenced block, not {fence:?}"
-    );
-    let language = fence.trim_start_matches('`').trim().to_string();
-    let body: Vec<&str> = lines.by_ref().take_while(|l| !l.starts_with("```")).collect();
-    assert!(!body.is_empty(), "README.md: the block after `{marker} -->` is empty or never closed");
-    (body.join("\n") + "\n", language)
-}
 
 #[test]
 fn the_configuration_reference_example_compiles() {

@@ -93,6 +93,11 @@
 //! into the instance directory and replaces [`envoy::INSTANCE_DIR_TOKEN`] with that directory's
 //! path, in the configuration and in the files; a test then replaces a file there through
 //! [`Envoy::dir`]. [`envoy::substitute_wasm`] applies the recipe convention's wasm token alone.
+//!
+//! # README examples
+//!
+//! [`readme::checked_block`] reads an example the README marks `<!-- checked: NAME -->`, for the
+//! test that runs it (tests/readme.rs, tests/nginx.rs).
 
 // Every test file compiles this module and uses a part of it.
 #![allow(dead_code, unused_imports)]
@@ -103,6 +108,7 @@ pub mod client;
 pub mod envoy;
 pub mod http1;
 pub mod keyset;
+pub mod readme;
 pub mod serve;
 pub mod upstream;
 
