@@ -79,10 +79,10 @@ run-live: build envoy
 
 # The integration tests of keygate's behaviour, run a second time on the native module (the
 # first run, of every test, is on the wasm filter; KEYGATE_TEST_HOST picks the host).
-BOTH_HOSTS := harness filter hostile readings recipes cli ecds key_set usage
+BOTH_HOSTS := harness filter hostile readings recipes cli ecds key_set usage nginx
 
 ## test: host unit tests, then integration tests against a real Envoy: every test on the wasm filter, the behavioural ones again on the native module
-test: build build-probe envoy image-deps
+test: build build-probe envoy image-deps nginx-deps
 	$(CARGO) test --workspace --exclude keygate-tests
 	$(CARGO) build -p keygate-cli
 	$(CARGO) test -p keygate-tests --test "*" -- --test-threads 2
@@ -164,6 +164,25 @@ image-deps:
 image-test: build envoy image-deps
 	$(CARGO) test -p keygate-tests --test istio
 # ---- end of Istio -------------------------------------------------------------------------------
+
+# ---- nginx: a static origin for the live key set (tests/nginx.rs) -------------------------------
+NGINX_DIR := target/tools/nginx
+
+.PHONY: nginx-deps
+
+## nginx-deps: Debian's nginx for tests/nginx.rs, unpacked into target/tools (apt-get download:
+## nothing installed system-wide, no service started; its libraries from apt-get if missing)
+nginx-deps:
+	@if [ -n "$$NGINX" ] || command -v nginx >/dev/null 2>&1 || [ -x $(NGINX_DIR)/usr/sbin/nginx ]; then exit 0; fi; \
+	set -e; rm -rf $(NGINX_DIR).tmp; mkdir -p $(NGINX_DIR).tmp; cd $(NGINX_DIR).tmp; \
+	apt-get download -o APT::Sandbox::User=root nginx >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -qq && apt-get download -o APT::Sandbox::User=root nginx; }; \
+	dpkg-deb -x nginx_*.deb root; cd - >/dev/null; \
+	rm -rf $(NGINX_DIR); mv $(NGINX_DIR).tmp/root $(NGINX_DIR); rm -rf $(NGINX_DIR).tmp; \
+	$(NGINX_DIR)/usr/sbin/nginx -v 2>/dev/null || { $(SUDO) apt-get update -qq \
+	  && $(SUDO) apt-get install -y -qq libc6 libcrypt1 libpcre2-8-0 libssl3 zlib1g; }; \
+	$(NGINX_DIR)/usr/sbin/nginx -v
+# ---- end of nginx -------------------------------------------------------------------------------
 
 # ---- bench: Envoy CPU per request, latency, memory and start-up (bench/bench.py) ---------------
 # Only this block belongs to the benchmark. ROUNDS, DURATION, CPU_KEYS, SCALE, SCALE_CONCURRENCY,

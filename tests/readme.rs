@@ -5,8 +5,10 @@
 //! in full.
 //!
 //! A checked block is a fenced block with an HTML comment on the line before it,
-//! `<!-- checked: NAME … -->` (tests/common/readme.rs finds it). The live demo's walkthrough is
-//! checked by tests/demo.rs, which runs it.
+//! `<!-- checked: NAME … -->`, which a reader of the rendered README does not see
+//! ([`common::readme::checked_block`]). A marker that is missing, or not followed by a fence, fails
+//! with the marker's name. tests/nginx.rs checks the nginx example the same way, by serving with it,
+//! tests/demo.rs the live demo's walkthrough, by running it.
 
 // Test code: a failed step is a panic, as in a #[test] function.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]

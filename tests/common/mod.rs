@@ -89,13 +89,15 @@
 //! the real `keygate serve` ([`serve::KeygateServe`]), or a [`KeySetServer`] that takes `POST`s and
 //! fails on demand.
 //!
-//! [`readme::checked_block`] finds a README block marked `<!-- checked: NAME -->`, for
-//! tests/readme.rs and any other test that checks a README example.
-//!
 //! [`Envoy::try_start_with_files`] writes files Envoy reads at run time (an ECDS source, say)
 //! into the instance directory and replaces [`envoy::INSTANCE_DIR_TOKEN`] with that directory's
 //! path, in the configuration and in the files; a test then replaces a file there through
 //! [`Envoy::dir`]. [`envoy::substitute_wasm`] applies the recipe convention's wasm token alone.
+//!
+//! # README examples
+//!
+//! [`readme::checked_block`] reads an example the README marks `<!-- checked: NAME -->`, for the
+//! test that runs it (tests/readme.rs, tests/nginx.rs, tests/demo.rs).
 
 // Every test file compiles this module and uses a part of it.
 #![allow(dead_code, unused_imports)]

@@ -1,11 +1,12 @@
-//! The README's checked blocks, for the tests that check its examples (tests/readme.rs): a fenced
-//! block with an HTML comment on the line before it, `<!-- checked: NAME … -->`, which a reader of
-//! the rendered README does not see. A marker that is missing, or not followed by a fence, fails
-//! with the marker's name.
+//! The README's checked examples: a fenced block with an HTML comment on the line before it,
+//! `<!-- checked: NAME … -->`, which a reader of the rendered README does not see. tests/readme.rs
+//! checks most of them; a test that runs an example itself (tests/nginx.rs serves with the nginx
+//! one) reads it here too, so the README cannot drift from what is tested.
 
 use std::fs;
 use std::path::Path;
 
+/// README.md's text.
 pub fn readme() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))

@@ -6,12 +6,24 @@
 //! `DIR/manifest.json.lock`, so an endpoint serving DIR never offers a manifest whose shards are not
 //! there yet, and two publishers take turns. What is written is read back with the filter's own
 //! manifest and shard checks.
+//!
+//! A file is rewritten only when its bytes change, and a changed manifest lands in a later second
+//! of the wall clock than the one it replaces: a static origin such as nginx makes its `ETag` from
+//! the file's modification time in whole seconds and its size, and a revocation changes neither
+//! the manifest's size nor, within one second, its mtime. Written in the same second, the new
+//! manifest would keep the old `ETag`, the filter's `If-None-Match` would be answered `304`, and
+//! the revocation would never load ([`wait_before_replacing`]).
 
 use crate::{json, keyset};
 use keygate_core::layout::{self, Layout, Record};
 use keygate_core::live::{parse_manifest, parse_shard};
 use std::fs;
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Past the next whole second, how much longer a changed manifest waits: a file system stamps
+/// files from a clock that may trail the wall clock by a timer tick (at most 10 ms on Linux).
+pub const STAMP_MARGIN: Duration = Duration::from_millis(20);
 
 /// What was published.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,7 +72,17 @@ pub fn publish(text: &[u8], dir: &Path, digits: usize, version: &str) -> Result<
         }
         keyset::write_atomic(&target, document, &lock)?;
     }
-    keyset::write_atomic(&manifest_path, manifest, &lock)?;
+    match fs::read(&manifest_path) {
+        // Unchanged: its ETag too, wherever it is served.
+        Ok(old) if &old == manifest => {}
+        _ => {
+            let replaced = fs::metadata(&manifest_path).and_then(|m| m.modified()).ok();
+            if let Some(wait) = replaced.and_then(|at| wait_before_replacing(at, SystemTime::now())) {
+                std::thread::sleep(wait);
+            }
+            keyset::write_atomic(&manifest_path, manifest, &lock)?;
+        }
+    }
     Ok(Published { shards: shard_count, keys })
 }
 
@@ -77,6 +99,17 @@ pub fn republication(dir: &Path, now_s: u64) -> (usize, String) {
         _ => now_s,
     };
     (digits, version.to_string())
+}
+
+/// How long to wait, at `now`, before replacing a file last modified at `modified` so that the new
+/// file's modification time falls in a later whole second (and [`STAMP_MARGIN`] into it); `None`
+/// when it already would. At most a second and the margin, whatever the clock says: a file stamped
+/// further ahead (a clock stepped back since) is not waited out.
+pub fn wait_before_replacing(modified: SystemTime, now: SystemTime) -> Option<Duration> {
+    let second = modified.duration_since(UNIX_EPOCH).ok()?.as_secs();
+    let next = UNIX_EPOCH + Duration::from_secs(second.checked_add(1)?) + STAMP_MARGIN;
+    let wait = next.duration_since(now).ok().filter(|w| !w.is_zero())?;
+    Some(wait.min(Duration::from_secs(1) + STAMP_MARGIN))
 }
 
 /// Each record of a key-set file as (lowercase hash, one line of JSON as written, in file order).
@@ -151,6 +184,57 @@ mod tests {
         assert_eq!(republication(&d, 1_800_000_000), (1, "1800000000".into()), "a version that is no number");
         fs::write(d.join("manifest.json"), "{").unwrap();
         assert_eq!(republication(&d, 5), (1, "5".into()), "a manifest the filter would refuse");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_replaced_file_is_waited_on_until_the_second_after_its_modification_time() {
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        let (second, margin) = (Duration::from_secs(1), STAMP_MARGIN);
+        // Written at 100.2 s: until 101 s and the margin.
+        assert_eq!(wait_before_replacing(at(100_200), at(100_200)), Some(Duration::from_millis(800) + margin));
+        assert_eq!(wait_before_replacing(at(100_200), at(100_999)), Some(Duration::from_millis(1) + margin));
+        assert_eq!(wait_before_replacing(at(100_000), at(100_000)), Some(second + margin));
+        // Within the margin of the next second, or past it: only the rest, or nothing.
+        assert_eq!(wait_before_replacing(at(100_200), at(101_010)), Some(margin - Duration::from_millis(10)));
+        assert_eq!(wait_before_replacing(at(100_200), at(101_020)), None);
+        assert_eq!(wait_before_replacing(at(100_200), at(250_000)), None);
+        // A file stamped in the future: a second and the margin at most.
+        assert_eq!(wait_before_replacing(at(900_000), at(100_000)), Some(second + margin));
+    }
+
+    /// The whole second of a file's modification time.
+    fn mtime_second(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().modified().unwrap().duration_since(UNIX_EPOCH).unwrap().as_secs()
+    }
+
+    #[test]
+    fn a_changed_manifest_lands_in_a_later_second_and_an_unchanged_one_is_left_alone() {
+        let record = |id: &str, c: char, revoked: bool| {
+            format!(r#"{{"id": "{id}", "hash": "{}", "org": "o", "revoked": {revoked}}}"#, c.to_string().repeat(64))
+        };
+        let set =
+            |revoked: bool| format!(r#"{{"keys": [{}, {}]}}"#, record("a", 'a', revoked), record("b", 'b', false));
+        let d = dir("seconds");
+        let manifest = d.join("manifest.json");
+        publish(set(false).as_bytes(), &d, 1, "1").unwrap();
+        let first = (fs::read(&manifest).unwrap(), mtime_second(&manifest));
+        let first_modified = fs::metadata(&manifest).unwrap().modified().unwrap();
+
+        // The same set and version: nothing to write, and no wait.
+        let started = std::time::Instant::now();
+        publish(set(false).as_bytes(), &d, 1, "1").unwrap();
+        assert!(started.elapsed() < Duration::from_millis(500), "{:?}", started.elapsed());
+        assert_eq!(fs::read(&manifest).unwrap(), first.0);
+        assert_eq!(fs::metadata(&manifest).unwrap().modified().unwrap(), first_modified, "rewritten");
+
+        // A revocation at once, under the same version: as large a manifest, in a later second, so
+        // an ETag made of the mtime in seconds and the size differs too.
+        publish(set(true).as_bytes(), &d, 1, "1").unwrap();
+        let second = (fs::read(&manifest).unwrap(), mtime_second(&manifest));
+        assert_ne!(second.0, first.0);
+        assert_eq!(second.0.len(), first.0.len());
+        assert!(second.1 > first.1, "the manifest was written in second {} again", first.1);
         let _ = fs::remove_dir_all(&d);
     }
 }
