@@ -227,6 +227,10 @@ static_resources:
     assert_eq!(get(envoy.port(), Proto::Http1, "/recipe", &[]).status, 200);
     assert_eq!(upstream.single_request().path, "/recipe");
 
+    // An access log on standard output goes to the instance directory.
+    let logged = common::envoy::substitute_recipe(&format!("{recipe}# path: /dev/stdout\n"), 1).unwrap();
+    assert!(logged.ends_with("# path: \"{{instance_dir}}/access.log\"\n"), "{logged}");
+
     let broken = recipe.replace("port_value: 9901", "port_value: 9902");
     let err = common::envoy::substitute_recipe(&broken, 1).expect_err("missing admin token");
     assert!(err.contains("9901"), "{err}");

@@ -230,3 +230,147 @@ mod soku {
         r.refuses("GET", "/v1/bookings", &[], 401, missing);
     }
 }
+
+mod access_log {
+    //! envoy/recipes/access-log.yaml: Envoy's access log names the key and organisation keygate
+    //! set, and never an identity a client forged, on a refusal or on a request keygate never saw.
+    use super::*;
+    use common::envoy::{substitute_recipe, yaml_documents};
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    const ACME: &str = "sk_live_acce5501_eda7248f1baf608f72da50405fb1a8ae5cac59d9263cb2375df1c2d81a63192a";
+    const REVOKED: &str = "sk_live_acce5503_20d285cf5d33676a327da71d8e255c32a8d5bf668d929b4fd6866df9abb7c19c";
+    const WRONG: &str = "sk_live_acce5502_0000000000000000000000000000000000000000000000000000000000000000";
+
+    /// Another organisation's identity, as a client claims it: in the spellings Envoy's
+    /// `%REQ(X-API-KEY-ID)%` reads (any case, repeated) and twins keygate removes (`x.org.id`;
+    /// `X_Api_Key_Id`, which the recipe's `DROP_HEADER` drops first).
+    const FORGED: [(&str, &str); 6] = [
+        ("X-Api-Key-Id", "acce5502"),
+        ("x-api-key-id", "acce5502"),
+        ("X-Org-Id", "org_globex"),
+        ("x-org-id", "org_globex"),
+        ("x.org.id", "org_globex"),
+        ("X_Api_Key_Id", "acce5502"),
+    ];
+
+    /// Sends, over each protocol and each with the forged identity, an accepted request (its key
+    /// in the query too), a refusal of each kind, and a path Envoy itself redirects before any
+    /// filter runs; returns the access log's lines by logged path, once every line is there.
+    fn exchange(r: &Recipe) -> BTreeMap<String, Value> {
+        let (acme, revoked, wrong) = (format!("Bearer {ACME}"), format!("Bearer {REVOKED}"), format!("Bearer {WRONG}"));
+        let mut sent = 0;
+        for proto in Proto::ALL {
+            let p = format!("{proto:?}").to_lowercase();
+            let cases = [
+                ("GET", format!("/v1/{p}/accepted?api_key={ACME}"), Some(&acme), 200),
+                ("GET", format!("/v1/{p}/missing"), None, 401),
+                ("GET", format!("/v1/{p}/invalid"), Some(&wrong), 401),
+                ("GET", format!("/v1/{p}/revoked"), Some(&revoked), 401),
+                ("POST", format!("/v1/{p}/scope"), Some(&acme), 403),
+                ("GET", format!("/v1/{p}/a%2Fb"), Some(&acme), 307),
+            ];
+            for (method, path, auth, status) in cases {
+                let mut headers = FORGED.to_vec();
+                headers.extend(auth.map(|a| ("authorization", a.as_str())));
+                let (reply, seen) = r.send(proto, method, &path, &headers);
+                sent += 1;
+                assert_eq!(reply.status, status, "{proto:?} {method} {path}: {}", reply.body);
+                if status == 200 {
+                    let [req] = seen.as_slice() else { panic!("{proto:?} {path}: upstream saw {seen:#?}") };
+                    assert_eq!(req.header_values("x-api-key-id"), ["acce5501"]);
+                    assert_eq!(req.header_values("x-org-id"), ["org_acme"]);
+                    assert!(!req.has_header("x.org.id") && !req.has_header("authorization"), "{req:#?}");
+                } else {
+                    assert!(seen.is_empty(), "{proto:?} {method} {path} reached the upstream");
+                }
+            }
+        }
+        let lines = r.envoy.wait_for_access_log(sent, Duration::from_secs(10));
+        assert_eq!(lines.len(), sent, "one line per request: {lines:#?}");
+        let by_path: BTreeMap<String, Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .map(|line| (line["path"].as_str().unwrap_or_else(|| panic!("no path: {line}")).to_string(), line))
+            .collect();
+        assert_eq!(by_path.len(), sent, "one line per path: {lines:#?}");
+        let log = r.envoy.access_log();
+        for key in [ACME, REVOKED, WRONG] {
+            let secret = key.rsplit('_').next().unwrap();
+            assert!(!log.contains(secret), "a key's secret in the access log:\n{log}");
+        }
+        by_path
+    }
+
+    /// The line of `path`, checked against what was sent; returns its (key_id, org).
+    fn logged<'a>(lines: &'a BTreeMap<String, Value>, path: &str, method: &str, status: u16) -> (&'a Value, &'a Value) {
+        let line = lines.get(path).unwrap_or_else(|| panic!("no line for {path}: {lines:#?}"));
+        assert_eq!(
+            (line["method"].as_str(), line["status"].as_u64()),
+            (Some(method), Some(u64::from(status))),
+            "{line}"
+        );
+        (&line["key_id"], &line["org"])
+    }
+
+    #[test]
+    fn access_log_recipe_names_the_caller_keygate_set_and_never_a_forged_one() {
+        let r = Recipe::start("access-log");
+        let lines = exchange(&r);
+        for (p, protocol) in [("http1", "HTTP/1.1"), ("http2", "HTTP/2")] {
+            let accepted = format!("/v1/{p}/accepted");
+            assert_eq!(logged(&lines, &accepted, "GET", 200), (&json!("acce5501"), &json!("org_acme")));
+            assert_eq!(lines[&accepted]["protocol"], protocol);
+            for (path, method, status) in
+                [("missing", "GET", 401), ("invalid", "GET", 401), ("revoked", "GET", 401), ("scope", "POST", 403)]
+            {
+                let path = format!("/v1/{p}/{path}");
+                assert_eq!(logged(&lines, &path, method, status), (&Value::Null, &Value::Null), "{path}");
+            }
+            // Answered by Envoy before the early header mutation and before any filter.
+            let redirected = format!("/v1/{p}/a/b");
+            assert_eq!(logged(&lines, &redirected, "GET", 307), (&Value::Null, &Value::Null));
+            assert_eq!(lines[&redirected]["details"], "path_normalization_failed");
+        }
+        let log = r.envoy.access_log();
+        assert!(!log.contains("acce5502") && !log.contains("org_globex"), "a forged identity logged:\n{log}");
+    }
+
+    /// The recipe as an operator might first write it: `%REQ(X-API-KEY-ID)%` and `%REQ(X-ORG-ID)%`,
+    /// no early header mutation.
+    fn plain_access_log(upstream_port: u16) -> String {
+        let text = std::fs::read_to_string(common::repo_root().join("envoy/recipes/access-log.yaml")).unwrap();
+        let mut config = yaml_documents(&substitute_recipe(&text, upstream_port).unwrap()).unwrap().remove(0);
+        let hcm = &mut config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        assert!(hcm.as_object_mut().unwrap().remove("early_header_mutation_extensions").is_some());
+        let format = &mut hcm["access_log"][0]["typed_config"]["log_format"]["json_format"];
+        assert!(format["key_id"].as_str().unwrap().starts_with("%CEL("), "{format}");
+        format["key_id"] = json!("%REQ(X-API-KEY-ID)%");
+        format["org"] = json!("%REQ(X-ORG-ID)%");
+        config.to_string()
+    }
+
+    #[test]
+    fn keygate_removes_a_forged_identity_from_a_refused_request_before_envoy_logs_it() {
+        let upstream = Upstream::start();
+        let envoy = Envoy::try_start_config_text(&plain_access_log(upstream.port()), "json", 1)
+            .unwrap_or_else(|log| panic!("Envoy did not start:\n{}", common::envoy::tail(&log, 80)));
+        let r = Recipe { upstream, envoy };
+        let lines = exchange(&r);
+        for p in ["http1", "http2"] {
+            let accepted = format!("/v1/{p}/accepted");
+            assert_eq!(logged(&lines, &accepted, "GET", 200), (&json!("acce5501"), &json!("org_acme")));
+            for (path, method, status) in
+                [("missing", "GET", 401), ("invalid", "GET", 401), ("revoked", "GET", 401), ("scope", "POST", 403)]
+            {
+                let path = format!("/v1/{p}/{path}");
+                assert_eq!(logged(&lines, &path, method, status), (&Value::Null, &Value::Null), "{path}");
+            }
+            // What keygate never sees it cannot clean: why the recipe reads the headers only once a
+            // route is chosen.
+            let redirected = format!("/v1/{p}/a/b");
+            assert_eq!(logged(&lines, &redirected, "GET", 307), (&json!("acce5502"), &json!("org_globex")));
+        }
+    }
+}

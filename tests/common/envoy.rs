@@ -22,6 +22,10 @@ pub const RECIPE_LISTENER_PORT: u16 = 10000;
 pub const RECIPE_UPSTREAM_PORT: u16 = 10001;
 pub const RECIPE_ADMIN_PORT: u16 = 9901;
 pub const RECIPE_WASM: &str = "target/wasm32-wasip1/release/keygate.wasm";
+/// A recipe's access log on standard output; the tests write it to [`ACCESS_LOG`] instead.
+pub const RECIPE_ACCESS_LOG: &str = "/dev/stdout";
+/// The file in the instance directory that a recipe's access log goes to ([`Envoy::access_log`]).
+pub const ACCESS_LOG: &str = "access.log";
 
 /// The repository root (Envoy's working directory).
 pub fn repo_root() -> PathBuf {
@@ -553,6 +557,33 @@ impl Envoy {
         }
     }
 
+    /// The access log a recipe writes to standard output (the recipe convention's
+    /// [`RECIPE_ACCESS_LOG`]), as flushed so far.
+    pub fn access_log(&self) -> String {
+        fs::read_to_string(self.dir.join(ACCESS_LOG)).unwrap_or_default()
+    }
+
+    /// Waits up to `timeout` for the access log to hold `lines` lines and returns them. Envoy writes
+    /// a request's line once the request is over and flushes the file every 100 ms; a log that falls
+    /// short is a panic showing what it holds.
+    pub fn wait_for_access_log(&self, lines: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.access_log();
+            let complete: Vec<String> =
+                log.split_inclusive('\n').filter(|l| l.ends_with('\n')).map(|l| l.trim_end().to_string()).collect();
+            if complete.len() >= lines {
+                return complete;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {lines} access log lines after {timeout:?}:\n{log}",
+                complete.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits long enough for everything logged so far to be flushed to the log file, and
     /// returns the log. Use before asserting that something is *absent* from the log.
     pub fn flushed_log(&self) -> String {
@@ -636,6 +667,10 @@ pub fn substitute_recipe(text: &str, upstream_port: u16) -> Result<String, Strin
         }
         text = text.replace(&yaml, &format!("port_value: {to}")).replace(&json, &format!("\"port_value\": {to}"));
     }
+    let access_log = format!("{INSTANCE_DIR_TOKEN}/{ACCESS_LOG}");
+    let text = text
+        .replace(&format!("path: {RECIPE_ACCESS_LOG}"), &format!("path: \"{access_log}\""))
+        .replace(&format!("\"path\": \"{RECIPE_ACCESS_LOG}\""), &format!("\"path\": \"{access_log}\""));
     Ok(substitute_wasm(&text).replace("0.0.0.0", "127.0.0.1"))
 }
 

@@ -71,10 +71,11 @@
 //! | `port_value: 10001` (the upstream cluster's endpoint)            | the recording upstream port | at least once |
 //! | `filename: target/wasm32-wasip1/release/keygate.wasm` (optionally quoted) | the wasm in use ([`wasm_path`]) | any times |
 //! | `0.0.0.0` (anywhere)                                             | `127.0.0.1`                 | any times     |
+//! | `path: /dev/stdout` (an access log)                              | `<instance dir>/access.log` ([`Envoy::access_log`]) | any times |
 //!
 //! So a recipe listens on 0.0.0.0:10000 (or 127.0.0.1:10000), has its admin on port 9901, sends
-//! to an upstream at 127.0.0.1:10001, and loads the wasm by the path relative to the repository
-//! root. No other port number may be spelled `port_value: 10000` / `9901`. A missing or repeated
+//! to an upstream at 127.0.0.1:10001, loads the wasm by the path relative to the repository
+//! root, and writes an access log, if it has one, to standard output. No other port number may be spelled `port_value: 10000` / `9901`. A missing or repeated
 //! token makes `try_start_config_file` return `Err` naming it. The listener port the tests use is
 //! read from the admin `/listeners`, so a recipe should have exactly one listener.
 //!

@@ -95,11 +95,16 @@ pub struct Denial<'p> {
     pub missing_scopes: Vec<&'p str>,
     /// The record id of the key, when one was found (for logs; never the key itself).
     pub key_id: Option<String>,
+    /// Request headers to remove, every copy, before the reply is sent: every identity header the
+    /// request carries, in any spelling keygate removes from an allowed request. Nothing goes
+    /// upstream, but Envoy's access log reads the request's headers (`%REQ(X-API-KEY-ID)%`), and a
+    /// refused request must not be logged under an identity its client made up.
+    pub remove: Vec<Cow<'p, str>>,
 }
 
 impl<'p> Denial<'p> {
     fn new(kind: DenyKind) -> Self {
-        Denial { kind, missing_scopes: Vec::new(), key_id: None }
+        Denial { kind, missing_scopes: Vec::new(), key_id: None, remove: Vec::new() }
     }
 
     /// The hosts' debug log line for this refusal: the kind and, when one was found, the key's
@@ -177,7 +182,7 @@ impl Policy {
             || url_overrides.iter().any(PathViews::too_long)
         {
             // Only a hostile request names that many; refusing it bounds the work.
-            return Decision::Deny(Denial::new(DenyKind::Forbidden));
+            return self.refuse(request, Denial::new(DenyKind::Forbidden));
         }
         let mut rules: Vec<Rule<'p, '_>> = Vec::new();
         for views in std::iter::once(&path).chain(&url_overrides) {
@@ -200,16 +205,22 @@ impl Policy {
 
         let key = match self.authenticate(keys, request, now_ms) {
             Ok(key) => key,
-            Err(denial) => return Decision::Deny(denial),
+            Err(denial) => return self.refuse(request, denial),
         };
 
         for rule in &rules {
             if let Err(mut denial) = self.authorize(rule, &key) {
                 denial.key_id = Some(key.id.clone());
-                return Decision::Deny(denial);
+                return self.refuse(request, denial);
             }
         }
         Decision::Allow { edits: self.edits(request, Some(&key)), key_id: Some(key.id.clone()) }
+    }
+
+    /// The refusal of `request`, with the identity headers it carries to remove ([`Denial::remove`]).
+    fn refuse<'p>(&'p self, request: &RequestView<'_>, mut denial: Denial<'p>) -> Decision<'p> {
+        self.remove_spoofed(request, &[], false, &mut denial.remove);
+        Decision::Deny(denial)
     }
 
     /// The trailers to remove from a request before it goes upstream, named as the trailers
@@ -272,7 +283,7 @@ impl Policy {
             Lookup::NotFound => return Err(Denial::new(DenyKind::InvalidKey)),
             Lookup::Unavailable => return Err(Denial::new(DenyKind::KeySetUnavailable)),
         };
-        let with_id = |kind| Denial { kind, missing_scopes: Vec::new(), key_id: Some(key.id.clone()) };
+        let with_id = |kind| Denial { key_id: Some(key.id.clone()), ..Denial::new(kind) };
         if key.revoked {
             return Err(with_id(DenyKind::RevokedKey));
         }
@@ -292,7 +303,7 @@ impl Policy {
         };
         let missing = self.scopes.missing(&key.scopes, &route.scopes);
         if !missing.is_empty() {
-            return Err(Denial { kind: DenyKind::InsufficientScope, missing_scopes: missing, key_id: None });
+            return Err(Denial { missing_scopes: missing, ..Denial::new(DenyKind::InsufficientScope) });
         }
         for (capture, attribute) in &route.bind {
             let expected = if attribute == "org" { Some(key.org.as_str()) } else { key.attribute(attribute) };
@@ -341,6 +352,21 @@ impl Policy {
                 }
             }
         }
+        self.remove_spoofed(request, &set, true, &mut remove);
+        HeaderEdits { remove, set }
+    }
+
+    /// Adds to `remove` what of `request` claims an identity keygate did not give: every identity
+    /// header it carries that `set` does not replace, and every other spelling of one; with
+    /// `credentials`, also every other spelling of a credential header.
+    fn remove_spoofed<'p>(
+        &'p self,
+        request: &RequestView<'_>,
+        set: &[(&'p str, String)],
+        credentials: bool,
+        remove: &mut Vec<Cow<'p, str>>,
+    ) {
+        let up = &self.upstream;
         for name in &up.identity_headers {
             // Setting a header replaces every copy; only spoofed headers that are not set need removing.
             if request.has_header(name) && !set.iter().any(|(s, _)| s == name) {
@@ -353,13 +379,12 @@ impl Policy {
         let odd = |n: &str| !n.starts_with(':') && n.bytes().any(|c| c != b'-' && !c.is_ascii_alphanumeric());
         for (name, _) in request.headers.iter().filter(|(n, _)| odd(n)) {
             let twin = |managed: &str| same_to_cgi(name, managed);
-            let managed =
-                up.identity_headers.iter().any(|h| twin(h)) || self.credential_headers.iter().any(|h| twin(&h.name));
+            let managed = up.identity_headers.iter().any(|h| twin(h))
+                || (credentials && self.credential_headers.iter().any(|h| twin(&h.name)));
             if managed && !remove.iter().any(|r| r.eq_ignore_ascii_case(name)) {
                 remove.push(Cow::Owned(name.clone()));
             }
         }
-        HeaderEdits { remove, set }
     }
 }
 

@@ -508,6 +508,58 @@ fn underscore_spellings_of_identity_and_credential_headers_are_removed() {
 }
 
 #[test]
+fn a_refusal_removes_every_spelling_of_a_spoofed_identity_and_nothing_else() {
+    let p = policy_from(config());
+    let spoofed = [
+        ("x-api-key-id", "aaaa0002"),
+        ("X-Api-Key-Id", "aaaa0002"),
+        ("x-org-id", "org_evil"),
+        ("x-api-key-scopes", "*"),
+        ("x-venue-id", "v_1"),
+        ("x_org_id", "org_evil"),
+        ("x.api.key.id", "aaaa0002"),
+        ("x_api_key", "sk_live_other"),
+        ("x-trace-id", "t1"),
+    ];
+    let expected = ["x-org-id", "x-api-key-id", "x-api-key-scopes", "x-venue-id", "x_org_id", "x.api.key.id"];
+    let (reader, revoked, platform, wrong) =
+        (bearer(READER), bearer(REVOKED), bearer(PLATFORM), bearer("sk_live_aaaa0001_wrong"));
+    let refused = [
+        ("/v1/venues", None, DenyKind::MissingKey),
+        ("/v1/venues", Some(wrong.as_str()), DenyKind::InvalidKey),
+        ("/v1/venues", Some(revoked.as_str()), DenyKind::RevokedKey),
+        ("/v1/venues/v_7/treatments", Some(platform.as_str()), DenyKind::InsufficientScope),
+        ("/v1/venues/v_8/treatments", Some(reader.as_str()), DenyKind::Forbidden),
+    ];
+    for (path, auth, expected_kind) in refused {
+        let mut extra = spoofed.to_vec();
+        extra.extend(auth.map(|a| ("authorization", a)));
+        let Decision::Deny(denial) = decide(&p, "GET", path, &extra) else { panic!("{path} {auth:?} allowed") };
+        assert_eq!(denial.kind, expected_kind, "{path} {auth:?}");
+        assert_eq!(denial.remove, expected, "{path} {auth:?}: credentials and other headers stay");
+    }
+    // Refused before any key is read (too many methods named): the same.
+    let mut extra = spoofed.to_vec();
+    extra.push(("x-http-method-override", "A,B,C,D,E,F,G,H,I"));
+    let Decision::Deny(denial) = decide(&p, "GET", "/v1/venues", &extra) else { panic!("allowed") };
+    assert_eq!((denial.kind, denial.remove), (DenyKind::Forbidden, expected.map(Cow::Borrowed).to_vec()));
+    // Nothing spoofed, nothing to remove.
+    let Decision::Deny(denial) = decide(&p, "GET", "/v1/venues", &[("x-trace-id", "t1")]) else { panic!() };
+    assert!(denial.remove.is_empty());
+}
+
+#[test]
+fn a_refusal_keeps_an_identity_header_set_to_null() {
+    let mut c = config();
+    c["upstream"] = json!({"org_header": null});
+    let p = policy_from(c);
+    let Decision::Deny(denial) = decide(&p, "GET", "/v1/venues", &[("x-org-id", "o"), ("x-api-key-id", "k")]) else {
+        panic!("allowed")
+    };
+    assert_eq!(denial.remove, vec!["x-api-key-id"], "x-org-id is no longer keygate's");
+}
+
+#[test]
 fn trailers_named_like_a_credential_identity_or_override_header_are_removed_in_any_spelling() {
     let p = policy_from(config());
     let trailers = headers(&[

@@ -289,6 +289,13 @@ impl Filter {
                 Verdict::Continue
             }
             Decision::Deny(denial) => {
+                // Nothing goes upstream, but Envoy's access log reads these headers: none may keep
+                // an identity the client sent. A failed removal is logged; the refusal stands.
+                for name in &denial.remove {
+                    if !stream.remove_request_header(name) {
+                        stream.log(Level::Error, &format!("keygate: cannot remove header {name}"));
+                    }
+                }
                 let reply = self.policy.reply(&denial, &request);
                 if stream.enabled(Level::Debug) {
                     stream.log(Level::Debug, &denial.log_line());

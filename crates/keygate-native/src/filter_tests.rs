@@ -135,6 +135,7 @@ impl Stream for FakeStream {
     }
     fn remove_request_header(&mut self, name: &str) -> bool {
         assert!(!self.panic_in_remove, "a defect in a host call");
+        assert!(self.sent.is_empty(), "{name} removed after the reply");
         let name = name.to_ascii_lowercase();
         self.headers.retain(|(n, _)| *n != name);
         !self.fail_remove
@@ -328,6 +329,50 @@ fn allowed_request_loses_its_key_and_gains_its_identity() {
     assert_eq!(stream.values("x-venue-id"), ["v_7"]);
     assert_eq!(stream.counted, [host.counters.iter().position(|c| c == "keygate.allowed").unwrap()]);
     assert_eq!(stream.log.at(Level::Debug), ["keygate: allowed key 0000aaaa"]);
+}
+
+#[test]
+fn a_refused_request_loses_every_spoofed_identity_before_its_reply() {
+    let (filter, host) = filter();
+    let spoofed = [
+        ("x-api-key-id", "0000aaaa"),
+        ("x-org-id", "org_42"),
+        ("x_org_id", "org_42"),
+        ("x.api.key.id", "0000aaaa"),
+        ("x-venue-id", "v_7"),
+        ("x-checksum", "abc"),
+    ];
+    let (auth, wrong) = (format!("Bearer {KEY}"), "Bearer sk_live_0000aaaa_wrong".to_string());
+    let refused = [
+        ("/v1/venues/v_7", None, 401, "missing_key"),
+        ("/v1/venues/v_7", Some(&wrong), 401, "invalid_key"),
+        ("/v1/venues/v_8", Some(&auth), 403, "forbidden"),
+    ];
+    for (path, auth, status, kind) in refused {
+        let mut more = spoofed.to_vec();
+        more.extend(auth.map(|a| ("authorization", a.as_str())));
+        let mut stream = request("GET", path, &more);
+        assert_eq!(filter.on_request_headers(&mut stream), Verdict::Stop);
+        assert_eq!(stream.sent.iter().map(|(s, _, _)| *s).collect::<Vec<_>>(), [status], "{path} {kind}");
+        let left: Vec<&str> = stream.headers.iter().map(|(n, _)| n.as_str()).filter(|n| !n.starts_with(':')).collect();
+        let kept: &[&str] = if auth.is_some() { &["x-checksum", "authorization"] } else { &["x-checksum"] };
+        assert_eq!(left, kept, "{path} {kind}: the spoofed identity goes, nothing else");
+        let counter = format!("keygate.denied.{kind}");
+        assert_eq!(stream.counted, [host.counters.iter().position(|c| *c == counter).unwrap()]);
+    }
+}
+
+#[test]
+fn a_refusal_whose_identity_cannot_be_removed_is_still_refused_as_it_was() {
+    let (filter, host) = filter();
+    let mut stream = request("GET", "/v1/venues/v_7", &[("x-api-key-id", "0000aaaa")]);
+    stream.fail_remove = true;
+    assert_eq!(filter.on_request_headers(&mut stream), Verdict::Stop);
+    let [(status, _, body)] = stream.sent.as_slice() else { panic!("one reply expected: {:?}", stream.sent) };
+    assert_eq!(*status, 401);
+    assert!(body.contains("missing_api_key"), "{body}");
+    assert_eq!(stream.log.at(Level::Error), ["keygate: cannot remove header x-api-key-id"]);
+    assert_eq!(stream.counted, [host.counters.iter().position(|c| c == "keygate.denied.missing_key").unwrap()]);
 }
 
 #[test]
@@ -540,7 +585,11 @@ proptest! {
             }
             Decision::Deny(denial) => {
                 prop_assert_eq!(verdict, Verdict::Stop);
-                prop_assert_eq!(&stream.headers, &before, "a refused request is not edited");
+                let mut expected = before.clone();
+                for name in &denial.remove {
+                    expected.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+                }
+                prop_assert_eq!(&stream.headers, &expected, "a refused request loses only its spoofed identity");
                 let [(status, _, _)] = stream.sent.as_slice() else { panic!("one reply expected") };
                 let reply = filter.policy.replies.render(denial.kind, &denial.missing_scopes, "");
                 prop_assert_eq!(*status, reply.status);

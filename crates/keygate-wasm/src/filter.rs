@@ -290,6 +290,13 @@ impl HttpContext for Request {
                 Action::Continue
             }
             Decision::Deny(denial) => {
+                // Nothing goes upstream, but Envoy's access log reads these headers: none may keep
+                // an identity the client sent. A failed removal is logged; the refusal stands.
+                for name in &denial.remove {
+                    if let Err(status) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name.as_ref()) {
+                        error!("keygate: cannot remove header {name}: {status:?}");
+                    }
+                }
                 let reply = shared.policy.reply(&denial, &request);
                 debug!("{}", denial.log_line());
                 Metrics::bump(shared.metrics.denied.get(denial.kind.index()).copied().flatten());
