@@ -20,8 +20,9 @@
 //! - **A configuration with other usage settings** (a changed flush interval, say) gets a
 //!   [`ProcessUsage`] of its own. When the last configuration of the old one goes, the counts it
 //!   had not yet put in a report go to a live one for the same receiver, if any; the report it was
-//!   sending, if any, is abandoned and logged with its request count (it may have reached the
-//!   receiver: sending it under another `batch_id` could count it twice).
+//!   sending, if any, is left to the receiver, neither logged nor counted as dropped (no host is
+//!   at hand when the last configuration goes; it may have reached the receiver, and sending it
+//!   under another `batch_id` could count it twice).
 //!
 //! Envoy 1.40's ABI gives a configuration no node id (only a stream, as an attribute): native
 //! reports name no node (`"node": ""`), and their batch ids are unique by the reporter's creation
