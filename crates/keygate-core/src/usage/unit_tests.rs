@@ -203,15 +203,21 @@ thread_local! {
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: the caller's `layout`, passed on unchanged, under GlobalAlloc's own contract.
         unsafe { System.alloc(layout) }
     }
 
+    // SAFETY: `ptr` came from `alloc`/`realloc` above, that is from `System`, with this `layout`.
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above: `System`'s own pointer and layout, passed back unchanged.
         unsafe { System.dealloc(ptr, layout) }
     }
 
+    // SAFETY: `ptr` came from `System` with `layout`; `new_size` is the caller's, under GlobalAlloc's
+    // contract.
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: as above: `System`'s own pointer and layout, and the caller's new size.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
