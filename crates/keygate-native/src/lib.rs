@@ -20,3 +20,6 @@ pub mod filter;
 mod fuzzing;
 pub mod live;
 pub mod usage;
+
+#[cfg(test)]
+mod fake_host;

@@ -3,6 +3,7 @@
 //! hands the hook. tests/native.rs runs the same in Envoy.
 
 use super::*;
+use crate::fake_host::FakeConfig;
 use crate::filter::{configure, Filter, Log, Stream, Unreadable, Verdict};
 use keygate_core::keys::hash_key;
 use keygate_core::layout::{Layout, Record};
@@ -10,49 +11,6 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 const KEY: &str = "sk_live_0000aaaa_1111111111111111111111111111111111111111111111111111111111111111";
-
-/// A configuration host that records stats and log lines.
-#[derive(Default)]
-struct FakeConfig {
-    lines: RefCell<Vec<String>>,
-    gauges: Vec<(String, u64)>,
-    counters: Vec<(String, u64)>,
-}
-
-impl Log for FakeConfig {
-    fn enabled(&self, _: Level) -> bool {
-        true
-    }
-    fn log(&self, _: Level, message: &str) {
-        self.lines.borrow_mut().push(message.to_string());
-    }
-}
-
-impl ConfigHost for FakeConfig {
-    fn define_counter(&mut self, name: &str) -> Option<usize> {
-        self.counters.push((name.to_string(), 0));
-        Some(self.counters.len() - 1)
-    }
-    fn define_gauge(&mut self, name: &str) -> Option<usize> {
-        self.gauges.push((name.to_string(), 0));
-        Some(self.gauges.len() - 1)
-    }
-    fn set_gauge(&mut self, id: usize, value: u64) {
-        self.gauges[id].1 = value;
-    }
-    fn increment_counter(&mut self, id: usize) {
-        self.counters[id].1 += 1;
-    }
-}
-
-impl FakeConfig {
-    fn gauge(&self, name: &str) -> Option<u64> {
-        self.gauges.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
-    }
-    fn counter(&self, name: &str) -> Option<u64> {
-        self.counters.iter().find(|(n, _)| n == name).map(|(_, v)| *v)
-    }
-}
 
 /// The key-set endpoint behind Envoy's callouts: what it serves, what was asked.
 #[derive(Default)]

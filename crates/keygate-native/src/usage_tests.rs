@@ -4,48 +4,10 @@
 //! reporter's schedule is the core's (tested there). tests/usage.rs runs the same in Envoy.
 
 use super::*;
-use crate::filter::Log;
+use crate::fake_host::FakeConfig;
 use keygate_core::reply::DenyKind;
 use keygate_core::usage::{RawUsage, Report};
 use std::cell::RefCell;
-
-/// A configuration host that records stats and log lines.
-#[derive(Default)]
-struct FakeConfig {
-    lines: RefCell<Vec<String>>,
-    stats: Vec<(String, u64)>,
-}
-
-impl Log for FakeConfig {
-    fn enabled(&self, _: Level) -> bool {
-        true
-    }
-    fn log(&self, _: Level, message: &str) {
-        self.lines.borrow_mut().push(message.to_string());
-    }
-}
-
-impl ConfigHost for FakeConfig {
-    fn define_counter(&mut self, name: &str) -> Option<usize> {
-        self.stats.push((name.to_string(), 0));
-        Some(self.stats.len() - 1)
-    }
-    fn define_gauge(&mut self, name: &str) -> Option<usize> {
-        self.define_counter(name)
-    }
-    fn set_gauge(&mut self, id: usize, value: u64) {
-        self.stats[id].1 = value;
-    }
-    fn increment_counter(&mut self, id: usize) {
-        self.stats[id].1 += 1;
-    }
-}
-
-impl FakeConfig {
-    fn stat(&self, name: &str) -> u64 {
-        self.stats.iter().filter(|(n, _)| n == name).map(|(_, v)| *v).sum()
-    }
-}
 
 /// Envoy's callouts of one configuration: ids from 1, each POST kept.
 #[derive(Default)]
@@ -128,10 +90,10 @@ fn counts_from_every_worker_thread_go_into_one_report() {
     assert_eq!(report.keys["k_2"].denied.get(DenyKind::RevokedKey), 1);
     assert_eq!(report.unattributed.get(DenyKind::MissingKey), 4);
     assert_eq!(report.node, "", "the ABI gives a configuration no node id");
-    assert_eq!(host.stat("keygate.usage.keys_pending"), 2, "both keys wait for the receiver");
+    assert_eq!(host.gauge("keygate.usage.keys_pending").unwrap(), 2, "both keys wait for the receiver");
     assert!(usage.on_answer_at(1_010, callouts.last_id(), &Status(204), &mut host));
-    assert_eq!(host.stat("keygate.usage.reports_sent"), 1);
-    assert_eq!(host.stat("keygate.usage.keys_pending"), 0);
+    assert_eq!(host.counter("keygate.usage.reports_sent").unwrap(), 1);
+    assert_eq!(host.gauge("keygate.usage.keys_pending").unwrap(), 0);
 }
 
 #[test]
@@ -173,7 +135,7 @@ fn a_post_whose_configuration_went_away_is_sent_again_by_the_next_under_the_same
     let (sent, resent) = (old_callouts.reports(), new_callouts.reports());
     assert_eq!(resent.len(), 1);
     assert_eq!(resent[0], sent[0], "the same body under the same batch_id");
-    assert_eq!(host.stat("keygate.usage.failures"), 1);
+    assert_eq!(host.counter("keygate.usage.failures").unwrap(), 1);
     assert!(new.on_answer_at(4_200, new_callouts.last_id(), &Status(200), &mut host));
     new.on_tick_at(5_000, NOW_S + 5, &new_callouts, &mut host);
     assert_eq!(new_callouts.reports()[1].keys["k_1"].allowed, 1, "the count after it in the next report");
