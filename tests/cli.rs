@@ -8,6 +8,7 @@
 mod common;
 
 use common::keyset::KEYSET_DIR;
+use common::scratch::Scratch;
 use common::serve::KeygateServe as Serve;
 use common::{get, Envoy, EnvoyOptions, KeySetServer, Proto, Upstream, KEYSET_CLUSTER, MANIFEST_PATH};
 use keygate_core::keys::hash_key;
@@ -22,21 +23,7 @@ use std::time::Duration;
 /// The `keygate` binary (see [`common::keygate_binary`]).
 static BIN: std::sync::LazyLock<PathBuf> = std::sync::LazyLock::new(common::keygate_binary);
 
-/// A directory for one test, removed at the end unless the test failed.
-struct Scratch(PathBuf);
-
 impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
     fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.path(name);
         fs::write(&path, text).unwrap();
@@ -45,16 +32,6 @@ impl Scratch {
 
     fn read(&self, name: &str) -> String {
         fs::read_to_string(self.path(name)).unwrap()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("kept {}", self.0.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.0);
-        }
     }
 }
 

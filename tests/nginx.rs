@@ -17,6 +17,7 @@
 mod common;
 
 use common::readme::{checked_block, readme};
+use common::scratch::Scratch;
 use common::{get, keygate_binary, repo_root, Envoy, EnvoyOptions, Proto, Upstream, KEYSET_CLUSTER};
 use keygate_core::keys::hash_key;
 use std::fs;
@@ -33,21 +34,7 @@ const README_DIR: &str = "/srv/keygate/keyset/";
 /// spreads it to the requests, the fetches, and a loaded machine.
 const MARGIN: Duration = Duration::from_millis(1200);
 
-/// A directory for one test, removed at the end unless the test failed.
-struct Scratch(PathBuf);
-
 impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("nginx-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
     /// `keygate ARGS` in this directory; panics unless it succeeds. Returns its stdout.
     fn keygate(&self, args: &[&str]) -> String {
         let out = Command::new(keygate_binary()).args(args).current_dir(&self.0).output().unwrap();
@@ -72,16 +59,6 @@ impl Scratch {
 
     fn keyset_dir(&self) -> PathBuf {
         self.path("www/keyset")
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("kept {}", self.0.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.0);
-        }
     }
 }
 

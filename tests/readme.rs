@@ -16,6 +16,7 @@
 mod common;
 
 use common::readme::{checked_block, readme};
+use common::scratch::Scratch;
 use keygate_core::live::{parse_manifest, parse_shard};
 use keygate_core::plugin::Plugin;
 use keygate_core::usage::Report;
@@ -62,28 +63,6 @@ fn the_usage_report_example_reads_as_a_report() {
     let report = Report::parse(text.as_bytes())
         .unwrap_or_else(|e| panic!("README.md's usage report example is refused: {e}\n{text}"));
     assert_eq!(Report::parse(&report.to_json()).as_ref(), Ok(&report), "the report as keygate writes it");
-}
-
-/// A directory for one test, removed at the end unless the test failed.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("readme-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("kept {}", self.0.display());
-        } else {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 /// Every file named `name` under `dir`.

@@ -110,6 +110,7 @@ pub mod envoy;
 pub mod http1;
 pub mod keyset;
 pub mod readme;
+pub mod scratch;
 pub mod serve;
 pub mod upstream;
 
